@@ -1,0 +1,93 @@
+"""Composition of the Hydra config with errors a user can act on.
+
+Hydra's own messages for a mistyped key ("Key 'x' is not in struct") do not
+list what is valid; this composes the config first and, on failure, names the
+key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def compose(overrides: list[str], conf_dir: str) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from matrix_hpc.config.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "-"))]
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=plain)
+            _check_mandatory(cfg)
+            OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ cross-field checks
+            return cfg
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(explain(e, conf_dir)) from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _check_mandatory(cfg: DictConfig) -> None:
+    from omegaconf import MissingMandatoryValue
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise MissingMandatoryValue(f"missing value for {', '.join(missing)}; set it on the command line, "
+                                    f"e.g. {missing[0]}=...")
+
+
+def explain(error: BaseException, conf_dir: str) -> str:
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    m = re.search(r"Key '([^']+)' (?:is not in struct|not in '\w+')", text)
+    full = re.search(r"full_key: (\S+)", text)
+    if m:
+        key = full.group(1) if full else m.group(1)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        return f"unknown config key '{key}'; valid keys{f' in {parent!r}' if parent else ''}: {', '.join(_valid_keys(parent, conf_dir))}"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m:
+        group = m.group(1).split("/")[0]
+        return f"unknown {group} '{m.group(1).split('/')[-1]}'; valid choices for {group}: {', '.join(_options(group, conf_dir))}"
+    m = re.search(r"(Invalid value '[^']*', expected one of \[[^\]]*\]|Value '[^']*' of type '\w+' could not be converted to \w+)", text)
+    if m and full:
+        return f"bad value for {full.group(1)}: {m.group(1)}"
+    return str(chain[-1]).split("\n    full_key")[0].strip()
+
+
+def _valid_keys(parent: str, conf_dir: str) -> list[str]:
+    try:
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            node: Any = hydra_compose(config_name="config")
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        return sorted(str(k) for k in node.keys())
+    except Exception:
+        return ["(could not list)"]
+
+
+def _options(group: str, conf_dir: str) -> list[str]:
+    from pathlib import Path
+
+    return sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))

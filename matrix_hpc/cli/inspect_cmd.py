@@ -1,0 +1,69 @@
+"""``matrix-hpc inspect OUTPUT_DIR``: what an output directory holds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from matrix_hpc.cli.main import fail
+from matrix_hpc.store.layout import META_DIR, data_files
+
+COLUMNS = ["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens", "attempts"]
+
+
+def inspect_command(args: list[str]) -> int:
+    if len(args) != 1:
+        return fail("usage: matrix-hpc inspect OUTPUT_DIR")
+    out = Path(args[0])
+    if not out.is_dir():
+        return fail(f"{out} is not a directory")
+    files = data_files(out)
+    if not files:
+        return fail(f"{out} holds no committed rows (no shard=*/part-*.parquet files)")
+    print(render(out, files))
+    return 0
+
+
+def load_summary_table(files: list[Path]) -> pa.Table:
+    tables = []
+    for f in files:
+        names = pq.ParquetFile(f).schema_arrow.names
+        tables.append(pq.read_table(f, columns=[c for c in COLUMNS if c in names]))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def render(out: Path, files: list[Path]) -> str:
+    t = load_summary_table(files).to_pydict()
+    n = len(t["id"])
+    status = Counter(t["status"])
+    lines = [f"{out}: {n} rows in {len(files)} files ({len(set(t['id']))} distinct ids)"]
+    lines.append("  by status: " + ", ".join(f"{k} {v} ({v / n:.1%})" for k, v in status.most_common()))
+    prompt, completion = sum(x or 0 for x in t["prompt_tokens"]), sum(x or 0 for x in t["completion_tokens"])
+    lines.append(f"  tokens: prompt {prompt:,}, completion {completion:,}, total {prompt + completion:,}")
+    retried = sum(1 for a in t["attempts"] if (a or 1) > 1)
+    lines.append(f"  rows whose steps were retried: {retried}")
+    errors: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for etype, err, rid in zip(t["error_type"], t["error"], t["id"]):
+        if etype:
+            errors[etype] += 1
+            examples.setdefault(etype, f"[{rid}] {err}")
+    for etype, count in errors.most_common(10):
+        lines.append(f"  error {etype} x{count}, e.g. {examples[etype][:200]}")
+    reasons = Counter(r for r in t["reason"] if r)
+    for reason, count in reasons.most_common(10):
+        lines.append(f"  filtered x{count}: {reason[:120]}")
+    cfg = out / META_DIR / "workflow.yaml"
+    if cfg.exists():
+        first = cfg.read_text().splitlines()[:1]
+        lines.append(f"  workflow: {' '.join(first)}   (config: {out / META_DIR / 'config.yaml'})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(inspect_command(sys.argv[1:]))

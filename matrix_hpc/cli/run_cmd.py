@@ -1,0 +1,56 @@
+"""``matrix-hpc run``: compose the config, start Ray, run the driver."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from matrix_hpc.cli.config_check import ConfigError, compose
+from matrix_hpc.cli.main import conf_dir, fail
+
+#: Exit code of a run that stopped before finishing (signal, drain): rerun to resume.
+EXIT_INTERRUPTED = 75
+
+_result: dict[str, int] = {}
+
+
+def run_command(overrides: list[str]) -> int:
+    try:
+        compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
+    except ConfigError as e:
+        return fail(str(e))
+    import hydra
+
+    from matrix_hpc.config.schema import register_configs
+
+    register_configs()
+    hydra_main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_hydra_task)
+    argv, sys.argv = sys.argv, ["matrix-hpc-run", *overrides]
+    try:
+        hydra_main()
+    finally:
+        sys.argv = argv
+    return _result.get("code", 0)
+
+
+def _hydra_task(cfg: DictConfig) -> Any:
+    code = run_from_config(cfg)
+    _result["code"] = code
+    return code
+
+
+def run_from_config(cfg: DictConfig) -> int:
+    """Run one job from a composed config; returns the process exit code."""
+    from matrix_hpc.runtime.run import execute
+    from matrix_hpc.store.resume import ResumeRefused
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = execute(cfg)
+    except ResumeRefused as e:
+        return fail(str(e))
+    return EXIT_INTERRUPTED if result.interrupted else 0

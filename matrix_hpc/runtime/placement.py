@@ -1,0 +1,26 @@
+"""Placement: which worker processes host which roles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from matrix_hpc.config.schema import Placement
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str  # group name ("all" when co-located, else the role name)
+    roles: tuple[str, ...]  # roles its workers host
+    instances: int  # worker processes in the group
+
+
+def plan_groups(roles: tuple[str, ...], placement: Placement, num_workers: int,
+                role_workers: dict[str, int]) -> list[Group]:
+    """Co-located: one group hosting every role, ``num_workers`` instances.
+    Per role: one group per role, ``role_workers[role]`` instances (default 1)."""
+    unknown = sorted(set(role_workers) - set(roles))
+    if unknown:
+        raise ValueError(f"run.role_workers names unknown role(s) {unknown}; roles of this workflow: {list(roles)}")
+    if placement is Placement.colocated:
+        return [Group("all", roles, num_workers)]
+    return [Group(role, (role,), max(1, role_workers.get(role, 1))) for role in roles]

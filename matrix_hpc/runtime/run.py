@@ -1,0 +1,102 @@
+"""One job, start to finish: load state, start Ray and services, run the
+driver, commit, summarise. The run loop reads like its description."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers
+
+log = logging.getLogger(__name__)
+
+
+def plan_from_config(cfg: DictConfig) -> RunPlan:
+    """Plain objects from the composed config (nothing below takes OmegaConf)."""
+    return RunPlan(
+        workflow=OmegaConf.to_object(cfg.workflow),  # type: ignore[arg-type]
+        dataset=OmegaConf.to_object(cfg.dataset),  # type: ignore[arg-type]
+        output=OmegaConf.to_object(cfg.output),  # type: ignore[arg-type]
+        run=OmegaConf.to_object(cfg.run),  # type: ignore[arg-type]
+        workflow_yaml=OmegaConf.to_yaml(cfg.workflow, resolve=True),
+        full_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+    )
+
+
+def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
+    """Run the job described by ``cfg``. ``driver_hook(driver)`` is called
+    once the driver exists (e.g. to wire a preemption handler)."""
+    plan = plan_from_config(cfg)
+    owns_ray = init_ray(cfg)
+    services = start_services(cfg, plan)
+    try:
+        driver = Driver(plan)
+        if driver_hook is not None:
+            driver_hook(driver)
+        result = asyncio.run(_run_driver(driver))
+    finally:
+        for svc in services:
+            svc.stop()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    if plan.run.summary:
+        print(result.stats.summary(result.out_dir, result.interrupted), file=sys.stderr)
+    return result
+
+
+async def _run_driver(driver: Driver) -> RunResult:
+    try:
+        install_signal_handlers(driver)
+    except (RuntimeError, ValueError):  # not the main thread (e.g. inside a test harness)
+        pass
+    return await driver.run()
+
+
+def init_ray(cfg: DictConfig) -> bool:
+    """Connect to the cluster's Ray, or start a local one. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = _cluster_address(cfg)
+    if address:
+        ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
+        return True
+    ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
+             logging_level=logging.WARNING, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    return True
+
+
+def _cluster_address(cfg: DictConfig) -> str | None:
+    """The Ray address of a running matrix cluster, if the cluster config names one."""
+    backend = (cfg.cluster or {}).get("backend", "local")
+    if backend == "local":
+        return os.environ.get("MATRIX_RAY_ADDRESS")
+    from matrix_hpc.cluster import ray_address_for  # provided by the cluster backends
+
+    return ray_address_for(OmegaConf.to_object(cfg.cluster))  # type: ignore[no-any-return]
+
+
+def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
+    """Start the LLM / sandbox services the config asks for; register one
+    per-process client factory each in ``plan.services``."""
+    started: list[Any] = []
+    for group in ("llm", "sandbox"):
+        node = cfg.get(group)
+        if node is None or node.get("backend", "none") == "none":
+            continue
+        from importlib import import_module
+
+        module = import_module(f"matrix_hpc.services.{group}.service")
+        service = module.start_service(OmegaConf.to_object(node), plan)
+        started.append(service)
+        plan.services[group] = service.client_factory()
+    return started

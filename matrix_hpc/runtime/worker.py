@@ -1,0 +1,167 @@
+"""A worker process hosting one or more roles.
+
+Tasks arrive in batches (``deliver``). Each task runs as one coroutine that
+keeps stepping while the next role is hosted here (an in-process hop), and
+otherwise hands the message to the outbox of the peer that hosts it. A
+finished task goes to the sink that owns its shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
+from matrix_hpc.runtime.outbox import Outbox
+from matrix_hpc.runtime.workflow import AgentContext, Filtered, WorkflowConf, build_workflow
+from matrix_hpc.store.layout import shard_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPolicy:
+    max_attempts: int = 3  # executions of one step before the task fails
+    backoff_base_s: float = 0.5  # first retry delay; doubles each time
+    backoff_max_s: float = 30.0  # cap on one retry delay
+
+
+@dataclass
+class WorkerSpec:
+    group: str  # placement group name (e.g. "all" or a role name)
+    index: int  # instance number within the group
+    roles: tuple[str, ...]  # roles hosted here
+    workflow: WorkflowConf
+    seed: int
+    policy: StepPolicy
+    batch_size: int
+    batch_delay_s: float
+    num_shards: int
+    services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> factory, called once here
+
+
+class Router:
+    """Maps (role, task id) to the peer that runs it. Stable per task id, so a
+    task keeps meeting the same instance of each role."""
+
+    def __init__(self, role_groups: dict[str, str], group_sizes: dict[str, int]) -> None:
+        self.role_groups = role_groups
+        self.group_sizes = group_sizes
+
+    def route(self, role: str, task_id: str) -> tuple[str, int]:
+        group = self.role_groups[role]
+        return group, shard_of(task_id, self.group_sizes[group])
+
+
+class Worker:
+    """Plain class; run as an async Ray actor by the driver (see placement)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.workflow = build_workflow(spec.workflow)
+        self.agents = {role: self.workflow.agent(role) for role in spec.roles}
+        self.ctx = AgentContext(spec.seed)
+        self.incarnation = f"{os.getpid()}-{time.time()}"
+        self.router: Router | None = None
+        self._peers: dict[tuple[str, int], Outbox] = {}
+        self._sinks: list[Outbox] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self.steps = 0
+        self.local_hops = 0
+        self.remote_hops = 0
+
+    async def connect(self, router: Router, peers: dict[str, list[Any]], sinks: list[Any]) -> str:
+        """Learn the peers' handles (Ray actors) and build per-process services."""
+        self.router = router
+        me = (self.spec.group, self.spec.index)
+        for group, handles in peers.items():
+            for i, h in enumerate(handles):
+                if (group, i) != me:
+                    self._peers[(group, i)] = self._outbox(h.deliver.remote)
+        self._sinks = [self._outbox(s.write.remote) for s in sinks]
+        for name, factory in self.spec.services.items():
+            self.ctx.services[name] = factory()
+        return self.incarnation
+
+    def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:
+        return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s)
+
+    async def deliver(self, tasks: list[TaskState]) -> None:
+        for task in tasks:
+            t = asyncio.ensure_future(self._drive(task))
+            self._running.add(t)
+            t.add_done_callback(self._running.discard)
+
+    async def _drive(self, task: TaskState) -> None:
+        assert self.router is not None
+        me = (self.spec.group, self.spec.index)
+        while True:
+            try:
+                nxt = await self._step(task.role, task)
+            except Exception as e:  # a bug in next_role etc.: the row fails, the run goes on
+                task.finish(FAILED, error_type=type(e).__name__, error=str(e)[:2000])
+                nxt = None
+            if task.status is not None or nxt is None:
+                if task.status is None:
+                    task.finish(OK)
+                self._to_sink(task)
+                return
+            task.role = nxt
+            dest = self.router.route(nxt, task.id)
+            if dest == me:
+                self.local_hops += 1
+                continue
+            self.remote_hops += 1
+            self._peers[dest].put(task)
+            return
+
+    async def _step(self, role: str, task: TaskState) -> str | None:
+        """Run one role's step with retries; return the next role."""
+        fn = self.agents[role]
+        policy = self.spec.policy
+        for attempt in range(1, policy.max_attempts + 1):
+            n_history, data, result = len(task.history), dict(task.data), dict(task.result)
+            try:
+                await fn(task, self.ctx)
+                self.steps += 1
+                task.hops += 1
+                if task.status is not None:
+                    return None
+                return self.workflow.next_role(task, role)
+            except Filtered as f:
+                task.finish(FILTERED, reason=f.reason)
+                return None
+            except Exception as e:
+                del task.history[n_history:]  # a failed step leaves no trace but the error
+                task.data, task.result = data, result
+                if attempt >= policy.max_attempts or not getattr(e, "retryable", True):
+                    task.finish(FAILED, error_type=type(e).__name__, error=f"{role}: {e}"[:4000])
+                    return None
+                task.attempts += 1
+                await asyncio.sleep(min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1)))
+        return None
+
+    def _to_sink(self, task: TaskState) -> None:
+        self._sinks[shard_of(task.id, self.spec.num_shards) % len(self._sinks)].put(task)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"group": self.spec.group, "index": self.spec.index, "running": len(self._running),
+                "steps": self.steps, "local_hops": self.local_hops, "remote_hops": self.remote_hops,
+                "incarnation": self.incarnation}
+
+    async def ping(self) -> str:
+        return self.incarnation
+
+    async def close(self) -> None:
+        for t in list(self._running):
+            t.cancel()
+        for svc in self.ctx.services.values():
+            close = getattr(svc, "close", None)
+            if close is not None:
+                res = close()
+                if asyncio.iscoroutine(res):
+                    await res

@@ -1,0 +1,141 @@
+"""Sink: owns a set of shards, buffers finished tasks, commits them as
+Parquet files and acknowledges each committed id to the driver.
+
+Run as an async Ray actor (see :func:`start_sinks`); the class itself has no
+Ray dependency so its commit logic is unit-testable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from matrix_hpc.runtime.message import TaskState
+from matrix_hpc.store.layout import REJECTED_DIR, shard_dir, shard_of, write_table_atomic
+from matrix_hpc.store.rows import tasks_to_table
+
+#: What the driver learns of each committed row: (id, status, error_type, error, tokens).
+#: A task written twice in one run (re-admitted) is acknowledged as "duplicate".
+Ack = tuple[str, str, str | None, str | None, int]
+DUPLICATE = "duplicate"
+
+
+@dataclass
+class SinkSettings:
+    out_dir: str
+    num_shards: int
+    run_id: str
+    flush_interval_s: float
+    max_buffered_rows: int
+    compression: str
+    keep: str = "all"  # "ok": filtered / failed rows go to _rejected/ (still counted for resume)
+
+
+class ShardSink:
+    """Buffers rows per shard; a flush writes one file per non-empty shard."""
+
+    def __init__(self, settings: SinkSettings, schema: pa.Schema, index: int) -> None:
+        self.s = settings
+        self.schema = schema
+        self.out_dir = Path(settings.out_dir)
+        self.index = index
+        self._buffers: dict[int, list[TaskState]] = {}
+        self._buffered = 0
+        self._seen: set[str] = set()  # ids written by this run: a re-admitted task is written once
+        self._acks: list[Ack] = []
+        self._acks_ready: asyncio.Event | None = None
+        self._seq = itertools.count()
+        self._flush_lock: asyncio.Lock | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.rows_written = 0
+        self.files_written = 0
+        self.duplicates_dropped = 0
+
+    def _ensure_loop_state(self) -> None:
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+            self._acks_ready = asyncio.Event()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+
+    async def write(self, tasks: list[TaskState]) -> None:
+        self._ensure_loop_state()
+        for task in tasks:
+            if task.id in self._seen:
+                self.duplicates_dropped += 1
+                self._acks.append((task.id, DUPLICATE, None, None, 0))
+                continue
+            self._seen.add(task.id)
+            self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
+            self._buffered += 1
+        if self._buffered >= self.s.max_buffered_rows:
+            await self.flush()
+        elif self._acks:
+            self._acks_ready.set()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.flush_interval_s)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit everything buffered, then acknowledge it."""
+        self._ensure_loop_state()
+        assert self._flush_lock is not None and self._acks_ready is not None
+        async with self._flush_lock:  # one commit at a time keeps file names and acks in order
+            if not self._buffers:
+                return
+            buffers, self._buffers, self._buffered = self._buffers, {}, 0
+            acks = await asyncio.to_thread(self._commit, buffers)
+            self._acks.extend(acks)
+            self._acks_ready.set()
+
+    def _commit(self, buffers: dict[int, list[TaskState]]) -> list[Ack]:
+        acks: list[Ack] = []
+        for shard, tasks in sorted(buffers.items()):
+            for base, rows in self._split(tasks):
+                name = f"part-{self.s.run_id}-{self.index:03d}-{next(self._seq):06d}.parquet"
+                table = tasks_to_table(rows, self.s.run_id, self.schema)
+                write_table_atomic(table, shard_dir(base, shard) / name, self.s.compression)
+                self.files_written += 1
+                self.rows_written += len(rows)
+            acks.extend(_ack(t) for t in tasks)
+        return acks
+
+    def _split(self, tasks: list[TaskState]) -> list[tuple[Path, list[TaskState]]]:
+        """Where rows go: all in the dataset, or with keep=ok the others in _rejected/."""
+        if self.s.keep != "ok":
+            return [(self.out_dir, tasks)]
+        ok = [t for t in tasks if t.status == "ok"]
+        rest = [t for t in tasks if t.status != "ok"]
+        return [(d, rows) for d, rows in ((self.out_dir, ok), (self.out_dir / REJECTED_DIR, rest)) if rows]
+
+    async def wait_commits(self, timeout_s: float = 1.0) -> list[Ack]:
+        """Long poll: the acks of rows committed since the last call."""
+        self._ensure_loop_state()
+        assert self._acks_ready is not None
+        if not self._acks:
+            try:
+                await asyncio.wait_for(self._acks_ready.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        acks, self._acks = self._acks, []
+        self._acks_ready.clear()
+        return acks
+
+    async def close(self) -> dict[str, Any]:
+        await self.flush()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        return {"rows": self.rows_written, "files": self.files_written,
+                "duplicates_dropped": self.duplicates_dropped, "t": time.time()}
+
+
+def _ack(task: TaskState) -> Ack:
+    tokens = sum((m.get("prompt_tokens") or 0) + (m.get("completion_tokens") or 0) for m in task.history)
+    return (task.id, task.status or "failed", task.error_type, (task.error or task.reason or "")[:300], tokens)
