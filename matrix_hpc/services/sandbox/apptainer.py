@@ -1,0 +1,112 @@
+"""Apptainer backend (the cluster backend): one ``apptainer instance`` per sandbox.
+
+``start`` runs ``apptainer instance start`` with ``--containall`` (own PID,
+IPC and mount namespaces, clean environment, empty home and /tmp), no
+network (``--net --network none``: loopback only), the scratch dir bound
+read-write at ``/scratch`` and the configured binds (read-only unless
+``:rw``), ``--nv`` when GPUs are requested, and optional ``--fakeroot`` /
+``--writable-tmpfs``. Each exec is ``apptainer exec instance://<name>``
+under ``prlimit`` (util-linux must exist in the image) in its own process
+group; ``stop`` is ``apptainer instance stop``, which kills everything left
+in the instance.
+
+Apptainer cannot be installed on the development machine, so this module
+keeps every command it forms in pure functions that the unit tests compare
+with golden strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox, SandboxConf, SandboxError, parse_bind
+from matrix_hpc.services.sandbox.limits import prlimit_argv
+from matrix_hpc.services.sandbox.process import ExecResult, run_capped
+
+_START_TIMEOUT_S = 120.0  # pulling a SIF onto node-local disk can take a while
+_STOP_TIMEOUT_S = 30.0
+
+
+def instance_name(sandbox_id: str) -> str:
+    """Apptainer instance names allow letters, digits, '-', '_' and '.'."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sandbox_id)
+    return f"mhpc_{safe}"
+
+
+def env_args(env: dict[str, str]) -> list[str]:
+    args: list[str] = []
+    for key, value in env.items():
+        args += ["--env", f"{key}={value}"]
+    return args
+
+
+def start_argv(conf: SandboxConf, scratch: str, name: str) -> list[str]:
+    """``apptainer instance start ...`` for one sandbox."""
+    app = conf.apptainer
+    argv = [app.binary, "instance", "start", "--containall", "--net", "--network", "none",
+            "--bind", f"{scratch}:{SCRATCH_IN_SANDBOX}:rw"]
+    for spec in conf.binds:
+        b = parse_bind(spec)
+        argv += ["--bind", f"{b.host}:{b.inside}:{'rw' if b.writable else 'ro'}"]
+    argv += env_args(conf.env)
+    if conf.gpus > 0:
+        argv.append("--nv")
+    if app.fakeroot:
+        argv.append("--fakeroot")
+    if app.writable_tmpfs:
+        argv.append("--writable-tmpfs")
+    if app.cgroup_limits:
+        argv += ["--memory", f"{conf.limits.mem_mb}M", "--pids-limit", str(conf.limits.max_procs)]
+    assert conf.image is not None  # checked by SandboxConf
+    return argv + [conf.image, name]
+
+
+def exec_argv(conf: SandboxConf, name: str, command: list[str], env: dict[str, str], cwd: str) -> list[str]:
+    """``apptainer exec instance://...`` running ``command`` under the limits."""
+    return [conf.apptainer.binary, "exec", "--cleanenv", "--pwd", cwd, *env_args({**conf.env, **env}),
+            f"instance://{name}", *prlimit_argv(conf.limits), *command]
+
+
+def stop_argv(conf: SandboxConf, name: str) -> list[str]:
+    return [conf.apptainer.binary, "instance", "stop", "--force", name]
+
+
+class ApptainerSandbox(Sandbox):
+    def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
+        super().__init__(conf, sandbox_id)
+        self.instance = instance_name(sandbox_id)
+
+    async def _start(self) -> None:
+        if shutil.which(self.conf.apptainer.binary) is None:
+            raise SandboxError(
+                f"{self.conf.apptainer.binary!r} is not on PATH; load the cluster's apptainer module "
+                "(e.g. `module load apptainer`) or choose sandbox=bwrap"
+            )
+        argv = start_argv(self.conf, str(self.scratch), self.instance)
+        r = await run_capped(argv, stdin=None, timeout_s=_START_TIMEOUT_S, max_output_bytes=65536)
+        if r.exit_code != 0:
+            raise SandboxError(f"apptainer instance start failed for sandbox {self.id} "
+                               f"(exit {r.exit_code}): {r.stderr.strip()[-2000:]}")
+
+    async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
+                    env: dict[str, str], cwd: str) -> ExecResult:
+        return await run_capped(exec_argv(self.conf, self.instance, argv, env, cwd), stdin=stdin,
+                                timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+
+    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return await asyncio.create_subprocess_exec(
+                *exec_argv(self.conf, self.instance, argv, env, SCRATCH_IN_SANDBOX),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+            )
+        finally:
+            log.close()
+
+    async def _stop(self) -> None:
+        r = await run_capped(stop_argv(self.conf, self.instance), stdin=None, timeout_s=_STOP_TIMEOUT_S,
+                             max_output_bytes=65536)
+        if r.exit_code != 0 and "no instance found" not in r.stderr.lower():
+            raise SandboxError(f"apptainer instance stop {self.instance} failed (exit {r.exit_code}): "
+                               f"{r.stderr.strip()[-2000:]}")

@@ -1,0 +1,57 @@
+"""The ``none`` backend: a plain subprocess with the same limits. TRUSTED CODE ONLY.
+
+There is no isolation at all: the command sees the host filesystem and
+network as the pool's own user. Limits (memory, CPU time, file size, wall
+time, output cap) still apply, and the exec's process group is killed when
+it returns; a process that starts its own session escapes that kill. The
+process-count limit is not enforced when running as root (Linux exempts
+root from RLIMIT_NPROC). Use it for code you wrote yourself, on machines
+without bubblewrap or Apptainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox
+from matrix_hpc.services.sandbox.limits import prlimit_argv
+from matrix_hpc.services.sandbox.process import ExecResult, run_capped
+
+
+class SubprocessSandbox(Sandbox):
+    async def _start(self) -> None:
+        pass
+
+    async def _stop(self) -> None:
+        pass
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"HOME": str(self.scratch), "SANDBOX_SCRATCH": str(self.scratch), "PYTHONUNBUFFERED": "1"})
+        env.update(self.conf.env)
+        env.update(extra)
+        return env
+
+    def _host_cwd(self, cwd: str) -> str:
+        """``/scratch`` inside means the scratch dir here (there is no inside)."""
+        if cwd == SCRATCH_IN_SANDBOX or cwd.startswith(SCRATCH_IN_SANDBOX + "/"):
+            return str(self.scratch) + cwd[len(SCRATCH_IN_SANDBOX):]
+        return cwd
+
+    async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
+                    env: dict[str, str], cwd: str) -> ExecResult:
+        return await run_capped(prlimit_argv(self.conf.limits) + argv, stdin=stdin, timeout_s=timeout_s,
+                                max_output_bytes=max_output_bytes, env=self._env(env), cwd=self._host_cwd(cwd))
+
+    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+        env = {**env, "MATRIX_SANDBOX_SOCKET": str(self.scratch / os.path.basename(env["MATRIX_SANDBOX_SOCKET"]))}
+        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            return await asyncio.create_subprocess_exec(
+                *prlimit_argv(self.conf.limits), *argv, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=log, env=self._env(env), cwd=str(self.scratch),
+                start_new_session=True,
+            )
+        finally:
+            log.close()
