@@ -141,6 +141,10 @@ def workflow_names() -> list[str]:
 
 def build_workflow(conf: WorkflowConf) -> Workflow:
     _import_builtin_workflows()
+    if conf.name not in _REGISTRY:  # a user workflow: its conf's module registers it
+        import importlib
+
+        importlib.import_module(type(conf).__module__)
     if conf.name not in _REGISTRY:
         raise ValueError(f"unknown workflow {conf.name!r}; valid choices: {', '.join(sorted(_REGISTRY))}")
     cls, _ = _REGISTRY[conf.name]

@@ -1,0 +1,37 @@
+# Quick start: `make demo` (set-up + the main job on local Ray) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+DEMO_OUT ?= out/demo
+
+.PHONY: setup demo test test-unit bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(FIND_LINKS) -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) scripts/make_overhead_data.py --rows 2000 --out data/overhead_demo.jsonl
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/matrix-hpc run dataset=overhead_demo output.dir=$(DEMO_OUT) run.max_concurrent_tasks=1000
+	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)
+	@echo "output: $(abspath $(DEMO_OUT))  (rerun the same command to resume)"
+
+# pytest exits 5 when it collected no test: that is a failure here.
+test: setup
+	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+bench: setup
+	$(PY) benchmarks/bench_overhead.py
+
+clean:
+	rm -rf out data/overhead_demo.jsonl
