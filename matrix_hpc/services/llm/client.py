@@ -1,0 +1,507 @@
+"""Async OpenAI-compatible chat client with retries and client-side routing.
+
+One :class:`LLMClient` per process: it owns one pooled aiohttp session for
+all replicas, a :class:`~matrix_hpc.services.llm.routing.Router`, and two
+background tasks (refresh the replica table, probe replicas marked down).
+
+Retry policy: connection errors, resets, timeouts, 408, 429 and 5xx are
+retried (on another replica when one is healthy) with exponential backoff
+and full jitter; any other 4xx (context too long, bad parameters) raises
+:class:`LLMRequestError` at once with the server's message, because asking
+again cannot succeed. The API key goes into the ``Authorization`` header
+only; it is never part of a repr, a log line or an exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from matrix_hpc.services.llm.config import ClientConf
+from matrix_hpc.services.llm.endpoints import EndpointSource
+from matrix_hpc.services.llm.routing import Replica, Router
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+_ERROR_TEXT_MAX = 2000
+
+
+# -- results ---------------------------------------------------------------
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Choice:
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChatResult:
+    choices: list[Choice]
+    usage: Usage
+    replica: str  # base URL of the replica that answered
+    latency_s: float  # first attempt's start to the answer, retries included
+    attempts: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the server's JSON answer
+
+    @property
+    def content(self) -> str | None:
+        return self.choices[0].content if self.choices else None
+
+
+# -- errors ----------------------------------------------------------------
+
+
+class LLMError(Exception):
+    """Base of the errors an agent step can get from the LLM client."""
+
+
+class LLMRequestError(LLMError):
+    """The server refused the request for good (a 4xx other than 408/409/425/429)."""
+
+    def __init__(self, status: int, message: str, replica: str):
+        self.status = status
+        self.server_message = message
+        self.replica = replica
+        super().__init__(f"LLM request rejected by {replica} with HTTP {status}: {message}")
+
+
+class LLMUnavailableError(LLMError):
+    """Every attempt failed with a retryable error, or no replica ever registered."""
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way worth retrying; ``replica_down`` when the replica is unreachable."""
+
+    def __init__(self, reason: str, replica_down: bool = False):
+        super().__init__(reason)
+        self.replica_down = replica_down
+
+
+class Secret:
+    """A string that never shows itself in repr/str (API keys)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None):
+        self._value = value or None
+
+    def get(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret(None)"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return self._value is not None
+
+
+def classify_status(status: int) -> str:
+    """'ok', 'retry' or 'fatal' for an HTTP status."""
+    if status < 400:
+        return "ok"
+    if status in RETRYABLE_STATUS or status >= 500:
+        return "retry"
+    return "fatal"
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
+    return rng.uniform(0.0, min(max_s, base_s * 2 ** (attempt - 1)))
+
+
+# -- request bodies ----------------------------------------------------------
+
+_VLLM_LEGACY_GUIDED = {
+    "guided_choice": "choice",
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_grammar": "grammar",
+}
+_CHOICE_WRAPPER_KEY = "choice"
+
+
+def build_body(
+    model: str,
+    messages: list[dict[str, Any]],
+    dialect: str,
+    choice: list[str] | None = None,
+    json_schema: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of a chat completion request for a server of ``dialect``.
+
+    ``choice`` / ``json_schema`` are the portable structured-output forms:
+    vLLM (>= 0.12) takes ``structured_outputs={"choice"|"json": ...}`` (its old
+    ``guided_*`` fields are silently ignored, so they are translated too);
+    OpenAI takes ``response_format`` with a JSON schema, and a choice becomes
+    an enum property that :func:`parse_result` unwraps.
+    """
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    extra = dict(params or {})
+    extra_body = extra.pop("extra_body", None) or {}
+    body.update(extra)
+    if dialect == "vllm":
+        _add_vllm_structured(body, choice, json_schema)
+    else:
+        _add_openai_structured(body, choice, json_schema)
+    body.update(extra_body)
+    return body
+
+
+def _add_vllm_structured(body: dict[str, Any], choice: list[str] | None, json_schema: dict[str, Any] | None) -> None:
+    structured = dict(body.pop("structured_outputs", None) or {})
+    for legacy, key in _VLLM_LEGACY_GUIDED.items():
+        if legacy in body:
+            structured[key] = body.pop(legacy)
+    if choice is not None:
+        structured["choice"] = list(choice)
+    if json_schema is not None:
+        structured["json"] = json_schema
+    if structured:
+        body["structured_outputs"] = structured
+
+
+def _add_openai_structured(body: dict[str, Any], choice: list[str] | None, json_schema: dict[str, Any] | None) -> None:
+    if choice is not None and json_schema is not None:
+        raise ValueError("pass either choice= or json_schema=, not both")
+    if choice is not None:
+        schema = {
+            "type": "object",
+            "properties": {_CHOICE_WRAPPER_KEY: {"type": "string", "enum": list(choice)}},
+            "required": [_CHOICE_WRAPPER_KEY],
+            "additionalProperties": False,
+        }
+        body["response_format"] = _response_format("choice", schema, strict=True)
+    elif json_schema is not None:
+        body["response_format"] = _response_format("output", json_schema, strict=False)
+
+
+def _response_format(name: str, schema: dict[str, Any], strict: bool) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
+
+
+def parse_result(data: dict[str, Any], unwrap_choice: bool) -> tuple[list[Choice], Usage]:
+    """Choices and usage from a chat completion answer (vLLM, OpenAI, sim)."""
+    choices = []
+    for item in data.get("choices") or []:
+        message = item.get("message") or {}
+        content = message.get("content")
+        if unwrap_choice and isinstance(content, str):
+            content = _unwrap_choice(content)
+        choices.append(
+            Choice(
+                content=content,
+                # vLLM renamed reasoning_content to reasoning; accept both.
+                reasoning_content=message.get("reasoning") or message.get("reasoning_content"),
+                tool_calls=list(message.get("tool_calls") or []),
+                finish_reason=item.get("finish_reason"),
+            )
+        )
+    usage = data.get("usage") or {}
+    return choices, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+def _unwrap_choice(content: str) -> str:
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return content
+    if isinstance(value, dict) and isinstance(value.get(_CHOICE_WRAPPER_KEY), str):
+        return str(value[_CHOICE_WRAPPER_KEY])
+    return content
+
+
+def server_message(text: str) -> str:
+    """The human part of an error answer (OpenAI and vLLM shapes), else the raw text, shortened."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:_ERROR_TEXT_MAX]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:_ERROR_TEXT_MAX]
+        if isinstance(error, str):
+            return error[:_ERROR_TEXT_MAX]
+        if data.get("message"):
+            return str(data["message"])[:_ERROR_TEXT_MAX]
+    return text[:_ERROR_TEXT_MAX]
+
+
+# -- the client --------------------------------------------------------------
+
+
+class LLMClient:
+    """OpenAI-compatible chat completions over the replicas of ``endpoints``.
+
+    Example::
+
+        client = LLMClient(StaticEndpoints(["http://127.0.0.1:8000"]), ClientConf())
+        result = await client.chat([{"role": "user", "content": "Hi"}], sticky_key="task-1",
+                                   temperature=0.7, max_tokens=64)
+        print(result.content, result.usage.completion_tokens)
+        await client.close()
+    """
+
+    def __init__(
+        self,
+        endpoints: EndpointSource,
+        conf: ClientConf,
+        model: str | None = None,
+        api_key: str | Secret | None = None,
+    ):
+        self.endpoints = endpoints
+        self.conf = conf
+        self.model = model
+        self._api_key = api_key if isinstance(api_key, Secret) else Secret(api_key)
+        self.router = Router(conf.sticky_max_load_factor, conf.sticky_max_keys)
+        self._rng = random.Random()
+        self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, str] = {"Content-Type": "application/json"}
+        if self._api_key:
+            self._headers["Authorization"] = f"Bearer {self._api_key.get()}"
+        self._version: int | None = None
+        self._first_fetch: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._has_replicas: asyncio.Event | None = None  # created in the client's event loop
+        self._default_timeout = aiohttp.ClientTimeout(total=conf.timeout_s, sock_connect=conf.connect_timeout_s)
+        self._closed = False
+        self.calls = 0
+        self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"LLMClient(endpoints={self.endpoints!r}, model={self.model!r}, api_key={self._api_key!r})"
+
+    # -- public API ----------------------------------------------------
+
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        sticky_key: str | None = None,
+        timeout_s: float | None = None,
+        choice: list[str] | None = None,
+        json_schema: dict[str, Any] | None = None,
+        **params: Any,
+    ) -> ChatResult:
+        """One chat completion, routed, retried and timed out per attempt.
+
+        ``params`` are sent as-is (temperature, top_p, max_tokens, n, seed,
+        tools, tool_choice, response_format, structured_outputs, extra_body...).
+        ``choice`` / ``json_schema`` ask for structured output portably.
+        Raises :class:`LLMRequestError` (not retryable, carries the server's
+        message) or :class:`LLMUnavailableError` (retries exhausted).
+        """
+        await self._ensure_started()
+        model = self.model or await self._discover_model()
+        body = json.dumps(
+            build_body(model, messages, self.conf.dialect, choice, json_schema, params), separators=(",", ":")
+        ).encode()
+        timeout = self._timeout(timeout_s)
+        unwrap = choice is not None and self.conf.dialect == "openai"
+        return await self._send_with_retries(body, sticky_key, timeout, unwrap)
+
+    async def close(self) -> None:
+        """Stop background tasks and close the pooled session."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- sending -------------------------------------------------------
+
+    async def _send_with_retries(
+        self, body: bytes, sticky_key: str | None, timeout: aiohttp.ClientTimeout, unwrap: bool
+    ) -> ChatResult:
+        started = time.perf_counter()
+        tried: list[str] = []
+        last_reason = ""
+        self.calls += 1
+        for attempt in range(1, self.conf.max_attempts + 1):
+            if attempt > 1:
+                self.retries += 1
+                await asyncio.sleep(backoff_s(attempt - 1, self.conf.backoff_base_s, self.conf.backoff_max_s, self._rng))
+            replica = await self._pick(sticky_key, tried)
+            try:
+                data = await self._attempt(replica, body, timeout)
+            except _Retryable as exc:
+                last_reason = self._redact(f"{replica.base_url}: {exc}")
+                tried.append(replica.replica_id)
+                if exc.replica_down:
+                    self.router.mark_down(replica.replica_id)
+                log.debug("LLM attempt %d failed on %s", attempt, last_reason)
+                continue
+            choices, usage = parse_result(data, unwrap)
+            return ChatResult(choices, usage, replica.base_url, time.perf_counter() - started, attempt, data)
+        raise LLMUnavailableError(
+            f"LLM call failed after {self.conf.max_attempts} attempts; last error: {last_reason}. "
+            "Check the replicas' logs, or raise llm.client.max_attempts / llm.client.timeout_s."
+        )
+
+    async def _attempt(self, replica: Replica, body: bytes, timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
+        assert self._session is not None
+        self.router.acquire(replica)
+        try:
+            async with self._session.post(
+                replica.base_url + "/chat/completions", data=body, headers=self._headers, timeout=timeout
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except asyncio.TimeoutError:
+            raise _Retryable(f"no answer within {timeout.total:.1f} s") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Retryable(f"cannot connect ({exc.os_error})", replica_down=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Retryable(f"connection lost ({type(exc).__name__}: {exc})") from None
+        finally:
+            self.router.release(replica)
+        verdict = classify_status(status)
+        if verdict == "retry":
+            raise _Retryable(f"HTTP {status}: {server_message(text)[:200]}")
+        if verdict == "fatal":
+            raise LLMRequestError(status, self._redact(server_message(text)), replica.base_url)
+        try:
+            return dict(json.loads(text))
+        except ValueError:
+            raise _Retryable(f"unparseable answer: {text[:200]!r}") from None
+
+    async def _pick(self, sticky_key: str | None, tried: list[str]) -> Replica:
+        replica = self.router.pick(sticky_key, tried)
+        if replica is not None:
+            return replica
+        await self._wait_for_replicas()
+        replica = self.router.pick(sticky_key, tried)
+        assert replica is not None
+        return replica
+
+    def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
+        if timeout_s is None:
+            return self._default_timeout
+        return aiohttp.ClientTimeout(total=timeout_s, sock_connect=self.conf.connect_timeout_s)
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key.get()
+        return text.replace(key, "***") if key else text
+
+    # -- start-up, replica table, health ---------------------------------
+
+    async def _ensure_started(self) -> None:
+        if self._session is not None:
+            return
+        if self._closed:
+            raise LLMError("this LLMClient was closed; build a new one")
+        connector = aiohttp.TCPConnector(limit=self.conf.max_connections, limit_per_host=0, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._has_replicas = asyncio.Event()
+        self._first_fetch = asyncio.ensure_future(self._refresh())
+        if self.endpoints.refresh_interval_s > 0:
+            self._tasks.append(asyncio.ensure_future(self._refresh_loop()))
+        self._tasks.append(asyncio.ensure_future(self._probe_loop()))
+
+    async def _wait_for_replicas(self) -> None:
+        assert self._has_replicas is not None and self._first_fetch is not None
+        await asyncio.shield(self._first_fetch)
+        if self.router.replicas:
+            return
+        try:
+            await asyncio.wait_for(self._has_replicas.wait(), self.conf.wait_for_replicas_s)
+        except asyncio.TimeoutError:
+            raise LLMUnavailableError(
+                f"no LLM replica registered in {self.endpoints!r} within {self.conf.wait_for_replicas_s:.0f} s; "
+                "check that the LLM service started (its logs are under the run directory)"
+            ) from None
+
+    async def _refresh(self) -> None:
+        try:
+            version, table = await self.endpoints.fetch()
+        except Exception as exc:  # keep the last table: a registry hiccup must not stop the run
+            log.warning("could not refresh LLM replicas from %r: %s", self.endpoints, exc)
+            return
+        if version != self._version:
+            self._version = version
+            self.router.update(table)
+        if self.router.replicas and self._has_replicas is not None:
+            self._has_replicas.set()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.endpoints.refresh_interval_s)
+            await self._refresh()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.conf.health_probe_interval_s)
+            down = self.router.down()
+            if down:
+                results = await asyncio.gather(*(self._probe(r) for r in down))
+                for replica, ok in zip(down, results):
+                    if ok:
+                        log.info("LLM replica %s is healthy again", replica.base_url)
+                        self.router.mark_up(replica.replica_id)
+
+    async def _probe(self, replica: Replica) -> bool:
+        """GET /health (vLLM, sim), else /v1/models (OpenAI-style servers)."""
+        assert self._session is not None
+        root = replica.base_url.removesuffix("/v1")
+        timeout = aiohttp.ClientTimeout(total=5.0)
+        for url in (root + "/health", replica.base_url + "/models"):
+            try:
+                async with self._session.get(url, headers=self._headers, timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return True
+                    if resp.status != 404:
+                        return False
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+                return False
+        return False
+
+    async def _discover_model(self) -> str:
+        """The first model the endpoint lists, when none was configured."""
+        replica = await self._pick(None, [])
+        assert self._session is not None
+        async with self._session.get(replica.base_url + "/models", headers=self._headers) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise LLMRequestError(resp.status, self._redact(server_message(text)), replica.base_url)
+        models = json.loads(text).get("data") or []
+        if not models:
+            raise LLMError(f"{replica.base_url}/models lists no model; set the model name in the llm config")
+        self.model = str(models[0]["id"])
+        return self.model

@@ -1,0 +1,179 @@
+"""A bare load generator: keeps C chat requests in flight against an endpoint, no runtime.
+
+It is the yardstick of the pipeline benchmarks (same HTTP library, nothing
+else in the way) and a capacity probe for real endpoints. ``mode='aiohttp'``
+posts with a bare aiohttp session; ``mode='client'`` goes through
+:class:`LLMClient` (routing, retries), so the two show the client's own cost.
+
+    python -m matrix_hpc.services.llm.loadgen --url http://127.0.0.1:8000 --concurrency 1000 --duration-s 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+
+from matrix_hpc.services.llm.client import LLMClient
+from matrix_hpc.services.llm.config import ClientConf
+from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url
+
+
+@dataclass
+class LoadReport:
+    mode: str
+    concurrency: int
+    calls: int  # calls completed in the measured window
+    errors: int
+    window_s: float
+    calls_per_s: float
+    completion_tokens_per_s: float
+    client_cpu_s_per_call: float  # user+system CPU of this process per completed call
+    latency_p50_s: float
+    latency_p99_s: float
+
+
+class _Window:
+    """Counts completions after the warm-up mark."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.calls = 0
+        self.errors = 0
+        self.tokens = 0
+        self.latencies: list[float] = []
+
+    def record(self, latency_s: float, tokens: int, ok: bool) -> None:
+        if not self.open:
+            return
+        if ok:
+            self.calls += 1
+            self.tokens += tokens
+            self.latencies.append(latency_s)
+        else:
+            self.errors += 1
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def run_load(
+    url: str,
+    concurrency: int,
+    duration_s: float = 20.0,
+    warmup_s: float = 5.0,
+    mode: str = "aiohttp",
+    model: str = "sim",
+    max_tokens: int = 64,
+) -> LoadReport:
+    """Keep ``concurrency`` requests in flight for ``warmup_s + duration_s``; measure the last ``duration_s``."""
+    from matrix_hpc.services.llm.sim_server import raise_fd_limit
+
+    raise_fd_limit()
+    window = _Window()
+    stop = asyncio.Event()
+    send = await _sender(mode, url, model, max_tokens, concurrency)
+    try:
+        workers = [asyncio.ensure_future(_worker(i, send.call, window, stop)) for i in range(concurrency)]
+        await asyncio.sleep(warmup_s)
+        window.open, cpu0, t0 = True, _cpu_s(), time.perf_counter()
+        await asyncio.sleep(duration_s)
+        window.open, cpu1, t1 = False, _cpu_s(), time.perf_counter()
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+    finally:
+        await send.close()
+    lat = sorted(window.latencies) or [float("nan")]
+    wall = t1 - t0
+    return LoadReport(
+        mode=mode,
+        concurrency=concurrency,
+        calls=window.calls,
+        errors=window.errors,
+        window_s=round(wall, 3),
+        calls_per_s=round(window.calls / wall, 1),
+        completion_tokens_per_s=round(window.tokens / wall, 1),
+        client_cpu_s_per_call=round((cpu1 - cpu0) / max(window.calls, 1), 7),
+        latency_p50_s=round(lat[len(lat) // 2], 4),
+        latency_p99_s=round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 4),
+    )
+
+
+async def _worker(index: int, call: Any, window: _Window, stop: asyncio.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            tokens = await call(f"worker {index} request {n}: say something")
+            window.record(time.perf_counter() - started, tokens, True)
+        except Exception:
+            window.record(time.perf_counter() - started, 0, False)
+        n += 1
+
+
+class _BareSender:
+    def __init__(self, url: str, model: str, max_tokens: int):
+        self.url = normalize_base_url(url) + "/chat/completions"
+        self.model = model
+        self.max_tokens = max_tokens
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def call(self, text: str) -> int:
+        body = {"model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": self.max_tokens}
+        async with self.session.post(self.url, json=body) as resp:
+            data = await resp.json()
+            resp.raise_for_status()
+        return int(data["usage"]["completion_tokens"])
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class _ClientSender:
+    def __init__(self, url: str, model: str, max_tokens: int, concurrency: int):
+        conf = ClientConf(timeout_s=600.0)
+        self.client = LLMClient(StaticEndpoints([url]), conf, model=model)
+        self.max_tokens = max_tokens
+
+    async def call(self, text: str) -> int:
+        result = await self.client.chat([{"role": "user", "content": text}], max_tokens=self.max_tokens)
+        return result.usage.completion_tokens
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def _sender(mode: str, url: str, model: str, max_tokens: int, concurrency: int) -> Any:
+    if mode == "aiohttp":
+        return _BareSender(url, model, max_tokens)
+    if mode == "client":
+        return _ClientSender(url, model, max_tokens, concurrency)
+    raise ValueError(f"mode must be 'aiohttp' or 'client', got {mode!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True, help="endpoint base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--concurrency", type=int, default=1000)
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--mode", choices=("aiohttp", "client"), default="aiohttp")
+    parser.add_argument("--model", default="sim")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    report = asyncio.run(
+        run_load(args.url, args.concurrency, args.duration_s, args.warmup_s, args.mode, args.model, args.max_tokens)
+    )
+    print(json.dumps(asdict(report)))
+
+
+if __name__ == "__main__":
+    main()
