@@ -5,7 +5,11 @@ uses only the standard library and this package and starts in well under a
 second::
 
     python -m matrix_hpc.workflows.retail.tool_server --db db.json --socket /scratch/tools.sock
-    python -m matrix_hpc.workflows.retail.tool_server --db db.json          # stdio
+    python -m matrix_hpc.workflows.retail.tool_server --db db.json          # stdio (or $MATRIX_SANDBOX_SOCKET)
+
+Inside a sandbox leased from ``matrix_hpc.services.sandbox``, start it with
+``sandbox.start_server([...])``: it listens on ``$MATRIX_SANDBOX_SOCKET`` and the
+host connects to ``server.socket_path`` with :class:`ToolServerClient`.
 
 One JSON object per line each way; every response echoes the request's ``id``:
 
@@ -39,6 +43,7 @@ from matrix_hpc.workflows.retail.env import RetailEnv, ToolOutcome, is_write_too
 
 MAX_LINE_BYTES = 64 * 1024 * 1024  # dump_db is ~1.3 MB; leave room for bigger DBs
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
+SOCKET_ENV = "MATRIX_SANDBOX_SOCKET"  # set by the sandbox service's start_server (/scratch/<name>.sock)
 
 
 class ToolServer:
@@ -229,7 +234,7 @@ class ToolServerClient:
                     request_timeout_s: float = 30.0) -> "ToolServerClient":
         """Start a stdio server as a child process and talk to it over its pipes."""
         proc = await asyncio.create_subprocess_exec(
-            python, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", os.fspath(db_path),
+            python, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", os.fspath(db_path), "--stdio",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_LINE_BYTES,
         )
         assert proc.stdout is not None and proc.stdin is not None
@@ -313,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matrix_hpc.workflows.retail.tool_server",
                                      description="tau2 retail environment as a JSON-lines tool server")
     parser.add_argument("--db", default=None, help="retail db.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR/db.json)")
-    parser.add_argument("--socket", default=None, help="unix socket path to listen on (default: serve stdio)")
+    parser.add_argument("--socket", default=None,
+                        help=f"unix socket path to listen on (default: ${SOCKET_ENV} when set, else stdio)")
+    parser.add_argument("--stdio", action="store_true", help="serve stdin/stdout even when a socket is configured")
     parser.add_argument("--idle-timeout-s", type=float, default=0.0,
                         help="exit after this many seconds without a request (socket mode; 0 = never)")
     args = parser.parse_args(argv)
@@ -323,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         print(f"retail tool server: cannot load DB {db_path}: {e}", file=sys.stderr)
         return 2
-    if args.socket:
-        asyncio.run(serve_unix(server, args.socket, args.idle_timeout_s))
+    socket_path = None if args.stdio else (args.socket or os.environ.get(SOCKET_ENV))
+    if socket_path:
+        asyncio.run(serve_unix(server, socket_path, args.idle_timeout_s))
     else:
         serve_stdio(server)
     return 0
