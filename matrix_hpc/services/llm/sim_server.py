@@ -518,7 +518,10 @@ class SimServerProcess:
         args = [sys.executable, "-m", "matrix_hpc.services.llm.sim_server", "--port-file", str(port_file)]
         args += ["--workers", str(self.workers), "--conf-json", json.dumps(dataclasses.asdict(self.conf))]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # The child imports this package from wherever it is, whatever the working directory.
+        package_root = str(Path(__file__).resolve().parents[3])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
