@@ -6,7 +6,8 @@ module) decide how the isolation is made:
 
 - ``bwrap``: bubblewrap, for machines without Apptainer (and CI);
 - ``apptainer``: Apptainer instances, the cluster backend;
-- ``none``: a plain subprocess with the same limits, for trusted code only.
+- ``subprocess``: a plain subprocess with the same limits, for trusted code
+  only (``sandbox=none`` in the CLI means no sandbox service at all).
 
 Example::
 
@@ -35,7 +36,7 @@ from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 from matrix_hpc.services.sandbox.process import ExecResult
 
-BACKENDS = ("bwrap", "apptainer", "none")
+BACKENDS = ("bwrap", "apptainer", "subprocess")
 SCRATCH_IN_SANDBOX = "/scratch"
 
 
@@ -57,7 +58,7 @@ class ApptainerConf:
 class SandboxConf:
     """One sandbox environment (its limits) and the pool that leases them."""
 
-    backend: str = "bwrap"  # bwrap | apptainer | none (none = trusted code only: no isolation)
+    backend: str = "bwrap"  # bwrap | apptainer | subprocess (subprocess = trusted code only: no isolation)
     image: str | None = None  # bwrap: a root dir mounted read-only at /; apptainer: .sif or dir; None = host /usr
     binds: list[str] = field(default_factory=list)  # extra "host[:inside[:ro|rw]]" mounts; read-only unless ":rw"
     env: dict[str, str] = field(default_factory=dict)  # extra environment variables inside the sandbox

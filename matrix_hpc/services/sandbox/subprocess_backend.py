@@ -1,4 +1,4 @@
-"""The ``none`` backend: a plain subprocess with the same limits. TRUSTED CODE ONLY.
+"""The ``subprocess`` backend: a plain subprocess with the same limits. TRUSTED CODE ONLY.
 
 There is no isolation at all: the command sees the host filesystem and
 network as the pool's own user. Limits (memory, CPU time, file size, wall
