@@ -19,7 +19,7 @@ from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, RetailSnapshot, default
 from matrix_hpc.workflows.retail.env import RetailEnv
 from matrix_hpc.workflows.retail.reward import GoldHashCache
 from matrix_hpc.workflows.retail.tasks import load_tasks
-from matrix_hpc.workflows.retail.tool_server import ToolServerClient, ToolServerError
+from matrix_hpc.workflows.retail.tool_server import ToolServerClient, ToolServerError, evaluate_client
 from tests.conftest import REPO_ROOT, require_component
 
 pytestmark = pytest.mark.integration
@@ -87,6 +87,10 @@ async def test_socket_round_trip_matches_in_process_env(db_path: Path, sock_dir:
             gold = await client.gold_db_hash(task.gold_calls)
             assert gold["db_hash"] == final and gold["replay_errors"] == [] and gold["write_failed"] is False
             assert await client.db_hash() == final
+            info = await evaluate_client(client, task, ["All set."], termination_reason="user_stop")
+            assert info.reward == 1.0 and info.gold_db_hash == final
+            wrong = await client.gold_state(load_tasks()[1])
+            assert wrong.db_hash != final and (await evaluate_client(client, load_tasks()[1], [])).reward == 0.0
 
             # a second connection sees the same environment
             async with await ToolServerClient.connect(socket) as other:

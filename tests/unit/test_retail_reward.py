@@ -16,6 +16,7 @@ from matrix_hpc.workflows.retail.reward import (
     replay_gold,
 )
 from matrix_hpc.workflows.retail.tasks import RetailTask, load_tasks
+from matrix_hpc.workflows.retail.tool_server import LocalToolClient, evaluate_client
 from tests.conftest import require_component
 
 # Gold trajectories that deliberately hit an error (a wrong email or zip tried
@@ -170,3 +171,13 @@ def test_many_environments_share_one_snapshot(snapshot: RetailSnapshot, tasks: l
     envs[0].replay(tasks[0].gold_calls)
     assert envs[0].db.written_keys() == {"orders": ["#W2378156"]}
     assert envs[1].db_hash() == db_hash(snapshot.tables) != envs[0].db_hash()
+
+
+async def test_local_client_scores_like_the_env(tasks: list[RetailTask], snapshot: RetailSnapshot, gold: GoldHashCache) -> None:
+    task = next(t for t in tasks if t.communicate_info and any(is_write_tool(a.name) for a in t.actions))
+    client = LocalToolClient(RetailEnv(snapshot))
+    for name, arguments in task.gold_calls:
+        await client.call(name, arguments)
+    info = await evaluate_client(client, task, say_everything(task), termination_reason="agent_stop")
+    assert info.reward == 1.0 and info.gold_db_hash == gold.get(task).db_hash
+    assert (await evaluate_client(client, task, [], gold=gold.get(task))).reward == 0.0  # said nothing

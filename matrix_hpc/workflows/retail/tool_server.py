@@ -36,10 +36,12 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from matrix_hpc.workflows.retail.db import RetailSnapshot, default_data_dir
 from matrix_hpc.workflows.retail.env import RetailEnv, ToolOutcome, is_write_tool
+from matrix_hpc.workflows.retail.reward import GoldState, RewardInfo, compute_reward, replay_gold
+from matrix_hpc.workflows.retail.tasks import RetailTask
 
 MAX_LINE_BYTES = 64 * 1024 * 1024  # dump_db is ~1.3 MB; leave room for bigger DBs
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
@@ -238,7 +240,7 @@ class ToolServerClient:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=MAX_LINE_BYTES,
         )
         assert proc.stdout is not None and proc.stdin is not None
-        return cls(proc.stdout, proc.stdin, f"stdio:pid {proc.pid}", request_timeout_s, process=proc)  # type: ignore[arg-type]
+        return cls(proc.stdout, proc.stdin, f"stdio:pid {proc.pid}", request_timeout_s, process=proc)
 
     async def request(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and return its response (raises ToolServerError on protocol errors)."""
@@ -283,6 +285,11 @@ class ToolServerClient:
         """Replay ``(tool, arguments)`` on a fresh initial DB server-side; the live DB is untouched."""
         return await self.request({"op": "gold_db_hash", "actions": [{"name": n, "arguments": a} for n, a in actions]})
 
+    async def gold_state(self, task: RetailTask) -> GoldState:
+        """The task's gold DB state, replayed server-side (where the DB already is)."""
+        r = await self.gold_db_hash(task.gold_calls)
+        return GoldState(r["db_hash"], tuple(r["replay_errors"]), bool(r["write_failed"]))
+
     async def reset(self) -> None:
         await self.request({"op": "reset"})
 
@@ -311,6 +318,56 @@ class ToolServerClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class ToolClient(Protocol):
+    """What a dialogue needs from an environment, wherever it runs."""
+
+    async def call_detailed(self, tool: str, arguments: Mapping[str, Any] | str | None) -> ToolOutcome: ...
+    async def call(self, tool: str, arguments: Mapping[str, Any] | str | None) -> str: ...
+    async def db_hash(self) -> str: ...
+    async def gold_state(self, task: RetailTask) -> GoldState: ...
+    async def close(self) -> None: ...
+
+
+class LocalToolClient:
+    """The :class:`ToolClient` interface over an in-process :class:`RetailEnv` (no sandbox).
+
+    Environments on one snapshot share it copy-on-write, so thousands are cheap.
+    """
+
+    def __init__(self, env: RetailEnv) -> None:
+        self.env = env
+        self._gold: dict[str, GoldState] = {}
+
+    async def call_detailed(self, tool: str, arguments: Mapping[str, Any] | str | None) -> ToolOutcome:
+        return self.env.call_detailed(tool, arguments)
+
+    async def call(self, tool: str, arguments: Mapping[str, Any] | str | None) -> str:
+        return self.env.call(tool, arguments)
+
+    async def db_hash(self) -> str:
+        return self.env.db_hash()
+
+    async def gold_state(self, task: RetailTask) -> GoldState:
+        return replay_gold(task, self.env.db.snapshot)
+
+    async def close(self) -> None:
+        return None
+
+
+async def evaluate_client(
+    client: ToolClient, task: RetailTask, agent_messages: Iterable[str],
+    termination_reason: str | None = None, gold: GoldState | None = None,
+) -> RewardInfo:
+    """The reward of a finished dialogue whose environment ``client`` reaches.
+
+    ``gold``: a cached gold state (e.g. from :class:`GoldHashCache`); by default
+    the gold actions are replayed by the environment itself.
+    """
+    final = await client.db_hash()
+    gold_state = gold if gold is not None else await client.gold_state(task)
+    return compute_reward(task, final, agent_messages, gold_state, termination_reason)
 
 
 # ---- entry point -------------------------------------------------------------

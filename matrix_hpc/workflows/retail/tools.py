@@ -170,18 +170,19 @@ def fold_name(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
-_BIN_OPS: dict[type, Callable[[Any, Any], Any]] = {
+_BIN_OPS: dict[type, Callable[[float, float], float]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
 }
-_UNARY_OPS: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_UNARY_OPS: dict[type, Callable[[float], float]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
 def _evaluate(node: ast.AST) -> float:
     if isinstance(node, ast.Expression):
         return _evaluate(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return node.value
+        number: float = node.value
+        return number
     if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
         return _BIN_OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
@@ -244,13 +245,13 @@ class RetailTools:
         return product
 
     def _variant(self, product_id: str, item_id: str) -> Record:
-        variant = self._product(product_id)["variants"].get(item_id)
+        variant: Record | None = self._product(product_id)["variants"].get(item_id)
         if variant is None:
             raise ToolError(f"Variant not found: item {item_id!r} is not a variant of product {product_id!r}")
         return variant
 
     def _payment_method(self, user_id: str, payment_method_id: str) -> Record:
-        method = self._user(user_id)["payment_methods"].get(payment_method_id)
+        method: Record | None = self._user(user_id)["payment_methods"].get(payment_method_id)
         if method is None:
             raise ToolError(f"Payment method not found: {payment_method_id!r} is not one of user {user_id}'s")
         return method
@@ -308,8 +309,9 @@ class RetailTools:
 
     def get_item_details(self, item_id: str) -> Record:
         for _, product in self.db.items("products"):
-            if item_id in product["variants"]:
-                return product["variants"][item_id]
+            variant: Record | None = product["variants"].get(item_id)
+            if variant is not None:
+                return variant
         raise ToolError(f"Item not found: {item_id!r} (item ids differ from product ids)")
 
     def get_order_details(self, order_id: str) -> Record:
