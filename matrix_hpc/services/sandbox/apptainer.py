@@ -76,6 +76,7 @@ class ApptainerSandbox(Sandbox):
     def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
         super().__init__(conf, sandbox_id)
         self.instance = instance_name(sandbox_id)
+        self.instance_running = False
 
     async def _start(self) -> None:
         if shutil.which(self.conf.apptainer.binary) is None:
@@ -85,6 +86,7 @@ class ApptainerSandbox(Sandbox):
             )
         argv = start_argv(self.conf, str(self.scratch), self.instance)
         r = await run_capped(argv, stdin=None, timeout_s=_START_TIMEOUT_S, max_output_bytes=65536)
+        self.instance_running = r.exit_code == 0
         if r.exit_code != 0:
             raise SandboxError(f"apptainer instance start failed for sandbox {self.id} "
                                f"(exit {r.exit_code}): {r.stderr.strip()[-2000:]}")
@@ -105,6 +107,9 @@ class ApptainerSandbox(Sandbox):
             log.close()
 
     async def _stop(self) -> None:
+        if not self.instance_running:
+            return
+        self.instance_running = False
         r = await run_capped(stop_argv(self.conf, self.instance), stdin=None, timeout_s=_STOP_TIMEOUT_S,
                              max_output_bytes=65536)
         if r.exit_code != 0 and "no instance found" not in r.stderr.lower():

@@ -1,0 +1,117 @@
+"""Sandbox configuration: validation messages, binds, limits, the bwrap command shape, Hydra yaml."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from matrix_hpc.services.sandbox.base import Bind, SandboxConf, command_argv, parse_bind, python_binds
+from matrix_hpc.services.sandbox.bwrap import bwrap_argv, isolation_args, mount_parent_args, sandbox_env
+from matrix_hpc.services.sandbox.limits import SandboxLimitsConf, prlimit_argv
+from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_backend_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="choose one of bwrap, apptainer, subprocess"):
+        SandboxConf(backend="docker")
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("/data", Bind("/data", "/data", False)),
+    ("/data:/in", Bind("/data", "/in", False)),
+    ("/data:/in:rw", Bind("/data", "/in", True)),
+    ("/data::ro", Bind("/data", "/data", False)),
+])
+def test_parse_bind(spec: str, expected: Bind) -> None:
+    assert parse_bind(spec) == expected
+
+
+@pytest.mark.parametrize("spec,msg", [("", "malformed"), ("/a:/b:rx", "must be 'ro' or 'rw'"),
+                                      ("rel:/b", "absolute"), ("/a:/b:ro:x", "malformed")])
+def test_bad_binds_are_refused_at_config_time(spec: str, msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        SandboxConf(binds=[spec])
+
+
+def test_limit_and_pool_checks_name_the_setting() -> None:
+    with pytest.raises(ValueError, match="sandbox.limits.mem_mb must be > 0"):
+        SandboxLimitsConf(mem_mb=0)
+    with pytest.raises(ValueError, match="sandbox.pool.size must be >= 1"):
+        SandboxPoolConf(size=0)
+    with pytest.raises(ValueError, match="lease_ttl_s=1.0 must be at least twice"):
+        SandboxPoolConf(lease_ttl_s=1.0, reap_interval_s=2.0)
+    with pytest.raises(ValueError, match="sandbox.pool.mode='k8s' is unknown"):
+        SandboxPoolConf(mode="k8s")
+
+
+def test_prlimit_prefix() -> None:
+    lim = SandboxLimitsConf(mem_mb=100, cpu_time_s=5, max_procs=7, max_file_mb=1, max_open_files=50)
+    assert prlimit_argv(lim) == ["prlimit", "--as=104857600", "--cpu=5", "--fsize=1048576", "--nofile=50",
+                                 "--core=0", "--nproc=7", "--"]
+    assert "--nproc=7" not in prlimit_argv(lim, nproc=False)
+
+
+def test_command_argv() -> None:
+    assert command_argv("echo hi | wc") == ["/bin/sh", "-c", "echo hi | wc"]
+    assert command_argv(("python3", "x.py")) == ["python3", "x.py"]
+    with pytest.raises(ValueError, match="non-empty"):
+        command_argv([])
+
+
+def test_bwrap_as_root_drops_to_the_sandbox_uid_without_network() -> None:
+    argv = bwrap_argv(SandboxConf(), Path("/tmp/s/x/scratch"), {"A": "1"}, "/scratch", host_uid=200123)
+    joined = " ".join(argv)
+    assert "--unshare-net" in argv and "--unshare-pid" in argv and "--die-with-parent" in argv
+    assert "--bind /tmp/s/x/scratch /scratch" in joined
+    assert "--ro-bind /usr /usr" in joined and "--setenv A 1" in joined
+    assert argv[-8:] == ["setpriv", "--reuid=200123", "--regid=200123", "--clear-groups", "--inh-caps=-all",
+                         "--bounding-set=-all", "--no-new-privs", "--"]
+    assert "--share-net" not in argv
+
+
+def test_bwrap_unprivileged_uses_a_user_namespace_and_limits_inside() -> None:
+    flags, prefix = isolation_args(None, 9)
+    assert "--unshare-all" in flags and "--unshare-user" in flags and "--disable-userns" in flags
+    assert prefix == ["prlimit", "--nproc=9", "--"]
+
+
+def test_image_replaces_the_host_root() -> None:
+    argv = bwrap_argv(SandboxConf(image="/images/py"), Path("/s"), {}, "/scratch", host_uid=None)
+    assert argv[1:4] == ["--ro-bind", "/images/py", "/"] and "/usr" not in argv[4:6]
+
+
+def test_mount_parents_are_made_traversable_but_system_dirs_left_alone() -> None:
+    args = mount_parent_args([Bind("/root/.pyenv/versions/3", "/root/.pyenv/versions/3", False),
+                              Bind("/x", "/usr/local/lib/y", False)])
+    assert args == ["--perms", "0755", "--dir", "/root", "--perms", "0755", "--dir", "/root/.pyenv",
+                    "--perms", "0755", "--dir", "/root/.pyenv/versions"]
+
+
+def test_python_is_bound_read_only_and_first_on_path() -> None:
+    binds = python_binds()
+    assert all(not b.writable for b in binds)
+    env = sandbox_env(SandboxConf(env={"X": "y"}), {"Z": "1"})
+    assert env["PATH"].split(":")[0] == str(Path(sys.prefix) / "bin")
+    assert env["HOME"] == "/scratch" and env["X"] == "y" and env["Z"] == "1"
+    assert "PYTHONPATH" not in env and "LD_PRELOAD" not in env  # nothing leaks in from the host
+
+
+@pytest.mark.parametrize("name", ["bwrap", "apptainer", "subprocess"])
+def test_yaml_composes_into_the_dataclass(name: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(group="sandbox", name="sandbox_schema", node=SandboxConf)
+    GlobalHydra.instance().clear()
+    overrides = [f"+sandbox={name}"] + (["sandbox.image=/img.sif"] if name == "apptainer" else [])
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(overrides=overrides)
+    conf = OmegaConf.to_object(cfg.sandbox)
+    assert isinstance(conf, SandboxConf) and conf.backend == name
+    assert isinstance(conf.limits, SandboxLimitsConf) and isinstance(conf.pool, SandboxPoolConf)

@@ -1,0 +1,87 @@
+"""run_capped (the exec plumbing every backend shares) and the subprocess backend, on real processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError, create_sandbox
+from matrix_hpc.services.sandbox.code_exec import extract_code, run_code_with_tests
+from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
+from matrix_hpc.services.sandbox.process import run_capped
+
+
+async def test_stdout_stderr_exit_code_and_stdin_are_separate() -> None:
+    r = await run_capped(["/bin/sh", "-c", "read x; echo out:$x; echo err >&2; exit 3"], stdin=b"hello\n",
+                         timeout_s=10, max_output_bytes=1000)
+    assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.output_truncated) == (3, "out:hello\n", "err\n", False, False)
+    assert not r.ok
+
+
+async def test_timeout_kills() -> None:
+    t0 = time.monotonic()
+    r = await run_capped(["sleep", "30"], stdin=None, timeout_s=0.3, max_output_bytes=100)
+    assert r.timed_out and r.exit_code == -9 and time.monotonic() - t0 < 5
+
+
+async def test_output_cap_truncates_and_kills() -> None:
+    r = await run_capped(["yes"], stdin=None, timeout_s=20, max_output_bytes=5000)
+    assert r.output_truncated and len(r.stdout) == 5000 and r.exit_code == -9 and not r.timed_out
+
+
+async def test_background_children_in_the_group_are_killed() -> None:
+    marker = f"mhpc-bg-{os.getpid()}"
+    r = await run_capped(["/bin/sh", "-c", f"sleep 300 {marker} 2>/dev/null & exec sh -c 'echo started'"],
+                         stdin=None, timeout_s=10, max_output_bytes=100)
+    assert r.stdout == "started\n"
+    time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+
+
+async def test_subprocess_backend_runs_in_scratch_with_limits(tmp_path: Path) -> None:
+    conf = SandboxConf(backend="subprocess", scratch_root=str(tmp_path),
+                       limits=SandboxLimitsConf(mem_mb=256, exec_timeout_s=10))
+    sb = create_sandbox(conf, "t1")
+    await sb.start()
+    try:
+        await sb.put_file("data/in.txt", "abc\n")
+        r = await sb.exec("cat data/in.txt; pwd; echo $HOME")
+        assert r.stdout.splitlines() == ["abc", str(sb.scratch), str(sb.scratch)]
+        r = await sb.exec(["python3", "-c", "x = bytearray(1024 ** 3)"])
+        assert r.exit_code != 0 and "MemoryError" in r.stderr
+        with pytest.raises(SandboxError, match="leaves the scratch dir"):
+            await sb.get_file("../../etc/passwd")
+        os.symlink("/etc/passwd", sb.scratch / "link")
+        with pytest.raises(SandboxError, match="leaves the scratch dir"):
+            await sb.get_file("link")
+    finally:
+        await sb.stop()
+    assert not sb.dir.exists()
+    with pytest.raises(SandboxError, match="not running"):
+        await sb.exec("true")
+
+
+async def test_code_with_tests_pass_fail_timeout(tmp_path: Path) -> None:
+    sb = create_sandbox(SandboxConf(backend="subprocess", scratch_root=str(tmp_path)), "code")
+    await sb.start()
+    try:
+        code = "```python\ndef add(a, b):\n    return a + b\n```"
+        ok = await run_code_with_tests(sb, extract_code(code), "assert add(2, 3) == 5\nprint('tests ok')")
+        assert ok.passed and ok.stdout == "tests ok\n"
+        bad = await run_code_with_tests(sb, "def add(a, b):\n    return a - b\n", "assert add(2, 3) == 5")
+        assert not bad.passed and "AssertionError" in bad.stderr and bad.summary().startswith("FAILED (exit 1)")
+        slow = await run_code_with_tests(sb, "while True: pass", "", timeout_s=0.5)
+        assert not slow.passed and slow.timed_out and slow.summary().startswith("TIMED OUT")
+        mod = await run_code_with_tests(sb, "X = 1", "from solution import X\nassert X == 1", mode="module")
+        assert mod.passed
+    finally:
+        await sb.stop()
+
+
+def test_extract_code() -> None:
+    assert extract_code("Here:\n```py\nprint(1)\n```\nthanks") == "print(1)\n"
+    assert extract_code("print(2)") == "print(2)"
