@@ -1,0 +1,167 @@
+"""Escape suite: what untrusted code tries inside a bwrap sandbox is refused or contained.
+
+Each test runs real bubblewrap and checks the host afterwards: no file
+written, nothing read, no connection accepted, no process left over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from matrix_hpc.services.sandbox.base import Sandbox, SandboxConf, create_sandbox
+from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
+from tests.conftest import REPO_ROOT
+from tests.integration.sandbox_support import processes_matching, processes_of_uid, require_bwrap
+
+pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
+
+LIMITS = SandboxLimitsConf(mem_mb=256, cpu_time_s=2, max_procs=32, max_file_mb=4, exec_timeout_s=10,
+                           max_output_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
+    require_bwrap()
+    conf = SandboxConf(backend="bwrap", scratch_root=str(tmp_path / "sandboxes"), limits=LIMITS)
+    sb = create_sandbox(conf, f"escape-{uuid.uuid4().hex[:6]}")
+    await sb.start()
+    uid = getattr(sb, "host_uid", None)
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+    # host unchanged: nothing of this sandbox still runs, its scratch dir is gone
+    assert not processes_matching(str(sb.scratch))
+    if uid is not None:
+        assert not processes_of_uid(uid)
+    assert not sb.dir.exists()
+
+
+async def still_works(sb: Sandbox) -> None:
+    r = await sb.exec("echo alive")
+    assert r.ok and r.stdout == "alive\n", r
+
+
+async def test_host_files_outside_the_binds_are_invisible(sandbox: Sandbox) -> None:
+    secret = Path("/root") / f"mhpc-secret-{uuid.uuid4().hex}"
+    secret.write_text("TOP-SECRET")
+    try:
+        targets = [secret, REPO_ROOT / "pyproject.toml", Path("/etc/shadow"), Path("/etc/hostname"),
+                   REPO_ROOT / ".git" / "HEAD"]
+        for target in targets:
+            r = await sandbox.exec(["python3", "-c", f"print(open({str(target)!r}).read())"])
+            assert r.exit_code != 0 and "TOP-SECRET" not in r.stdout, (target, r)
+            assert "FileNotFoundError" in r.stderr or "PermissionError" in r.stderr, r.stderr
+        r = await sandbox.exec("ls -a /root /home 2>&1; ls /work/main 2>&1; cat /proc/1/cmdline")
+        assert secret.name not in r.stdout and "pyproject.toml" not in r.stdout
+        assert "systemd" not in r.stdout and "init" not in r.stdout.split("\n")[-1]
+    finally:
+        secret.unlink()
+
+
+async def test_writes_outside_scratch_fail_and_tmp_is_private(sandbox: Sandbox) -> None:
+    name = f"mhpc-escape-{uuid.uuid4().hex[:8]}"
+    outside = [f"/usr/{name}", f"/etc/{name}", f"/{name}", f"/root/{name}", f"/scratch/../{name}",
+               str(REPO_ROOT / name), f"{sandbox.dir}/{name}"]
+    for path in outside:
+        r = await sandbox.exec(["python3", "-c", f"open({path!r}, 'w').write('x')"])
+        assert r.exit_code != 0, (path, r)
+    r = await sandbox.exec(f"echo x > /tmp/{name} && echo x > /scratch/{name} && echo ok")
+    assert r.stdout == "ok\n", r
+    for path in outside + [f"/tmp/{name}"]:
+        assert not os.path.exists(path), path
+    assert (sandbox.scratch / name).read_text() == "x\n"  # scratch is the one writable host path
+
+
+async def test_no_tcp_to_a_server_on_host_loopback(sandbox: Sandbox) -> None:
+    accepted: list[object] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("peername"))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    host_ip = socket.gethostbyname(socket.gethostname())
+    try:
+        for addr in ("127.0.0.1", host_ip):
+            code = f"import socket; s = socket.create_connection(({addr!r}, {port}), timeout=3); print('CONNECTED')"
+            r = await sandbox.exec(["python3", "-c", code])
+            assert r.exit_code != 0 and "CONNECTED" not in r.stdout, (addr, r)
+        r = await sandbox.exec(["python3", "-c", "import socket; print(socket.getaddrinfo('pypi.org', 443))"])
+        assert r.exit_code != 0  # no DNS, no route
+        await asyncio.sleep(0.2)
+        assert accepted == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_fork_bomb_is_contained(sandbox: Sandbox) -> None:
+    t0 = time.monotonic()
+    r = await sandbox.exec("bomb() { bomb | bomb & }; bomb; sleep 2; echo survived", timeout_s=8)
+    assert time.monotonic() - t0 < 15
+    r = await sandbox.exec(["python3", "-c", "import os\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+                            "            import time; time.sleep(30)\n        n += 1\nexcept OSError as e:\n"
+                            "    print('refused after', n, type(e).__name__)\n"], timeout_s=20)
+    assert "refused after" in r.stdout, r
+    assert int(r.stdout.split()[2]) < LIMITS.max_procs
+    await still_works(sandbox)  # the bomb's processes died with the exec
+
+
+async def test_memory_beyond_the_limit_is_refused(sandbox: Sandbox) -> None:
+    r = await sandbox.exec(["python3", "-c", "x = bytearray(1024 * 1024 * 1024); print('ALLOCATED')"])
+    assert r.exit_code != 0 and "ALLOCATED" not in r.stdout and "MemoryError" in r.stderr, r
+    r = await sandbox.exec(["python3", "-c", "x = bytearray(64 * 1024 * 1024); print(len(x))"])
+    assert r.ok and r.stdout == f"{64 * 1024 * 1024}\n"  # within the limit works
+
+
+async def test_running_past_the_time_limits_is_stopped(sandbox: Sandbox) -> None:
+    t0 = time.monotonic()
+    r = await sandbox.exec("sleep 60", timeout_s=1)
+    assert r.timed_out and r.exit_code == -9 and time.monotonic() - t0 < 5
+    t0 = time.monotonic()
+    r = await sandbox.exec(["python3", "-c", "while True: pass"], timeout_s=30)  # CPU limit: 2 s
+    # SIGKILL/SIGXCPU; bwrap's PID 1 reports a signal death as 128 + signal
+    assert not r.timed_out and r.exit_code in (-9, -24, 137, 152) and time.monotonic() - t0 < 15, r
+
+
+async def test_output_beyond_the_cap_is_cut_and_stopped(sandbox: Sandbox) -> None:
+    t0 = time.monotonic()
+    r = await sandbox.exec("yes escape; echo NOT-REACHED >&2")
+    assert r.output_truncated and len(r.stdout) == LIMITS.max_output_bytes and time.monotonic() - t0 < 5
+    r = await sandbox.exec(["python3", "-c", "open('big', 'wb').write(b'x' * (8 * 1024 * 1024))"])
+    assert r.exit_code != 0  # RLIMIT_FSIZE: 4 MiB
+    assert (sandbox.scratch / "big").stat().st_size <= LIMITS.max_file_mb * 1024 * 1024
+
+
+async def test_background_processes_do_not_outlive_their_exec(sandbox: Sandbox) -> None:
+    marker = f"mhpc{uuid.uuid4().hex[:10]}"
+    daemon = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+              f"        time.sleep(300)  # {marker}\n    os._exit(0)\nprint('detached')\n")
+    await sandbox.put_file("daemon.py", daemon)
+    r = await sandbox.exec(f"(sleep 300 {marker} &) ; nohup sleep 301 {marker} >/dev/null 2>&1 & "
+                           f"setsid sleep 302 {marker} & python3 daemon.py {marker}; echo returned")
+    assert r.stdout.endswith("returned\n"), r
+    await asyncio.sleep(0.3)
+    assert not processes_matching(marker)
+    r = await sandbox.exec(f"ps -eo args | grep -c '[{marker[0]}]{marker[1:]}' || true")
+    assert r.stdout.strip() == "0", r  # not even inside the sandbox
+
+
+async def test_no_privilege_inside(sandbox: Sandbox) -> None:
+    r = await sandbox.exec("id -u; grep -E 'CapEff|NoNewPrivs' /proc/self/status; kill -9 1 2>&1; echo done")
+    lines = r.stdout.split("\n")
+    assert lines[0] != "0"
+    assert "CapEff:\t0000000000000000" in r.stdout and "NoNewPrivs:\t1" in r.stdout
+    r = await sandbox.exec(f"kill -9 {os.getpid()} 2>&1; echo $?")  # the host test process
+    assert r.stdout.strip().endswith("1")  # no such process in the sandbox's PID namespace
+    await still_works(sandbox)
