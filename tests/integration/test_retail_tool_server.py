@@ -19,7 +19,7 @@ from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, RetailSnapshot, default
 from matrix_hpc.workflows.retail.env import RetailEnv
 from matrix_hpc.workflows.retail.reward import GoldHashCache
 from matrix_hpc.workflows.retail.tasks import load_tasks
-from matrix_hpc.workflows.retail.tool_server import ToolServerClient, ToolServerError, evaluate_client
+from matrix_hpc.workflows.retail.tool_server import LineToolClient, ToolServerClient, ToolServerError, evaluate_client
 from tests.conftest import REPO_ROOT, require_component
 
 pytestmark = pytest.mark.integration
@@ -50,13 +50,26 @@ async def start_server(db: Path, socket: Path, *extra: str) -> tuple[asyncio.sub
     """Start the server; returns it and the seconds until it said it was ready."""
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        *SERVER, "--db", str(db), "--socket", str(socket), *extra,
+        *SERVER, "--db", str(db), "--socket", str(socket), *extra, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=REPO_ROOT)
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 20)
+    assert proc.stderr is not None
+    line = await asyncio.wait_for(proc.stderr.readline(), 20)  # stdout carries stdin's answers
     ready = json.loads(line)
     assert ready["ready"] is True and ready["socket"] == str(socket) and ready["pid"] == proc.pid
     return proc, time.perf_counter() - t0
+
+
+def relay_client(proc: asyncio.subprocess.Process) -> LineToolClient:
+    """Talk to a socket-mode server through its stdin/stdout, as the sandbox pool's relay does."""
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    async def send(line: str) -> str:
+        stdin.write(line.encode() + b"\n")
+        await stdin.drain()
+        return (await asyncio.wait_for(stdout.readline(), 10)).decode()
+
+    return LineToolClient(send, where=f"stdin of pid {proc.pid}")
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -92,11 +105,12 @@ async def test_socket_round_trip_matches_in_process_env(db_path: Path, sock_dir:
             wrong = await client.gold_state(load_tasks()[1])
             assert wrong.db_hash != final and (await evaluate_client(client, load_tasks()[1], [])).reward == 0.0
 
-            # a second connection sees the same environment
+            # a second connection, and the stdin/stdout relay, see the same environment
             async with await ToolServerClient.connect(socket) as other:
                 assert await other.db_hash() == final
                 stats = await other.request({"op": "stats"})
                 assert stats["written"] == {"orders": ["#W2378156"]} and stats["errors"] == 1
+            assert await relay_client(proc).db_hash() == final
 
             with pytest.raises(ToolServerError, match="unknown request: give 'tool' or 'op'"):
                 await client.request({"op": "explode"})
@@ -202,12 +216,10 @@ async def test_inside_a_bubblewrap_sandbox(db_path: Path) -> None:
                 assert not (await client.call(name, arguments)).startswith("Error")
             assert await client.db_hash() == GoldHashCache(RetailSnapshot.from_file(db_path)).get(task).db_hash
         assert first_answer_s < 5.0, first_answer_s
-        # the same server over the sandbox's stdio pipe
-        stdio = await sandbox.start_server(
-            [sys.executable, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", "/data/tau2_retail/db.json", "--stdio"],
-            name="stdio")
-        reply = json.loads(await stdio.request(json.dumps({"id": 1, "tool": "calculate", "arguments": {"expression": "1 + 2"}})))
-        assert reply == {"id": 1, "content": "3.0", "error": False}
+        # the same server through the sandbox's stdio pipe (the relay a remote node would use)
+        relay = LineToolClient(sandbox.servers["server"].request, where="sandbox stdio")
+        assert await relay.call("calculate", {"expression": "1 + 2"}) == "3.0"
+        assert await relay.db_hash() == GoldHashCache(RetailSnapshot.from_file(db_path)).get(task).db_hash
     finally:
         await sandbox.stop()
         shutil.rmtree(conf.scratch_root, ignore_errors=True)
