@@ -1,0 +1,130 @@
+"""The runtime on a real local Ray: placements, kill -9 resume, bad input,
+config-change refusal, retries, admission."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.integration.runs import kill_tree, read_rows, run_cli, start_cli, without_timing, write_jsonl
+
+pytestmark = pytest.mark.integration
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"q{i:05d}", "question": f"Q{i}?"} for i in range(n)]
+
+
+def test_both_placements_write_identical_rows(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(300))
+    outs = {}
+    for placement in ("colocated", "per_role"):
+        out = tmp_path / placement
+        r = run_cli(f"dataset.path={data}", f"output.dir={out}", f"run.placement={placement}",
+                    "run.seed=7", "run.max_concurrent_tasks=64")
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[placement] = sorted((without_timing(x) for x in read_rows(out)), key=lambda x: x["id"])
+    assert len(outs["colocated"]) == 300
+    assert outs["colocated"] == outs["per_role"]
+    turns = Counter(len(r["messages"]) for r in outs["colocated"])
+    assert len(turns) > 1  # dialogues of different lengths: the comparison is not trivial
+
+
+def _wait_for_rows(out: Path, at_least: int, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if len(read_rows(out)) >= at_least:
+                return
+        except FileNotFoundError:  # a file committed by a compaction of another reader: retry
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{out} did not reach {at_least} rows in {timeout_s} s")
+
+
+def test_kill_9_at_random_points_then_rerun_gives_each_input_id_once(tmp_path: Path) -> None:
+    n = 4000
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
+    out = tmp_path / "out"
+    args = (f"dataset.path={data}", f"output.dir={out}", "run.max_concurrent_tasks=50",
+            "output.flush_interval_s=0.2", "workflow.step_delay_ms=20")
+    rng = random.Random(1234)
+    committed = []
+    # Kill points: during start-up, then after a random share of rows, plus a random sub-second delay
+    # (so the kill lands anywhere: mid-step, mid-batch, mid-commit).
+    for min_rows in (None, rng.randrange(200, 1200), rng.randrange(1500, 3000)):
+        proc = start_cli(*args)
+        if min_rows is None:
+            time.sleep(rng.uniform(1.0, 3.0))
+        else:
+            _wait_for_rows(out, min_rows)
+            time.sleep(rng.uniform(0.0, 1.0))
+        kill_tree(proc)
+        ids = [r["id"] for r in read_rows(out)]  # every visible file is readable
+        assert len(ids) == len(set(ids)), "duplicates after a kill"
+        committed.append(len(ids))
+    assert 0 < committed[1] < committed[2] < n, committed
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ids = [r["id"] for r in read_rows(out)]
+    assert Counter(ids) == Counter(x["id"] for x in _rows(n))
+    assert f"{committed[2]} ids already done" in r.stderr
+
+
+def test_malformed_input_lines_fail_alone(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(20), extra_lines=["{broken json", '{"question": "no id"}'])
+    out = tmp_path / "out"
+    r = run_cli(f"dataset.path={data}", f"output.dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["id"]: x for x in read_rows(out)}
+    assert len(rows) == 22
+    assert Counter(x["status"] for x in rows.values()) == {"ok": 20, "failed": 2}
+    bad = rows["in.jsonl:21"]
+    assert bad["error_type"] == "InputError" and f"{data}:21: not valid JSON" in bad["error"]
+    assert bad["input"] == "{broken json\n"
+    assert "missing required column(s) ['id']" in rows["in.jsonl:22"]["error"]
+
+
+def test_resume_after_a_workflow_config_change_is_refused(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(30))
+    out = tmp_path / "out"
+    assert run_cli(f"dataset.path={data}", f"output.dir={out}").returncode == 0
+    r = run_cli(f"dataset.path={data}", f"output.dir={out}", "workflow.agree_prob=0.9")
+    assert r.returncode == 2
+    assert "different workflow config" in r.stderr and "run.resume=force" in r.stderr
+    assert "+agree_prob: 0.9" in r.stderr
+    forced = run_cli(f"dataset.path={data}", f"output.dir={out}", "workflow.agree_prob=0.9", "run.resume=force")
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    assert len(read_rows(out)) == 30
+
+
+def test_failed_steps_are_retried_then_fail_the_row_with_the_error(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(60))
+    flaky, broken = tmp_path / "flaky", tmp_path / "broken"
+    r = run_cli(f"dataset.path={data}", f"output.dir={flaky}", "workflow.failure_rate=0.3",
+                "run.max_attempts=10", "run.backoff_base_s=0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(flaky)
+    assert all(x["status"] == "ok" for x in rows)
+    assert any(x["attempts"] > 1 for x in rows)
+    r = run_cli(f"dataset.path={data}", f"output.dir={broken}", "workflow.failure_rate=1.0",
+                "run.max_attempts=2", "run.backoff_base_s=0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_rows(broken)
+    assert len(rows) == 60 and all(x["status"] == "failed" for x in rows)
+    assert rows[0]["error_type"] == "InjectedFailure" and "teacher: injected failure" in rows[0]["error"]
+    assert rows[0]["attempts"] == 2
+
+
+def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path: Path) -> None:
+    r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "run.max_concurent_tasks=5")
+    assert r.returncode == 2 and "unknown config key 'run.max_concurent_tasks'" in r.stderr
+    assert "max_concurrent_tasks" in r.stderr
+    r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "run.placement=everywhere")
+    assert r.returncode == 2 and "expected one of [colocated, per_role]" in r.stderr
+    r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "workflow=nope")
+    assert r.returncode == 2 and "valid choices for workflow" in r.stderr and "overhead" in r.stderr
