@@ -10,8 +10,8 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -19,7 +19,14 @@ from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, RetailSnapshot, default
 from matrix_hpc.workflows.retail.env import RetailEnv
 from matrix_hpc.workflows.retail.reward import GoldHashCache
 from matrix_hpc.workflows.retail.tasks import load_tasks
-from matrix_hpc.workflows.retail.tool_server import LineToolClient, ToolServerClient, ToolServerError, evaluate_client
+from matrix_hpc.workflows.retail.tool_server import (
+    LineToolClient,
+    ToolServerClient,
+    ToolServerError,
+    evaluate_client,
+    sandbox_binds,
+    sandbox_server_argv,
+)
 from tests.conftest import REPO_ROOT, require_component
 
 pytestmark = pytest.mark.integration
@@ -197,11 +204,8 @@ async def test_inside_a_bubblewrap_sandbox(db_path: Path) -> None:
     require_component(shutil.which("bwrap") is not None, "bubblewrap", "apt-get install bubblewrap (.ci/setup_sandbox.sh)")
     from matrix_hpc.services.sandbox.base import SandboxConf, create_sandbox
 
-    conf = SandboxConf(
-        backend="bwrap", scratch_root=tempfile.mkdtemp(prefix="rtsb-", dir="/tmp"),
-        binds=[f"{REPO_ROOT}:{REPO_ROOT}:ro", f"{db_path.parent}:/data/tau2_retail:ro"],
-        server_argv=[sys.executable, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", "/data/tau2_retail/db.json"],
-    )
+    conf = SandboxConf(backend="bwrap", scratch_root=tempfile.mkdtemp(prefix="rtsb-", dir="/tmp"),
+                       binds=sandbox_binds(db_path.parent), server_argv=sandbox_server_argv())
     sandbox = create_sandbox(conf, "retail-test")
     t0 = time.perf_counter()
     await sandbox.start()

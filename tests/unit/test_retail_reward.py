@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from matrix_hpc.workflows.retail.client import LocalToolClient, evaluate_client
 from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, RetailSnapshot, db_hash, default_data_dir
 from matrix_hpc.workflows.retail.env import RetailEnv, is_write_tool, tool_schemas
 from matrix_hpc.workflows.retail.reward import (
@@ -16,7 +17,6 @@ from matrix_hpc.workflows.retail.reward import (
     replay_gold,
 )
 from matrix_hpc.workflows.retail.tasks import RetailTask, load_tasks
-from matrix_hpc.workflows.retail.client import LocalToolClient, evaluate_client
 from tests.conftest import require_component
 
 # Gold trajectories that deliberately hit an error (a wrong email or zip tried

@@ -53,7 +53,7 @@ def test_rows_round_trip_and_fit_parquet() -> None:
     tasks = load_tasks()
     rows = list(iter_task_rows())
     assert [r["id"] for r in rows] == [t.id for t in tasks]
-    for task, row in zip(tasks, rows):
+    for task, row in zip(tasks, rows, strict=True):
         assert json.loads(json.dumps(row)) == row
         assert RetailTask.from_row(json.loads(json.dumps(row))) == task
     table = pa.Table.from_pylist(rows)  # one type per column, so sharded Parquet can hold them

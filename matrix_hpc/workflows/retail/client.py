@@ -23,7 +23,8 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Self, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, Self
 
 from matrix_hpc.workflows.retail.env import RetailEnv, ToolOutcome
 from matrix_hpc.workflows.retail.reward import GoldState, RewardInfo, compute_reward, replay_gold
@@ -134,7 +135,7 @@ class ToolServerClient(_ProtocolClient):
 
     @classmethod
     async def connect(cls, socket_path: str | os.PathLike[str], timeout_s: float = 10.0,
-                      request_timeout_s: float = 30.0) -> "ToolServerClient":
+                      request_timeout_s: float = 30.0) -> ToolServerClient:
         """Connect, retrying until the server listens or ``timeout_s`` passes."""
         path = os.fspath(socket_path)
         loop = asyncio.get_running_loop()
@@ -153,7 +154,7 @@ class ToolServerClient(_ProtocolClient):
 
     @classmethod
     async def spawn(cls, db_path: str | os.PathLike[str], python: str = sys.executable,
-                    request_timeout_s: float = 30.0) -> "ToolServerClient":
+                    request_timeout_s: float = 30.0) -> ToolServerClient:
         """Start a stdio server as a child process and talk to it over its pipes."""
         proc = await asyncio.create_subprocess_exec(
             python, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", os.fspath(db_path), "--stdio",
@@ -167,7 +168,7 @@ class ToolServerClient(_ProtocolClient):
         try:
             await self._writer.drain()
             reply = await asyncio.wait_for(self._reader.readline(), self.request_timeout_s)
-        except (ConnectionError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ConnectionError) as e:
             raise ToolServerError(f"retail tool server at {self.where} failed on {line[:200]}: {e!r}") from e
         if not reply:
             raise ToolServerError(f"retail tool server at {self.where} closed the connection")
@@ -182,7 +183,7 @@ class ToolServerClient(_ProtocolClient):
         if self._process is not None:
             try:
                 await asyncio.wait_for(self._process.wait(), 5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._process.kill()
                 await self._process.wait()
 

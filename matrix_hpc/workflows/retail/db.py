@@ -19,8 +19,9 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 # Any: the DB is parsed JSON (nested dicts/lists of str/float/bool/None).
 Record = dict[str, Any]
@@ -95,7 +96,7 @@ class RetailSnapshot:
         self._json: dict[tuple[str, str], str] = {}
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "RetailSnapshot":
+    def from_file(cls, path: str | os.PathLike[str]) -> RetailSnapshot:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from matrix_hpc.workflows.retail.db import RetailDB, RetailSnapshot
 from matrix_hpc.workflows.retail.tools import TOOL_SPECS, TOOLS_BY_NAME, RetailTools, ToolError
@@ -67,7 +68,7 @@ class RetailEnv:
         self.errors = 0  # tool calls that failed
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "RetailEnv":
+    def from_file(cls, path: str | os.PathLike[str]) -> RetailEnv:
         return cls(RetailSnapshot.from_file(path))
 
     def call_detailed(self, tool_name: str, arguments: Mapping[str, Any] | str | None) -> ToolOutcome:
@@ -108,6 +109,6 @@ class RetailEnv:
         """A deep copy of the current DB."""
         return self.db.to_dict()
 
-    def fresh(self) -> "RetailEnv":
+    def fresh(self) -> RetailEnv:
         """A new environment on the same initial snapshot (for a gold replay)."""
         return RetailEnv(self.db.snapshot)

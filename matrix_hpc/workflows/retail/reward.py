@@ -10,8 +10,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from matrix_hpc.workflows.retail.db import RetailSnapshot
 from matrix_hpc.workflows.retail.env import RetailEnv, is_write_tool

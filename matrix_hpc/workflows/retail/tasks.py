@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from matrix_hpc.workflows.retail.db import default_data_dir
 
@@ -66,7 +67,7 @@ class RetailTask:
         return [(a.name, a.arguments) for a in self.actions]
 
     @classmethod
-    def from_tau2(cls, raw: Mapping[str, Any]) -> "RetailTask":
+    def from_tau2(cls, raw: Mapping[str, Any]) -> RetailTask:
         """Parse one entry of tau2's tasks.json."""
         scenario = raw.get("user_scenario") or {}
         ins = scenario.get("instructions") or {}
@@ -101,7 +102,7 @@ class RetailTask:
         )
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "RetailTask":
+    def from_row(cls, row: Mapping[str, Any]) -> RetailTask:
         """Inverse of :func:`task_to_row`."""
         return cls(
             id=str(row["id"]),

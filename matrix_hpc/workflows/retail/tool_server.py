@@ -40,8 +40,9 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from matrix_hpc.workflows.retail.client import (  # re-exported: the client side of this protocol
     MAX_LINE_BYTES,
@@ -56,7 +57,7 @@ from matrix_hpc.workflows.retail.db import RetailSnapshot, default_data_dir
 from matrix_hpc.workflows.retail.env import RetailEnv, is_write_tool
 
 __all__ = ["LineToolClient", "LocalToolClient", "ToolClient", "ToolServer", "ToolServerClient", "ToolServerError",
-           "evaluate_client", "main", "serve_stdio", "serve_unix"]
+           "evaluate_client", "main", "sandbox_binds", "sandbox_server_argv", "serve_stdio", "serve_unix"]
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 SOCKET_ENV = "MATRIX_SANDBOX_SOCKET"  # set by the sandbox service's start_server (/scratch/<name>.sock)
 
@@ -154,7 +155,7 @@ def serve_stdio(server: ToolServer, stdin: BinaryIO | None = None, stdout: TextI
             return
 
 
-async def _relay_stdin(server: ToolServer, stop: asyncio.Event, activity: "_Activity") -> None:
+async def _relay_stdin(server: ToolServer, stop: asyncio.Event, activity: _Activity) -> None:
     """Answer request lines on stdin on stdout, next to the socket (the sandbox pool's relay path)."""
     try:
         mode = os.fstat(sys.stdin.fileno()).st_mode
@@ -224,7 +225,7 @@ async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=min(1.0, idle_timeout_s or 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if idle_timeout_s > 0 and loop.time() - activity.t > idle_timeout_s:
                     break
     finally:
@@ -235,6 +236,30 @@ async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float
             os.unlink(socket_path)
 
 
+# ---- launching inside a sandbox ------------------------------------------------
+SANDBOX_DATA_DIR = "/data/tau2_retail"  # where sandbox_binds mounts the retail data inside
+_PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding the matrix_hpc package
+
+
+def sandbox_binds(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Read-only binds (``SandboxConf.binds`` syntax) the server needs besides the venv.
+
+    The retail data goes to :data:`SANDBOX_DATA_DIR`; the package source is bound
+    too when it lives outside the venv (an editable install).
+    """
+    data = Path(data_dir) if data_dir is not None else default_data_dir()
+    binds = [f"{data.resolve()}:{SANDBOX_DATA_DIR}:ro"]
+    if not str(_PACKAGE_ROOT).startswith(os.path.realpath(sys.prefix)):
+        binds.append(f"{_PACKAGE_ROOT}:{_PACKAGE_ROOT}:ro")
+    return binds
+
+
+def sandbox_server_argv(python: str = sys.executable, idle_timeout_s: float = 0.0) -> list[str]:
+    """``SandboxConf.server_argv`` / ``start_server`` argv: listens on ``$MATRIX_SANDBOX_SOCKET``."""
+    argv = [python, "-m", "matrix_hpc.workflows.retail.tool_server", "--db", f"{SANDBOX_DATA_DIR}/db.json"]
+    return argv + (["--idle-timeout-s", str(idle_timeout_s)] if idle_timeout_s > 0 else [])
+
+
 # ---- entry point -------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matrix_hpc.workflows.retail.tool_server",
@@ -242,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--db", default=None, help="retail db.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR/db.json)")
     parser.add_argument("--socket", default=None,
                         help=f"unix socket path to listen on (default: ${SOCKET_ENV} when set, else stdio)")
-    parser.add_argument("--stdio", action="store_true", help="serve stdin/stdout only, even if $%s is set" % SOCKET_ENV)
+    parser.add_argument("--stdio", action="store_true", help=f"serve stdin/stdout only, even if ${SOCKET_ENV} is set")
     parser.add_argument("--idle-timeout-s", type=float, default=0.0,
                         help="exit after this many seconds without a request (socket mode; 0 = never)")
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ import ast
 import json
 import operator
 import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from matrix_hpc.workflows.retail.db import Record, RetailDB
 
@@ -278,7 +279,7 @@ class RetailTools:
             raise ToolError("The number of items to be exchanged should match the number of new items")
         self._check_items_in_order(order, item_ids)
         diff = 0.0
-        for item_id, new_item_id in zip(item_ids, new_item_ids):
+        for item_id, new_item_id in zip(item_ids, new_item_ids, strict=True):
             item = next(i for i in order["items"] if i["item_id"] == item_id)
             variant = self._variant(item["product_id"], new_item_id)
             if not variant["available"]:
@@ -385,10 +386,10 @@ class RetailTools:
         order = self._order(order_id)
         if order["status"] != "pending":
             raise ToolError(f"Non-pending order cannot be modified (status: {order['status']}); items can be modified once")
-        for item_id, new_item_id in zip(item_ids, new_item_ids):
+        diff = self._price_difference(order, item_ids, new_item_ids)
+        for item_id, new_item_id in zip(item_ids, new_item_ids, strict=True):
             if item_id == new_item_id:
                 raise ToolError(f"The new item id should be different from the old item id ({item_id})")
-        diff = self._price_difference(order, item_ids, new_item_ids)
         method = self._payment_method(order["user_id"], payment_method_id)
         if method["source"] == "gift_card" and method["balance"] < diff:
             raise ToolError("Insufficient gift card balance to pay for the new item")
@@ -398,7 +399,7 @@ class RetailTools:
              "payment_method_id": payment_method_id}
         )
         self._adjust_gift_card(order["user_id"], payment_method_id, -diff)
-        for item_id, new_item_id in zip(item_ids, new_item_ids):
+        for item_id, new_item_id in zip(item_ids, new_item_ids, strict=True):
             # the first unchanged unit with this id (duplicates are swapped one by one)
             item = next(i for i in order["items"] if i["item_id"] == item_id)
             variant = self._variant(item["product_id"], new_item_id)
