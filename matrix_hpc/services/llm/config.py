@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# VLLMConf lives with the replica code; that module imports vllm and Ray lazily.
+from matrix_hpc.services.llm.vllm_replica import VLLMConf
+
 BACKENDS = ("sim", "openai", "vllm", "none")
 DIALECTS = ("vllm", "openai")
 
@@ -125,11 +128,10 @@ class OpenAIConf:
 
 @dataclass
 class LLMConf:
-    """The ``llm=`` config group: a backend and the client settings.
+    """The ``llm=`` config group: a backend, its settings, and the client settings.
 
-    The vLLM replica settings (``VLLMConf``) live with the replica code in
-    ``vllm_replica.py`` and are passed there untouched; ``vllm`` holds them
-    as a plain mapping here so that this module never imports that one.
+    Only the conf named by ``backend`` is used; ``service`` names the replica
+    registry (and the vLLM replicas' registry too, unless left at 'default').
     """
 
     # Which backend serves the run: 'sim' | 'openai' | 'vllm' | 'none'.
@@ -142,6 +144,8 @@ class LLMConf:
     sim: SimConf = field(default_factory=SimConf)
     # Settings of backend 'openai'.
     openai: OpenAIConf = field(default_factory=OpenAIConf)
+    # Settings of backend 'vllm' (see vllm_replica.py).
+    vllm: VLLMConf = field(default_factory=VLLMConf)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -15,6 +15,7 @@ import asyncio
 import json
 import resource
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,10 +28,11 @@ from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_ur
 
 @dataclass
 class LoadReport:
-    mode: str
+    mode: str  # 'aiohttp' (bare session) or 'client' (LLMClient)
     concurrency: int
     calls: int  # calls completed in the measured window
     errors: int
+    error_kinds: dict[str, int]  # exception type -> count, in the window
     window_s: float
     calls_per_s: float
     completion_tokens_per_s: float
@@ -48,16 +50,18 @@ class _Window:
         self.errors = 0
         self.tokens = 0
         self.latencies: list[float] = []
+        self.error_kinds: Counter[str] = Counter()
 
-    def record(self, latency_s: float, tokens: int, ok: bool) -> None:
+    def record(self, latency_s: float, tokens: int, error: Exception | None) -> None:
         if not self.open:
             return
-        if ok:
+        if error is None:
             self.calls += 1
             self.tokens += tokens
             self.latencies.append(latency_s)
         else:
             self.errors += 1
+            self.error_kinds[type(error).__name__] += 1
 
 
 def _cpu_s() -> float:
@@ -80,7 +84,7 @@ async def run_load(
     raise_fd_limit()
     window = _Window()
     stop = asyncio.Event()
-    send = await _sender(mode, url, model, max_tokens, concurrency)
+    send = _sender(mode, url, model, max_tokens)
     try:
         workers = [asyncio.ensure_future(_worker(i, send.call, window, stop)) for i in range(concurrency)]
         await asyncio.sleep(warmup_s)
@@ -98,6 +102,7 @@ async def run_load(
         concurrency=concurrency,
         calls=window.calls,
         errors=window.errors,
+        error_kinds=dict(window.error_kinds),
         window_s=round(wall, 3),
         calls_per_s=round(window.calls / wall, 1),
         completion_tokens_per_s=round(window.tokens / wall, 1),
@@ -113,9 +118,9 @@ async def _worker(index: int, call: Any, window: _Window, stop: asyncio.Event) -
         started = time.perf_counter()
         try:
             tokens = await call(f"worker {index} request {n}: say something")
-            window.record(time.perf_counter() - started, tokens, True)
-        except Exception:
-            window.record(time.perf_counter() - started, 0, False)
+            window.record(time.perf_counter() - started, tokens, None)
+        except Exception as exc:
+            window.record(time.perf_counter() - started, 0, exc)
         n += 1
 
 
@@ -138,7 +143,7 @@ class _BareSender:
 
 
 class _ClientSender:
-    def __init__(self, url: str, model: str, max_tokens: int, concurrency: int):
+    def __init__(self, url: str, model: str, max_tokens: int):
         conf = ClientConf(timeout_s=600.0)
         self.client = LLMClient(StaticEndpoints([url]), conf, model=model)
         self.max_tokens = max_tokens
@@ -151,11 +156,11 @@ class _ClientSender:
         await self.client.close()
 
 
-async def _sender(mode: str, url: str, model: str, max_tokens: int, concurrency: int) -> Any:
+def _sender(mode: str, url: str, model: str, max_tokens: int) -> Any:
     if mode == "aiohttp":
         return _BareSender(url, model, max_tokens)
     if mode == "client":
-        return _ClientSender(url, model, max_tokens, concurrency)
+        return _ClientSender(url, model, max_tokens)
     raise ValueError(f"mode must be 'aiohttp' or 'client', got {mode!r}")
 
 
@@ -168,11 +173,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=("aiohttp", "client"), default="aiohttp")
     parser.add_argument("--model", default="sim")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
-    report = asyncio.run(
-        run_load(args.url, args.concurrency, args.duration_s, args.warmup_s, args.mode, args.model, args.max_tokens)
-    )
-    print(json.dumps(asdict(report)))
+    coro = run_load(args.url, args.concurrency, args.duration_s, args.warmup_s, args.mode, args.model, args.max_tokens)
+    print(json.dumps(asdict(run_in_loop(coro, args.loop))))
+
+
+def run_in_loop(coro: Any, loop: str = "asyncio") -> Any:
+    """Run ``coro`` on a fresh asyncio or uvloop event loop."""
+    factory = asyncio.new_event_loop
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ class SimReplicaActor:
 
         from matrix_hpc.services.llm.sim_server import SimServerThread
 
-        advertise = ray.util.get_node_ip_address() if conf.host in ("0.0.0.0", "::") else conf.host
+        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        advertise = node_ip if conf.host in ("0.0.0.0", "::") else conf.host
         self.server = SimServerThread(conf, advertise_host=advertise)
         self.replica_id = replica_id
         self.registry = get_or_create_registry(service)
@@ -203,7 +204,8 @@ def sim_actor_name(service: str, index: int) -> str:
 def _start_sim_actors(conf: LLMConf) -> LLMService:
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(SimReplicaActor)
+    # num_cpus=0: the sim is light and must not take CPU slots from agents on small machines.
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(SimReplicaActor)  # type: ignore[call-overload]
     actors = [
         actor_cls.options(name=sim_actor_name(conf.service, i), namespace=NAMESPACE).remote(
             _replica_conf(conf.sim, i), conf.service, f"sim-{i}"
@@ -228,10 +230,11 @@ def _start_sim_actors(conf: LLMConf) -> LLMService:
 
 
 def _start_vllm(conf: LLMConf, run_dir: Path) -> LLMService:
-    try:
-        from matrix_hpc.services.llm.vllm_replica import start_vllm_service
-    except ImportError as exc:
-        raise RuntimeError(f"llm=vllm needs matrix_hpc.services.llm.vllm_replica ({exc})") from exc
-    handle = start_vllm_service(conf.vllm, run_dir)  # type: ignore[attr-defined]
+    from matrix_hpc.services.llm.vllm_replica import as_vllm_conf, start_vllm_service
+
+    vllm_conf = as_vllm_conf(conf.vllm)
+    if conf.service != "default":  # llm.service names every backend's registry
+        vllm_conf = dataclasses.replace(vllm_conf, service=conf.service)
+    handle = start_vllm_service(vllm_conf, run_dir)
     endpoints = RegistryEndpoints(handle.service, refresh_interval_s=conf.client.refresh_interval_s)
     return LLMService(conf, endpoints, handle.model_name, stoppers=[handle.stop])
