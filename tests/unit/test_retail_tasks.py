@@ -16,6 +16,7 @@ from matrix_hpc.workflows.retail.tasks import (
     load_policy,
     load_tasks,
     task_to_row,
+    write_rows_jsonl,
 )
 from tests.conftest import require_component
 
@@ -77,3 +78,26 @@ def test_policy_and_free_text_instructions() -> None:
     task = RetailTask.from_tau2({"id": 7, "user_scenario": {"instructions": "Cancel my order."}})
     assert task.id == "7" and task.actions == () and task.reward_basis == ("DB", "COMMUNICATE")
     assert task_to_row(task)["user_scenario"] == "Domain: retail\nReason for call:\n\tCancel my order."
+
+
+def test_rows_jsonl_feeds_the_input_reader(tmp_path: Path) -> None:
+    out = tmp_path / "retail_test.jsonl"
+    assert write_rows_jsonl(out, split="test") == 40
+    from matrix_hpc.store.input import DatasetConf, iter_input  # the runtime's reader of dataset.path
+
+    items = list(iter_input(DatasetConf(path=str(out))))
+    assert [i.id for i in items] == [t.id for t in load_tasks(split="test")]
+    assert all(i.error is None and i.row is not None for i in items)
+    assert RetailTask.from_row(items[0].row or {}) == load_tasks(split="test")[0]
+
+
+def test_cli_writes_rows(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "train.jsonl"
+    done = subprocess.run([sys.executable, "-m", "matrix_hpc.workflows.retail", "--split", "train", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 74 retail task rows (train)" in done.stderr
+    assert len(out.read_text().splitlines()) == 74

@@ -5,12 +5,18 @@ Example::
     tasks = load_tasks(split="test")           # 40 typed RetailTask objects
     rows = [task_to_row(t) for t in tasks]     # JSON-serialisable, each with an "id"
     RetailTask.from_row(rows[0]) == tasks[0]   # True
+
+The run's input is a JSONL file of these rows (``dataset.path``)::
+
+    python -m matrix_hpc.workflows.retail --split test --out data/tau2_retail_test.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,3 +217,30 @@ def load_policy(data_dir: str | os.PathLike[str] | None = None) -> str:
     """The agent's system prompt: the retail policy text."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     return (root / "policy.md").read_text()
+
+
+def write_rows_jsonl(out: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
+                     split: str = "base") -> int:
+    """Write the split's input rows to a JSONL file (atomically); returns the row count."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w") as f:
+        for row in iter_task_rows(data_dir, split):
+            f.write(json.dumps(row) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m matrix_hpc.workflows.retail",
+                                     description="write tau2 retail tasks as workflow input rows (JSONL)")
+    parser.add_argument("--out", required=True, help="JSONL file to write")
+    parser.add_argument("--split", default="base", choices=SPLITS, help="base (114), train (74) or test (40)")
+    parser.add_argument("--data-dir", default=None, help="folder with tasks.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR)")
+    args = parser.parse_args(argv)
+    count = write_rows_jsonl(args.out, args.data_dir, args.split)
+    print(f"wrote {count} retail task rows ({args.split}) to {args.out}", file=sys.stderr)
+    return 0
