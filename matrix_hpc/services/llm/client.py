@@ -324,6 +324,10 @@ class LLMClient:
         unwrap = choice is not None and self.conf.dialect == "openai"
         return await self._send_with_retries(body, sticky_key, timeout, unwrap)
 
+    def forget_sticky(self, sticky_key: str) -> None:
+        """Drop a finished task's replica pin (pins are also forgotten LRU-first)."""
+        self.router.forget(sticky_key)
+
     async def close(self) -> None:
         """Stop background tasks and close the pooled session."""
         self._closed = True

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -51,7 +52,19 @@ _WORDS = (
     "you were her she there one all we their can been has more if will would so no what up out about who into "
     "model answer reason step think because therefore result value data system task agent tool check"
 ).split()
+# Free text is a slice of this fixed pseudo-random word stream: one slice per answer
+# instead of one random draw per word (that was the server's largest cost).
+_STREAM = random.Random(0).choices(_WORDS, k=1 << 14)
 _MAX_DEPTH = 6
+
+
+def _words(rng: random.Random, count: int) -> str:
+    start = rng.randrange(len(_STREAM))
+    words = _STREAM[start : start + count]
+    while len(words) < count:
+        words += _STREAM[: count - len(words)]
+    return " ".join(words)
+
 
 
 # -- schema-valid JSON ---------------------------------------------------------
@@ -208,6 +221,8 @@ class SimEndpoint:
         self.stats = SimStats()
         self._slots = asyncio.Semaphore(capacity or conf.capacity)
         self._fault_rng = random.Random(conf.seed)
+        self._id_prefix = uuid.uuid4().hex[:8]
+        self._ids = itertools.count()
         self._model_card = {"object": "list", "data": [{"id": conf.model, "object": "model", "owned_by": "matrix_hpc-sim"}]}
 
     def app(self) -> web.Application:
@@ -252,7 +267,7 @@ class SimEndpoint:
         self.stats.counts["completion_tokens"] += completion_tokens
         return web.json_response(
             {
-                "id": "chatcmpl-" + uuid.uuid4().hex[:16],
+                "id": f"chatcmpl-{self._id_prefix}{next(self._ids):x}",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body.get("model") or self.conf.model,
@@ -371,7 +386,7 @@ def _one_message(body: dict[str, Any], rng: random.Random, conf: SimConf) -> tup
     length = max(1, length)
     finish = "length" if length > max_tokens else "stop"
     length = min(length, max_tokens)
-    return {"role": "assistant", "content": " ".join(rng.choice(_WORDS) for _ in range(length))}, finish, length
+    return {"role": "assistant", "content": _words(rng, length)}, finish, length
 
 
 def _structured_text(body: dict[str, Any], rng: random.Random) -> str | None:
