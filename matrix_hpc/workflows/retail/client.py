@@ -100,7 +100,8 @@ class _ProtocolClient:
 
     async def gold_state(self, task: RetailTask) -> GoldState:
         """The task's gold DB state, replayed server-side (where the DB already is)."""
-        r = await self.gold_db_hash(task.gold_calls)
+        actions = [{"action_id": a.action_id, "name": a.name, "arguments": a.arguments} for a in task.actions]
+        r = await self.request({"op": "gold_db_hash", "actions": actions})
         return GoldState(r["db_hash"], tuple(r["replay_errors"]), bool(r["write_failed"]))
 
     async def reset(self) -> None:

@@ -40,6 +40,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -58,6 +59,7 @@ from matrix_hpc.workflows.retail.env import RetailEnv, is_write_tool
 
 __all__ = ["LineToolClient", "LocalToolClient", "ToolClient", "ToolServer", "ToolServerClient", "ToolServerError",
            "evaluate_client", "main", "sandbox_binds", "sandbox_server_argv", "serve_stdio", "serve_unix"]
+
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the NUL
 SOCKET_ENV = "MATRIX_SANDBOX_SOCKET"  # set by the sandbox service's start_server (/scratch/<name>.sock)
 
@@ -87,7 +89,7 @@ class ToolServer:
             outcome = self.env.call_detailed(tool, request.get("arguments"))
             return {"content": outcome.content, "error": outcome.error}
         op = request.get("op")
-        handler = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
+        handler = getattr(self, f"_op_{op}", None) if op in _OPS else None
         if handler is None:
             raise _ProtocolError(f"unknown request: give 'tool' or 'op' (one of {', '.join(_OPS)}), got op={op!r}")
         result: dict[str, Any] = handler(request)
@@ -110,7 +112,7 @@ class ToolServer:
         errors = gold.replay((a["name"], a.get("arguments") or {}) for a in actions)
         return {
             "db_hash": gold.db_hash(),
-            "replay_errors": [f"{i} {name}: {err}" for i, name, err in errors],
+            "replay_errors": [f"{actions[i].get('action_id', i)} {name}: {err}" for i, name, err in errors],
             "write_failed": any(is_write_tool(name) for _, name, _ in errors),
         }
 
@@ -220,8 +222,10 @@ async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float
         loop.add_signal_handler(sig, stop.set)
     unix_server = await asyncio.start_unix_server(on_client, path=socket_path, limit=MAX_LINE_BYTES)
     relay = asyncio.create_task(_relay_stdin(server, stop, activity)) if relay_stdin else None
-    print(json.dumps({"ready": True, "socket": socket_path, "pid": os.getpid()}), file=sys.stderr, flush=True)
     try:
+        # CPU seconds since the process began: the startup cost, whatever the machine's load
+        ready = {"ready": True, "socket": socket_path, "pid": os.getpid(), "startup_cpu_s": round(time.process_time(), 3)}
+        print(json.dumps(ready), file=sys.stderr, flush=True)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=min(1.0, idle_timeout_s or 1.0))
