@@ -225,7 +225,7 @@ async def test_inside_a_bubblewrap_sandbox(db_path: Path) -> None:
             for name, arguments in task.gold_calls[1:]:
                 assert not (await client.call(name, arguments)).startswith("Error")
             assert await client.db_hash() == GoldHashCache(RetailSnapshot.from_file(db_path)).get(task).db_hash
-        assert first_answer_s < 5.0, first_answer_s
+        assert first_answer_s < 30.0, first_answer_s  # a hang guard; startup cost is tested in CPU seconds
         # the same server through the sandbox's stdio pipe (the relay a remote node would use)
         relay = LineToolClient(sandbox.servers["server"].request, where="sandbox stdio")
         assert await relay.call("calculate", {"expression": "1 + 2"}) == "3.0"
