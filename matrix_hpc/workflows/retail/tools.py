@@ -230,14 +230,16 @@ class RetailTools:
 
     # ---- lookups -------------------------------------------------------
     def _order(self, order_id: str, *, write: bool = False) -> Record:
-        if self.db.get("orders", order_id) is None:
+        order = self.db.get("orders", order_id)
+        if order is None:
             raise ToolError(f"Order not found: {order_id!r} (order ids look like '#W0000000')")
-        return self.db.for_write("orders", order_id) if write else self.db.get("orders", order_id)  # type: ignore[return-value]
+        return self.db.for_write("orders", order_id) if write else order
 
     def _user(self, user_id: str, *, write: bool = False) -> Record:
-        if self.db.get("users", user_id) is None:
+        user = self.db.get("users", user_id)
+        if user is None:
             raise ToolError(f"User not found: {user_id!r}")
-        return self.db.for_write("users", user_id) if write else self.db.get("users", user_id)  # type: ignore[return-value]
+        return self.db.for_write("users", user_id) if write else user
 
     def _product(self, product_id: str) -> Record:
         product = self.db.get("products", product_id)
