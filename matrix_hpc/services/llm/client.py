@@ -234,6 +234,10 @@ def _unwrap_choice(content: str) -> str:
     return content
 
 
+def _decode(payload: bytes) -> str:
+    return payload.decode("utf-8", errors="replace")
+
+
 def server_message(text: str) -> str:
     """The human part of an error answer (OpenAI and vLLM shapes), else the raw text, shortened."""
     try:
@@ -386,7 +390,7 @@ class LLMClient:
             async with self._session.post(
                 replica.base_url + "/chat/completions", data=body, headers=self._headers, timeout=timeout
             ) as resp:
-                text = await resp.text()
+                payload = await resp.read()  # bytes: json.loads needs no charset sniffing
                 status = resp.status
         except asyncio.TimeoutError:
             raise _Retryable(f"no answer within {timeout.total:.1f} s") from None
@@ -398,13 +402,13 @@ class LLMClient:
             self.router.release(replica)
         verdict = classify_status(status)
         if verdict == "retry":
-            raise _Retryable(f"HTTP {status}: {server_message(text)[:200]}")
+            raise _Retryable(f"HTTP {status}: {server_message(_decode(payload))[:200]}")
         if verdict == "fatal":
-            raise LLMRequestError(status, self._redact(server_message(text)), replica.base_url)
+            raise LLMRequestError(status, self._redact(server_message(_decode(payload))), replica.base_url)
         try:
-            return dict(json.loads(text))
+            return dict(json.loads(payload))
         except ValueError:
-            raise _Retryable(f"unparseable answer: {text[:200]!r}") from None
+            raise _Retryable(f"unparseable answer: {payload[:200]!r}") from None
 
     async def _pick(self, sticky_key: str | None, tried: list[str]) -> Replica:
         replica = self.router.pick(sticky_key, tried)
