@@ -301,3 +301,17 @@ def test_counts_calls_and_errors(env: RetailEnv) -> None:
     env.call("get_user_details", {"user_id": "ann_1"})
     env.call("get_user_details", {"user_id": "nobody"})
     assert (env.calls, env.errors) == (2, 1)
+
+
+def test_server_imports_only_the_standard_library() -> None:
+    """The tool server runs in a bare sandbox: nothing heavy may come in with it
+    (e.g. through ``matrix_hpc/workflows/__init__.py``)."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, matrix_hpc.workflows.retail.tool_server; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    outside = [m for m in json.loads(done.stdout) if not m.startswith(("_", "matrix_hpc"))]  # _: site/editable hooks
+    assert outside == []
