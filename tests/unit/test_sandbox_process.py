@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError, create_sandbox
+from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError, create_sandbox, sweep_stale_dirs
 from matrix_hpc.services.sandbox.code_exec import extract_code, run_code_with_tests
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.process import run_capped
@@ -85,3 +85,33 @@ async def test_code_with_tests_pass_fail_timeout(tmp_path: Path) -> None:
 def test_extract_code() -> None:
     assert extract_code("Here:\n```py\nprint(1)\n```\nthanks") == "print(1)\n"
     assert extract_code("print(2)") == "print(2)"
+
+
+async def test_dirs_of_crashed_pools_are_swept_live_ones_kept(tmp_path: Path) -> None:
+    conf = SandboxConf(backend="subprocess", scratch_root=str(tmp_path))
+    live = create_sandbox(conf, "live")
+    await live.start()
+    crashed = tmp_path / "crashed"
+    (crashed / "scratch").mkdir(parents=True)
+    (crashed / ".lock").touch()  # nobody holds it: its process died
+    assert sweep_stale_dirs(str(tmp_path)) == 1
+    assert not crashed.exists() and live.scratch.exists()
+    await live.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-sandbox uids are used only when running as root")
+def test_a_crashed_holders_uid_is_cleaned_before_reuse(tmp_path: Path) -> None:
+    import subprocess
+
+    from matrix_hpc.services.sandbox.limits import claim_uid
+
+    limits = SandboxLimitsConf(uid_base=299_000, uid_count=1)
+    claim = claim_uid(limits, tmp_path)
+    orphan = subprocess.Popen(["sleep", "300"], user=claim.uid, group=claim.uid, extra_groups=[])
+    os.close(claim._fd)  # the holder dies without releasing: lock freed, file still marked busy
+    again = claim_uid(limits, tmp_path)
+    assert again.uid == claim.uid
+    assert orphan.wait(timeout=5) == -9  # the leftover was killed before the uid was handed out
+    with pytest.raises(RuntimeError, match="raise sandbox.limits.uid_count"):
+        claim_uid(limits, tmp_path)  # the only uid is taken
+    again.release()

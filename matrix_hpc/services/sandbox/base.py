@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import fcntl
 import os
 import shutil
 import sys
@@ -138,6 +139,7 @@ class Sandbox(abc.ABC):
         self.scratch = self.dir / "scratch"  # host path of /scratch inside
         self.servers: dict[str, ServerProcess] = {}
         self.started = False
+        self._lock_fd = -1
 
     @abc.abstractmethod
     async def _start(self) -> None: ...
@@ -159,6 +161,7 @@ class Sandbox(abc.ABC):
         if self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
         self.scratch.mkdir(parents=True)
+        self._lock_fd = hold_dir_lock(self.dir)
         self.started = True
         try:
             await self._start()
@@ -234,6 +237,8 @@ class Sandbox(abc.ABC):
             await self._stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _require_started(self) -> None:
         if not self.started:
@@ -297,6 +302,39 @@ class ServerProcess:
 
         kill_group(self.proc.pid)
         await self.proc.wait()
+
+
+def hold_dir_lock(sandbox_dir: Path) -> int:
+    """Lock ``<dir>/.lock`` (outside the scratch the sandbox sees) for the sandbox's life.
+
+    The lock dies with the process, so a dir whose lock is free belongs to
+    a crashed pool and :func:`sweep_stale_dirs` may delete it.
+    """
+    fd = os.open(sandbox_dir / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def sweep_stale_dirs(scratch_root: str) -> int:
+    """Delete sandbox dirs left by crashed processes on this node; returns how many."""
+    root = Path(scratch_root)
+    if not root.is_dir():
+        return 0
+    swept = 0
+    for entry in root.iterdir():
+        lock = entry / ".lock"
+        if entry.name.startswith(".") or not lock.exists():
+            continue
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # alive
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry, ignore_errors=True)
+        swept += 1
+    return swept
 
 
 def create_sandbox(conf: SandboxConf, sandbox_id: str) -> Sandbox:

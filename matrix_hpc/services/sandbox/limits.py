@@ -79,6 +79,7 @@ class UidClaim:
     def release(self) -> None:
         kill_uid_processes(self.uid)
         if self._fd >= 0:
+            os.ftruncate(self._fd, 0)  # marks the uid clean for the next holder
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
 
@@ -95,7 +96,9 @@ def claim_uid(limits: SandboxLimitsConf, lock_dir: Path) -> UidClaim:
         except BlockingIOError:
             os.close(fd)
             continue
-        kill_uid_processes(uid)  # a crashed previous holder may have left some
+        if os.fstat(fd).st_size:  # still marked busy: its holder crashed and may have left processes
+            kill_uid_processes(uid)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return UidClaim(uid, fd)
     raise RuntimeError(
         f"all {limits.uid_count} sandbox uids from {limits.uid_base} are in use on this node; "

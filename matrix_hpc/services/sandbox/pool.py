@@ -36,7 +36,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from matrix_hpc.services.sandbox.base import Command, Sandbox, SandboxConf, SandboxError, create_sandbox
+from matrix_hpc.services.sandbox.base import (
+    Command,
+    Sandbox,
+    ServerProcess,
+    SandboxConf,
+    SandboxError,
+    create_sandbox,
+    sweep_stale_dirs,
+)
 from matrix_hpc.services.sandbox.process import ExecResult
 
 log = logging.getLogger(__name__)
@@ -94,6 +102,9 @@ class SandboxHost:
     def __init__(self, conf: SandboxConf) -> None:
         self.conf = conf
         self.sandboxes: dict[str, Sandbox] = {}
+        swept = sweep_stale_dirs(conf.scratch_root)
+        if swept:
+            log.warning("removed %d sandbox dirs left by a crashed pool under %s", swept, conf.scratch_root)
 
     def node_id(self) -> str:
         try:
@@ -154,7 +165,7 @@ class SandboxHost:
     async def wait_server_socket(self, sandbox_id: str, name: str, timeout_s: float = 10.0) -> str:
         return str(await self._server(sandbox_id, name).wait_socket(timeout_s))
 
-    def _server(self, sandbox_id: str, name: str) -> Any:
+    def _server(self, sandbox_id: str, name: str) -> ServerProcess:
         servers = self._get(sandbox_id).servers
         if name not in servers:
             raise SandboxError(f"sandbox {sandbox_id} has no server named {name!r}; start_server first")

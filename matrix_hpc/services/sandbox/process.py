@@ -140,7 +140,7 @@ async def _wait_exit_or_limit(proc: asyncio.subprocess.Process, overflow: asynci
     return False
 
 
-async def _drain(tasks: list[asyncio.Future[None]]) -> None:
+async def _drain(tasks: Sequence[asyncio.Future[None]]) -> None:
     _, pending = await asyncio.wait(tasks, timeout=_DRAIN_GRACE_S)
     for task in pending:
         task.cancel()

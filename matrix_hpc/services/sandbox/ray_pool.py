@@ -74,7 +74,7 @@ class SandboxPoolActor:
                                    "max_concurrency": 1000}
         if pool.host_resources:
             options["resources"] = dict(pool.host_resources)
-        self.handles = [host_cls.options(**options).remote(conf) for _ in range(pool.num_hosts)]
+        self.handles: list[Any] = [host_cls.options(**options).remote(conf) for _ in range(pool.num_hosts)]
         self.core: PoolCore | None = None
         self._init_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task[None] | None = None
