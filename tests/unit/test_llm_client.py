@@ -170,3 +170,55 @@ async def test_key_is_sent_but_redacted_from_errors_and_logs(status: int, caplog
     assert KEY not in caplog.text
     if status == 400:
         assert error.status == 400 and "invalid request" in error.server_message
+
+
+class _MutableSource:
+    """An endpoint table the test changes, as replicas (un)register."""
+
+    refresh_interval_s = 0.05
+
+    def __init__(self) -> None:
+        self.table: dict[str, str] = {}
+        self.version = 0
+
+    async def fetch(self) -> tuple[int, dict[str, str]]:
+        return self.version, dict(self.table)
+
+    def set(self, table: dict[str, str]) -> None:
+        self.table = table
+        self.version += 1
+
+
+async def test_calls_wait_while_no_replica_is_registered() -> None:
+    import asyncio
+
+    from matrix_hpc.services.llm.sim_server import SimServerThread
+
+    server = SimServerThread(SimConf(ttft_s=0.0, time_per_output_token_s=0.0))
+    source = _MutableSource()
+    client = LLMClient(source, ClientConf(wait_for_replicas_s=5.0), "sim")
+    try:
+        waiting = asyncio.ensure_future(client.chat(MESSAGES))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # nothing registered yet: the call waits, it does not fail
+        source.set({"r0": server.url + "/v1"})
+        assert (await asyncio.wait_for(waiting, 5)).attempts == 1
+        source.set({})  # the only replica restarts: unregistered for a while
+        await asyncio.sleep(0.2)
+        waiting = asyncio.ensure_future(client.chat(MESSAGES))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        source.set({"r0": server.url + "/v1"})
+        assert (await asyncio.wait_for(waiting, 5)).content
+    finally:
+        await client.close()
+        server.stop()
+
+
+async def test_no_replica_at_all_fails_with_a_clear_message() -> None:
+    client = LLMClient(_MutableSource(), ClientConf(wait_for_replicas_s=0.3), "sim")
+    try:
+        with pytest.raises(LLMUnavailableError, match="no LLM replica registered"):
+            await client.chat(MESSAGES)
+    finally:
+        await client.close()

@@ -412,11 +412,9 @@ class LLMClient:
 
     async def _pick(self, sticky_key: str | None, tried: list[str]) -> Replica:
         replica = self.router.pick(sticky_key, tried)
-        if replica is not None:
-            return replica
-        await self._wait_for_replicas()
-        replica = self.router.pick(sticky_key, tried)
-        assert replica is not None
+        while replica is None:  # no replica registered (yet, or while all restart)
+            await self._wait_for_replicas()
+            replica = self.router.pick(sticky_key, tried)
         return replica
 
     def _timeout(self, timeout_s: float | None) -> aiohttp.ClientTimeout:
@@ -448,6 +446,8 @@ class LLMClient:
         await asyncio.shield(self._first_fetch)
         if self.router.replicas:
             return
+        if self.endpoints.refresh_interval_s <= 0:
+            raise LLMUnavailableError(f"{self.endpoints!r} lists no replica")
         try:
             await asyncio.wait_for(self._has_replicas.wait(), self.conf.wait_for_replicas_s)
         except asyncio.TimeoutError:
@@ -465,8 +465,11 @@ class LLMClient:
         if version != self._version:
             self._version = version
             self.router.update(table)
-        if self.router.replicas and self._has_replicas is not None:
-            self._has_replicas.set()
+        if self._has_replicas is not None:
+            if self.router.replicas:
+                self._has_replicas.set()
+            else:
+                self._has_replicas.clear()
 
     async def _refresh_loop(self) -> None:
         while True:

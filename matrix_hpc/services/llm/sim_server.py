@@ -466,9 +466,9 @@ async def serve(conf: SimConf, sock: socket.socket, capacity: int | None = None)
     """Serve the sim on an already bound, listening socket; returns the runner to clean up."""
     endpoint = SimEndpoint(conf, capacity)
     # handler_cancellation: a client that gives up frees its capacity slot, as in vLLM.
-    runner = web.AppRunner(endpoint.app(), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(endpoint.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
-    await web.SockSite(runner, sock, shutdown_timeout=1.0).start()
+    await web.SockSite(runner, sock).start()
     return runner, endpoint
 
 
