@@ -26,7 +26,7 @@ from matrix_hpc.runtime.progress import ProgressPrinter, RunStats
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
-from matrix_hpc.store.layout import META_DIR, shard_of
+from matrix_hpc.store.layout import META_DIR, sink_of
 from matrix_hpc.store.resume import check_and_record_config, completed_ids
 from matrix_hpc.store.rows import output_schema
 from matrix_hpc.store.sink import DUPLICATE, ShardSink, SinkSettings
@@ -82,6 +82,7 @@ class Driver:
             await self._wait_in_flight()
         finally:
             interrupted = self._stopping or bool(self.inflight)
+            self.stats.t_end = time.time()
             await self._close_sinks(pollers)
             progress.cancel()
             worker_stats = await self._stop_actors()
@@ -124,8 +125,10 @@ class Driver:
         run, out = self.plan.run, self.plan.output
         self._loop = asyncio.get_running_loop()
         schema = output_schema(self.workflow.result_columns())
+        # Credits return only on commit: flush before half the credits sit in buffers.
+        flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
-                                out.max_buffered_rows, out.compression, out.keep)
+                                flush_rows, out.compression, out.keep, out.compact_min_files)
         sink_cls = ray.remote(num_cpus=0, max_concurrency=1000)(ShardSink)
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
@@ -159,6 +162,7 @@ class Driver:
     async def _admit_all(self, done_ids: set[str]) -> None:
         assert self._credit_event is not None
         first = self.workflow.first_role
+        self.stats.t_admit_start = time.time()
         boxes = {(g, i): self._outbox(h.deliver.remote) for g, hs in self.handles.items() for i, h in enumerate(hs)}
         for n, item in enumerate(iter_input(self.plan.dataset)):
             if item.id in done_ids:
@@ -196,7 +200,7 @@ class Driver:
             box.flush()
 
     def _sink_box(self, task_id: str) -> Outbox:
-        return self._sink_boxes[shard_of(task_id, self.plan.output.num_shards) % len(self._sink_boxes)]
+        return self._sink_boxes[sink_of(task_id, self.plan.output.num_shards, len(self._sink_boxes))]
 
     async def _poll_commits(self, sink: Any) -> None:
         assert self._credit_event is not None

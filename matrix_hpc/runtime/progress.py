@@ -22,6 +22,8 @@ class RunStats:
     in_flight: int = 0
     total_input: int | None = None  # for the ETA, counted in the background
     hops: int = 0
+    t_admit_start: float | None = None  # first admission (after Ray and actors are up)
+    t_end: float | None = None
 
     @property
     def done(self) -> int:

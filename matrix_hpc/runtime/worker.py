@@ -18,7 +18,7 @@ from typing import Any, Callable
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, WorkflowConf, build_workflow
-from matrix_hpc.store.layout import shard_of
+from matrix_hpc.store.layout import shard_of, sink_of
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Worker:
         return None
 
     def _to_sink(self, task: TaskState) -> None:
-        self._sinks[shard_of(task.id, self.spec.num_shards) % len(self._sinks)].put(task)
+        self._sinks[sink_of(task.id, self.spec.num_shards, len(self._sinks))].put(task)
 
     async def stats(self) -> dict[str, Any]:
         return {"group": self.spec.group, "index": self.spec.index, "running": len(self._running),

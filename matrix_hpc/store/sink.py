@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from matrix_hpc.runtime.message import TaskState
-from matrix_hpc.store.layout import REJECTED_DIR, shard_dir, shard_of, write_table_atomic
+from matrix_hpc.store.layout import REJECTED_DIR, compact_files, shard_dir, shard_of, write_table_atomic
 from matrix_hpc.store.rows import tasks_to_table
 
 #: What the driver learns of each committed row: (id, status, error_type, error, tokens).
@@ -35,6 +35,8 @@ class SinkSettings:
     max_buffered_rows: int
     compression: str
     keep: str = "all"  # "ok": filtered / failed rows go to _rejected/ (still counted for resume)
+    compact_min_files: int = 64  # merge a shard's small files of this run once it has this many
+    compact_max_rows: int = 200_000  # files this big are left alone by compaction
 
 
 class ShardSink:
@@ -51,11 +53,13 @@ class ShardSink:
         self._acks: list[Ack] = []
         self._acks_ready: asyncio.Event | None = None
         self._seq = itertools.count()
+        self._small_files: dict[Path, list[tuple[Path, int]]] = {}  # shard dir -> (file, rows) of this run
         self._flush_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
         self.rows_written = 0
         self.files_written = 0
         self.duplicates_dropped = 0
+        self.files_compacted = 0
 
     def _ensure_loop_state(self) -> None:
         if self._flush_lock is None:
@@ -99,13 +103,35 @@ class ShardSink:
         acks: list[Ack] = []
         for shard, tasks in sorted(buffers.items()):
             for base, rows in self._split(tasks):
-                name = f"part-{self.s.run_id}-{self.index:03d}-{next(self._seq):06d}.parquet"
-                table = tasks_to_table(rows, self.s.run_id, self.schema)
-                write_table_atomic(table, shard_dir(base, shard) / name, self.s.compression)
+                path = shard_dir(base, shard) / self._file_name()
+                write_table_atomic(tasks_to_table(rows, self.s.run_id, self.schema), path, self.s.compression)
                 self.files_written += 1
                 self.rows_written += len(rows)
+                self._note_file(path, len(rows))
             acks.extend(_ack(t) for t in tasks)
         return acks
+
+    def _file_name(self, compacted: bool = False) -> str:
+        kind = "c" if compacted else ""
+        return f"part-{self.s.run_id}-{self.index:03d}-{kind}{next(self._seq):06d}.parquet"
+
+    def _note_file(self, path: Path, rows: int) -> None:
+        files = self._small_files.setdefault(path.parent, [])
+        files.append((path, rows))
+        if len(files) >= self.s.compact_min_files:
+            self._compact(path.parent)
+
+    def _compact(self, directory: Path) -> None:
+        """Merge this run's small files of one shard into one (see compaction in layout)."""
+        files = [(p, n) for p, n in self._small_files.get(directory, []) if n < self.s.compact_max_rows]
+        if len(files) < 2:
+            return
+        merged = compact_files([p for p, _ in files], directory / self._file_name(compacted=True),
+                               self.s.compression)
+        rows = sum(n for _, n in files)
+        keep = [(p, n) for p, n in self._small_files[directory] if (p, n) not in files]
+        self._small_files[directory] = keep + [(merged, rows)]
+        self.files_compacted += len(files)
 
     def _split(self, tasks: list[TaskState]) -> list[tuple[Path, list[TaskState]]]:
         """Where rows go: all in the dataset, or with keep=ok the others in _rejected/."""
@@ -130,9 +156,11 @@ class ShardSink:
 
     async def close(self) -> dict[str, Any]:
         await self.flush()
+        for directory in list(self._small_files):
+            await asyncio.to_thread(self._compact, directory)
         if self._flusher is not None:
             self._flusher.cancel()
-        return {"rows": self.rows_written, "files": self.files_written,
+        return {"rows": self.rows_written, "files": self.files_written, "files_compacted": self.files_compacted,
                 "duplicates_dropped": self.duplicates_dropped, "t": time.time()}
 
 
