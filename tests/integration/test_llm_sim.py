@@ -155,3 +155,41 @@ async def test_a_dead_replica_is_avoided_and_no_call_is_lost() -> None:
     assert any(a.url in r for t in replicas_per_task for r in t)  # a did serve before it died
     assert all(r.startswith(b.url) for r in after)
     assert down == [a.url + "/v1"]
+
+
+async def test_sim_service_without_ray_runs_child_processes(tmp_path: Any) -> None:
+    from matrix_hpc.services.llm.config import LLMConf
+    from matrix_hpc.services.llm.service import _start_sim_processes
+
+    service = _start_sim_processes(LLMConf(backend="sim", sim=SimConf(num_replicas=2, **FAST)), tmp_path)
+    try:
+        factory = service.client_factory()
+        assert factory is not None
+        async with factory() as client:
+            replicas = Counter(r.replica for r in await asyncio.gather(*(client.chat(ask(i)) for i in range(40))))
+    finally:
+        service.stop()
+    assert len(replicas) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim-0.log", "sim-1.log"]
+
+
+async def test_openai_backend_sends_the_env_key_and_never_writes_it(tmp_path: Any, monkeypatch: Any) -> None:
+    from matrix_hpc.services.llm.config import LLMConf, OpenAIConf
+    from matrix_hpc.services.llm.service import start_llm_service
+
+    key = "sk-live-DO-NOT-LEAK-42"
+    monkeypatch.setenv("MATRIX_TEST_OPENAI_KEY", key)
+    with sim() as server:
+        conf = LLMConf(backend="openai", openai=OpenAIConf(base_url=server.url + "/v1", model="sim",
+                                                            api_key_env="MATRIX_TEST_OPENAI_KEY", dialect="openai"))
+        service = start_llm_service(conf, tmp_path)
+        factory = service.client_factory()
+        assert factory is not None and factory.conf.dialect == "openai"
+        async with factory() as client:
+            result = await client.chat(ask(0), choice=["left", "right"])
+        service.stop()
+    assert result.content in ("left", "right")
+    written = "".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file())
+    assert "service.json" in {p.name for p in tmp_path.rglob("*")} and key not in written
+    assert key not in repr(service) and key not in repr(factory)
+    assert start_llm_service(LLMConf(backend="none"), tmp_path).client_factory() is None
