@@ -28,7 +28,7 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
 
     register_configs()
     GlobalHydra.instance().clear()
-    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "-"))]
+    plain = [o for o in split_flags(overrides)[1] if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=plain)
@@ -39,6 +39,25 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
         raise ConfigError(explain(e, conf_dir)) from e
     finally:
         GlobalHydra.instance().clear()
+
+
+#: Hydra's own command-line flags that take a value.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
+                     "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags, config overrides)."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a in _FLAGS_WITH_VALUE:
+            flags += [a, next(it, "")]
+        elif a.startswith("-"):
+            flags.append(a)
+        else:
+            overrides.append(a)
+    return flags, overrides
 
 
 def _check_mandatory(cfg: DictConfig) -> None:

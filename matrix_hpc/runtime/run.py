@@ -93,10 +93,23 @@ def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
         node = cfg.get(group)
         if node is None or node.get("backend", "none") == "none":
             continue
-        from importlib import import_module
-
-        module = import_module(f"matrix_hpc.services.{group}.service")
-        service = module.start_service(OmegaConf.to_object(node), plan)
+        service = _start_service(group, OmegaConf.to_object(node), plan)
         started.append(service)
-        plan.services[group] = service.client_factory()
+        factory = service.client_factory()
+        if factory is not None:
+            plan.services[group] = factory
     return started
+
+
+def _start_service(group: str, conf: Any, plan: RunPlan) -> Any:
+    from pathlib import Path
+
+    from matrix_hpc.store.layout import META_DIR
+
+    if group == "llm":
+        from matrix_hpc.services.llm.service import start_llm_service
+
+        return start_llm_service(conf, Path(plan.output.dir).expanduser() / META_DIR / "services")
+    from matrix_hpc.services.sandbox.service import start_service
+
+    return start_service(conf, plan)
