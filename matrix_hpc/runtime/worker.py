@@ -108,6 +108,7 @@ class Worker:
             if task.status is not None or nxt is None:
                 if task.status is None:
                     task.finish(OK)
+                await self._end_task(task)
                 self._to_sink(task)
                 return
             task.role = nxt
@@ -144,6 +145,20 @@ class Worker:
                 task.attempts += 1
                 await asyncio.sleep(min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1)))
         return None
+
+    async def _end_task(self, task: TaskState) -> None:
+        """Let services release what the task held (e.g. its sandbox lease),
+        whatever its fate."""
+        for name, svc in self.ctx.services.items():
+            hook = getattr(svc, "on_task_end", None)
+            if hook is None:
+                continue
+            try:
+                res = hook(task.id)
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as e:  # releasing must not lose the row
+                log.warning("service %s failed to release task %s: %s", name, task.id, e)
 
     def _to_sink(self, task: TaskState) -> None:
         self._sinks[sink_of(task.id, self.spec.num_shards, len(self._sinks))].put(task)
