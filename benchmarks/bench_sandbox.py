@@ -94,7 +94,10 @@ async def bench_leases(conf: SandboxConf, leasers: int, leases: int) -> dict[str
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="mhpc-bench-")
     conf = SandboxConf(backend=args.backend, scratch_root=root)
-    results: dict[str, Any] = {"backend": args.backend, "cpus": os.cpu_count(), "concurrency": []}
+    warm, _ = await start_to_ready(conf, "warm-up")  # one-time per-process probe of bubblewrap
+    await warm.stop()
+    results: dict[str, Any] = {"backend": args.backend, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                               "concurrency": []}
     try:
         for n in args.concurrency:
             res = await bench_concurrency(conf, n, args.execs)

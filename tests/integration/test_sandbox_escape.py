@@ -165,3 +165,47 @@ async def test_no_privilege_inside(sandbox: Sandbox) -> None:
     r = await sandbox.exec(f"kill -9 {os.getpid()} 2>&1; echo $?")  # the host test process
     assert r.stdout.strip().endswith("1")  # no such process in the sandbox's PID namespace
     await still_works(sandbox)
+
+
+async def test_unprivileged_mode_contains_a_fork_bomb_and_has_no_network() -> None:
+    """The path non-root users get: bwrap makes a user namespace, the process limit is set inside it.
+
+    As root we drop to ``nobody`` first to take that path for real.
+    """
+    require_bwrap()
+    import shutil
+    import tempfile
+
+    from matrix_hpc.services.sandbox.bwrap import bwrap_argv, sandbox_env
+    from matrix_hpc.services.sandbox.limits import prlimit_argv
+    from matrix_hpc.services.sandbox.process import run_capped
+
+    conf = SandboxConf(backend="bwrap", bind_python=False, limits=LIMITS)
+    root = Path(tempfile.mkdtemp(prefix="mhpc-unpriv-", dir="/tmp"))
+    scratch = root / "scratch"
+    scratch.mkdir()
+    os.chmod(root, 0o755)
+    drop: list[str] = []
+    if os.geteuid() == 0:
+        os.chown(scratch, 65534, 65534)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    marker = f"unpriv{uuid.uuid4().hex[:8]}"
+    try:
+        def argv(script: str) -> list[str]:
+            inner = bwrap_argv(conf, scratch, sandbox_env(conf, {}), "/scratch", host_uid=None)
+            return drop + prlimit_argv(conf.limits, nproc=False) + inner + ["/bin/sh", "-c", script]
+
+        r = await run_capped(argv("id -u; grep CapEff /proc/self/status; echo hi > /scratch/f; cat /scratch/f"),
+                             stdin=None, timeout_s=20, max_output_bytes=10000)
+        assert r.exit_code == 0 and r.stdout.startswith("1000\n") and r.stdout.endswith("hi\n"), r
+        r = await run_capped(argv(f"bomb() {{ bomb | bomb & }}; bomb; sleep 2 # {marker}"), stdin=None,
+                             timeout_s=8, max_output_bytes=10000)
+        assert not processes_matching(marker)
+        r = await run_capped(argv("for i in $(seq 60); do sleep 5 & done 2>&1; echo spawned"), stdin=None,
+                             timeout_s=20, max_output_bytes=10000)
+        assert "fork" in (r.stdout + r.stderr).lower() or r.exit_code != 0, r  # RLIMIT_NPROC=32 inside the userns
+        r = await run_capped(argv("cat /proc/net/dev"), stdin=None, timeout_s=20, max_output_bytes=10000)
+        interfaces = [line.split(":")[0].strip() for line in r.stdout.splitlines() if ":" in line]
+        assert interfaces == ["lo"], r  # a network namespace of its own: loopback only
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

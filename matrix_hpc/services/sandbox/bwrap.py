@@ -149,7 +149,8 @@ class BwrapSandbox(Sandbox):
         return self.uid_claim.uid if self.uid_claim else None
 
     async def _start(self) -> None:
-        await asyncio.to_thread(check_bwrap)
+        if check_bwrap.cache_info().currsize == 0:  # the probe runs once per process
+            await asyncio.to_thread(check_bwrap)
         if self.conf.image and not os.path.isdir(self.conf.image):
             raise SandboxError(f"sandbox.image={self.conf.image!r} is not a directory (bwrap needs an unpacked root)")
         for spec in self.conf.binds:
