@@ -195,3 +195,34 @@ async def test_the_service_hands_workers_a_working_factory(local_ray: None, tmp_
         service.stop()
     with pytest.raises(ValueError):
         ray.get_actor(f"sandbox-pool-{conf.pool.name}", namespace="matrix_hpc")
+
+
+async def test_a_crashed_host_takes_its_sandboxes_and_comes_back(local_ray: None, tmp_path: Path) -> None:
+    conf = pool_conf(tmp_path, size=2, max_per_node=2, num_hosts=1)
+    client = make_sandbox_pool(conf)
+    try:
+        leased = await client.acquire("victim")
+        marker = f"crash{uuid.uuid4().hex[:8]}"
+        await leased.start_server(["sleep", "300", marker])
+        assert processes_matching(marker)
+        ray.kill(leased.grant.host, no_restart=False)  # the host process dies (as on an OOM kill)
+        with pytest.raises(ray.exceptions.RayActorError):
+            await leased.exec("true")
+
+        async def gone() -> bool:
+            return not processes_matching(marker)
+
+        assert await wait_for(gone, 10)  # --die-with-parent
+        await client.release(leased)  # bookkeeping frees the slot even though the host lost it
+
+        async def usable() -> bool:
+            try:
+                async with client.lease("after") as sb:
+                    return (await sb.exec("echo back")).stdout == "back\n"
+            except ray.exceptions.RayActorError:
+                return False
+
+        assert await wait_for(usable, 60)
+        assert (await client.stats()).live == 0
+    finally:
+        shutdown_pool(conf.pool.name)

@@ -70,8 +70,10 @@ class SandboxPoolActor:
         self.conf = conf
         pool = conf.pool
         host_cls = ray.remote(SandboxHost)
+        # A host that dies takes its sandboxes with it (die-with-parent); restarting it keeps the
+        # pool's capacity, and the leases it held fail as LeaseLost / ActorDiedError for their owners.
         options: dict[str, Any] = {"num_cpus": pool.host_num_cpus, "scheduling_strategy": "SPREAD",
-                                   "max_concurrency": 1000}
+                                   "max_concurrency": 1000, "max_restarts": -1}
         if pool.host_resources:
             options["resources"] = dict(pool.host_resources)
         self.handles: list[Any] = [host_cls.options(**options).remote(conf) for _ in range(pool.num_hosts)]
@@ -137,7 +139,7 @@ def get_or_create_pool(conf: SandboxConf) -> Any:  # Any: Ray actor handle
     actor_cls = ray.remote(SandboxPoolActor)
     return actor_cls.options(
         name=pool_actor_name(conf.pool.name), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        num_cpus=0, max_concurrency=10_000,
+        num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # a restart starts with fresh hosts, no leases
     ).remote(conf)
 
 
