@@ -23,7 +23,7 @@ from tests.integration.sandbox_support import processes_matching, processes_of_u
 
 pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
 
-LIMITS = SandboxLimitsConf(mem_mb=256, cpu_time_s=2, max_procs=32, max_file_mb=4, exec_timeout_s=10,
+LIMITS = SandboxLimitsConf(mem_mb=256, cpu_time_s=2, max_procs=32, max_file_mb=4, tmp_mb=16, exec_timeout_s=10,
                            max_output_bytes=64 * 1024)
 
 
@@ -141,6 +141,9 @@ async def test_output_beyond_the_cap_is_cut_and_stopped(sandbox: Sandbox) -> Non
     r = await sandbox.exec(["python3", "-c", "open('big', 'wb').write(b'x' * (8 * 1024 * 1024))"])
     assert r.exit_code != 0  # RLIMIT_FSIZE: 4 MiB
     assert (sandbox.scratch / "big").stat().st_size <= LIMITS.max_file_mb * 1024 * 1024
+    # /tmp is a tmpfs (host memory): capped in total, not just per file
+    r = await sandbox.exec("for i in $(seq 20); do head -c 4000000 /dev/zero > /tmp/f$i || exit 7; done")
+    assert r.exit_code == 7 and "No space left" in r.stderr, r
 
 
 async def test_background_processes_do_not_outlive_their_exec(sandbox: Sandbox) -> None:

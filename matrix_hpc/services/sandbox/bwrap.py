@@ -111,7 +111,8 @@ def bwrap_argv(conf: SandboxConf, scratch: Path, env: dict[str, str], cwd: str, 
     """The full ``bwrap`` invocation (without the outer limits prefix and the command)."""
     binds = (python_binds() if conf.bind_python else []) + [parse_bind(s) for s in conf.binds]
     flags, prefix = isolation_args(host_uid, conf.limits.max_procs)
-    argv = ["bwrap", *root_fs_args(conf.image), "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+    argv = ["bwrap", *root_fs_args(conf.image), "--proc", "/proc", "--dev", "/dev", "--perms", "1777",
+            "--size", str(conf.limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
             "--bind", str(scratch), SCRATCH_IN_SANDBOX, *mount_parent_args(binds), *bind_args(binds),
             *flags, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in env.items():
