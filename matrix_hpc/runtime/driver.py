@@ -68,6 +68,8 @@ class Driver:
         self._credit_event: asyncio.Event | None = None
         self._stopping = False
         self._actors: list[Any] = []
+        self._admitted_at: dict[str, float] = {}  # for the task timeout
+        self._admissions: dict[str, int] = {}  # re-admitted ids -> admissions so far
 
     # -- the run loop -----------------------------------------------------
     async def run(self) -> RunResult:
@@ -77,6 +79,7 @@ class Driver:
         await self._start_actors()
         pollers = [asyncio.ensure_future(self._poll_commits(s)) for s in self.sinks]
         progress = asyncio.ensure_future(self._show_progress())
+        pollers.append(asyncio.ensure_future(self._watch_peers()))
         try:
             await self._admit_all(done_ids)
             await self._wait_in_flight()
@@ -129,13 +132,13 @@ class Driver:
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files)
-        sink_cls = ray.remote(num_cpus=0, max_concurrency=1000)(ShardSink)
+        sink_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)(ShardSink)
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
         handles = self._start_workers(groups)
         router = Router({r: g.name for g in groups for r in g.roles}, {g.name: g.instances for g in groups})
-        await asyncio.gather(*[h.connect.remote(router, handles, self.sinks)
-                               for hs in handles.values() for h in hs])
+        self._incarnations = await asyncio.gather(*[h.connect.remote(router, handles, self.sinks)
+                                                    for hs in handles.values() for h in hs])
         self._actors = [h for hs in handles.values() for h in hs] + self.sinks
         self.router, self.handles = router, handles
         self._sink_boxes = [self._outbox(s.write.remote) for s in self.sinks]
@@ -144,7 +147,7 @@ class Driver:
         import ray
 
         run = self.plan.run
-        worker_cls = ray.remote(num_cpus=0, max_concurrency=1000)(Worker)
+        worker_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)(Worker)
         policy = StepPolicy(run.max_attempts, run.backoff_base_s, run.backoff_max_s)
         handles: dict[str, list[Any]] = {}
         for g in groups:
@@ -163,7 +166,8 @@ class Driver:
         assert self._credit_event is not None
         first = self.workflow.first_role
         self.stats.t_admit_start = time.time()
-        boxes = {(g, i): self._outbox(h.deliver.remote) for g, hs in self.handles.items() for i, h in enumerate(hs)}
+        boxes = self._first_boxes = {(g, i): self._outbox(h.deliver.remote)
+                                     for g, hs in self.handles.items() for i, h in enumerate(hs)}
         for n, item in enumerate(iter_input(self.plan.dataset)):
             if item.id in done_ids:
                 self.stats.skipped_done += 1
@@ -180,6 +184,7 @@ class Driver:
                 break
             self.credits -= 1
             self.inflight[item.id] = item
+            self._admitted_at[item.id] = time.time()
             self.stats.in_flight = len(self.inflight)
             if item.row is None:
                 self._sink_box(item.id).put(_failed_input(item))
@@ -205,10 +210,16 @@ class Driver:
     async def _poll_commits(self, sink: Any) -> None:
         assert self._credit_event is not None
         while True:
-            acks = await sink.wait_commits.remote(1.0)
+            try:
+                acks = await sink.wait_commits.remote(1.0)
+            except Exception as e:  # the sink is restarting; its buffered tasks time out and come back
+                log.warning("sink unreachable (%s); retrying", e)
+                await asyncio.sleep(1.0)
+                continue
             for task_id, status, error_type, error, tokens in acks:
                 if self.inflight.pop(task_id, None) is None:
                     continue
+                self._admitted_at.pop(task_id, None)
                 self.credits += 1
                 if status == DUPLICATE:
                     self.stats.duplicates += 1
@@ -217,6 +228,44 @@ class Driver:
             if acks:
                 self.stats.in_flight = len(self.inflight)
                 self._credit_event.set()
+
+    async def _watch_peers(self, interval_s: float = 2.0) -> None:
+        """Re-admit tasks lost with a worker (Ray restarts it; we reconnect it)
+        or stuck past ``run.task_timeout_s``. Sinks drop a second copy."""
+        workers = [h for hs in self.handles.values() for h in hs]
+        while True:
+            await asyncio.sleep(interval_s)
+            lost = False
+            for i, w in enumerate(workers):
+                try:
+                    incarnation = await asyncio.wait_for(w.ping.remote(), 30)
+                except Exception:
+                    lost = True  # dead or restarting: its tasks are gone
+                    continue
+                if incarnation != self._incarnations[i]:
+                    self._incarnations[i] = await w.connect.remote(self.router, self.handles, self.sinks)
+                    log.warning("worker %d restarted; re-admitting its in-flight tasks", i)
+                    lost = True
+            timeout = self.plan.run.task_timeout_s
+            now = time.time()
+            stale = [tid for tid, t0 in self._admitted_at.items() if lost or (timeout > 0 and now - t0 > timeout)]
+            for task_id in stale:
+                self._readmit(task_id)
+
+    def _readmit(self, task_id: str) -> None:
+        item = self.inflight.get(task_id)
+        if item is None or item.row is None:
+            return
+        n = self._admissions[task_id] = self._admissions.get(task_id, 1) + 1
+        self._admitted_at[task_id] = time.time()
+        task = TaskState(task_id, item.row, self.workflow.first_role, attempt=n)
+        if n > self.plan.run.max_attempts:
+            task.finish(FAILED, error_type="TaskLost",
+                        error=f"lost {n - 1} times (worker died or run.task_timeout_s passed)")
+            self._sink_box(task_id).put(task)
+        else:
+            self.stats.readmitted += 1
+            self._first_boxes[self.router.route(task.role, task_id)].put(task)
 
     async def _wait_in_flight(self) -> None:
         assert self._credit_event is not None

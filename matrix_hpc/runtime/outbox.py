@@ -47,15 +47,15 @@ class Outbox:
             self._track(ref)
 
     def _track(self, ref: Any) -> None:
-        """Keep a bounded window of in-flight sends so failures get logged
-        (the driver re-admits tasks lost with a dead peer)."""
-        self._pending.append(ref)
-        if len(self._pending) >= 64:
-            import ray
+        """Log a failed send (a dead peer); the driver re-admits its tasks."""
+        fut = asyncio.ensure_future(_await_quietly(ref))
+        self._pending.append(fut)
+        if len(self._pending) > 256:
+            self._pending = [f for f in self._pending if not f.done()]
 
-            done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
-            for r in done:
-                try:
-                    ray.get(r)
-                except Exception as e:  # a peer died: its tasks time out and are re-admitted
-                    log.warning("a batch to a peer failed: %s", e)
+
+async def _await_quietly(ref: Any) -> None:
+    try:
+        await ref
+    except Exception as e:
+        log.warning("a batch to a peer failed: %s", e)

@@ -57,6 +57,7 @@ class RunStats:
             f"  rows:       {self.done} this run  (ok {self.by_status['ok']}, filtered "
             f"{self.by_status['filtered']}, failed {self.by_status['failed']})",
             f"  resumed:    {self.skipped_done} ids already done, {self.duplicates} duplicate input ids skipped",
+            f"  recovered:  {self.readmitted} tasks re-admitted after a lost worker or task timeout",
             f"  time:       {_hms(self.elapsed_s())}  ({self.done / self.elapsed_s():,.1f} tasks/s, "
             f"{self.tokens / self.elapsed_s():,.0f} tokens/s, {self.tokens} tokens)",
         ]

@@ -91,6 +91,9 @@ class Worker:
         return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s)
 
     async def deliver(self, tasks: list[TaskState]) -> None:
+        if self.router is None:  # restarted and not yet reconnected: the driver re-admits these
+            log.warning("worker %s/%d not connected yet; dropping %d tasks", self.spec.group, self.spec.index, len(tasks))
+            return
         for task in tasks:
             t = asyncio.ensure_future(self._drive(task))
             self._running.add(t)

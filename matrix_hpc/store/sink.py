@@ -49,7 +49,8 @@ class ShardSink:
         self.index = index
         self._buffers: dict[int, list[TaskState]] = {}
         self._buffered = 0
-        self._seen: set[str] = set()  # ids written by this run: a re-admitted task is written once
+        # ids written by this run: a re-admitted task is written once (also after a restart of this sink)
+        self._seen: set[str] = self._ids_already_written()
         self._acks: list[Ack] = []
         self._acks_ready: asyncio.Event | None = None
         self._seq = itertools.count()
@@ -60,6 +61,13 @@ class ShardSink:
         self.files_written = 0
         self.duplicates_dropped = 0
         self.files_compacted = 0
+
+    def _ids_already_written(self) -> set[str]:
+        import pyarrow.parquet as pq
+
+        mine = f"part-{self.s.run_id}-{self.index:03d}-*.parquet"
+        files = [*self.out_dir.glob(f"shard=*/{mine}"), *self.out_dir.glob(f"{REJECTED_DIR}/shard=*/{mine}")]
+        return {i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
 
     def _ensure_loop_state(self) -> None:
         if self._flush_lock is None:

@@ -128,3 +128,27 @@ def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path: Path) -> 
     assert r.returncode == 2 and "expected one of [colocated, per_role]" in r.stderr
     r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "workflow=nope")
     assert r.returncode == 2 and "valid choices for workflow" in r.stderr and "overhead" in r.stderr
+
+
+def test_a_killed_worker_process_loses_no_task(tmp_path: Path) -> None:
+    import psutil
+
+    n = 2000
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
+    out = tmp_path / "out"
+    args = (f"dataset.path={data}", f"output.dir={out}", "run.max_concurrent_tasks=100",
+            "run.placement=per_role", "workflow.step_delay_ms=10", "output.flush_interval_s=0.2")
+    proc = start_cli(*args)
+    try:
+        _wait_for_rows(out, 200)
+        victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if any("ray::Worker" in c for c in p.cmdline())]
+        assert victims, "no worker actor process found"
+        victims[0].kill()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 0
+    ids = [r["id"] for r in read_rows(out)]
+    assert Counter(ids) == Counter(x["id"] for x in _rows(n))
