@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 # Bumped whenever the produced files change, so callers can tell a stale build.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 # Plain added tokens (kept in decoded text) so Hermes-style tool parsers find them.
@@ -118,6 +118,9 @@ def save_tokenizer(tok: Any, out: Path, max_len: int) -> Any:
     fast.add_tokens(TOOL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
+    # One place for the template, readable by old and new transformers alike.
+    (out / "chat_template.jinja").unlink(missing_ok=True)
+    _patch_json(out / "tokenizer_config.json", _portable_tokenizer_config)
     return fast
 
 
@@ -143,12 +146,31 @@ def save_model(tokenizer: Any, out: Path, args: argparse.Namespace) -> int:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.config.torch_dtype = torch.bfloat16
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id
     )
     model.save_pretrained(str(out), safe_serialization=True)
+    _patch_json(out / "config.json", _legacy_config_keys)
     return sum(p.numel() for p in model.parameters())
+
+
+def _patch_json(path: Path, patch: Any) -> None:
+    data = json.loads(path.read_text())
+    patch(data)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _legacy_config_keys(config: dict[str, Any]) -> None:
+    # transformers 5 writes "dtype" and "rope_parameters"; the 4.x releases that
+    # older GPU vLLM images ship read "torch_dtype" and "rope_theta".
+    config["torch_dtype"] = config.get("dtype", "bfloat16")
+    config.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+
+def _portable_tokenizer_config(config: dict[str, Any]) -> None:
+    # "TokenizersBackend" is transformers 5 only; every version knows this name.
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
