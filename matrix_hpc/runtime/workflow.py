@@ -163,12 +163,13 @@ def _import_builtin_workflows() -> None:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:  # a workflow whose optional deps are missing
-            if not e.name or not e.name.startswith("matrix_hpc"):
+            if e.name == module or not (e.name or "").startswith("matrix_hpc"):
                 continue
             raise
 
 
-BUILTIN_WORKFLOW_MODULES = ["matrix_hpc.workflows.overhead"]
+BUILTIN_WORKFLOW_MODULES = ["matrix_hpc.workflows.overhead", "matrix_hpc.workflows.generate", "matrix_hpc.workflows.coral",
+                            "matrix_hpc.workflows.natural_reasoning", "matrix_hpc.workflows.retail.workflow"]
 
 __all__ = ["AgentContext", "Filtered", "FILTERED", "NonRetryableError", "Workflow", "WorkflowConf",
            "register_workflow", "build_workflow", "workflow_names"]
