@@ -53,6 +53,8 @@ async def test_exec_files_env_stdin_and_persistence(tmp_path: Path) -> None:
         for path in ("leak", "rootlink/etc/passwd", "../../../etc/passwd"):
             with pytest.raises(SandboxError, match="leaves the scratch dir"):
                 await sb.get_file(path)
+        r = await sb.exec(["python3", "-c", "import multiprocessing as mp\nwith mp.Pool(2) as p: print(sum(p.map(abs, [-1, -2])))"])
+        assert r.ok and r.stdout == "3\n", r  # /dev/shm works (semaphores)
         results = await asyncio.gather(*(sb.exec(f"echo {i}") for i in range(8)))  # concurrent execs
         assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
     finally:

@@ -212,3 +212,49 @@ async def test_unprivileged_mode_contains_a_fork_bomb_and_has_no_network() -> No
         assert interfaces == ["lo"], r  # a network namespace of its own: loopback only
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def cgroups_here() -> bool:
+    from matrix_hpc.services.sandbox.cgroups import find_parents
+
+    return find_parents() is not None
+
+
+async def test_memory_of_many_processes_is_bounded_by_the_sandbox_cgroup(tmp_path: Path) -> None:
+    """rlimits bound each process; the per-sandbox cgroup bounds them together."""
+    require_bwrap()
+    if not cgroups_here():
+        pytest.skip("no writable cgroup (v1 as root or delegated v2) here: sandboxes rely on rlimits alone")
+    limits = SandboxLimitsConf(mem_mb=512, sandbox_mem_mb=300, max_procs=32, exec_timeout_s=60)
+    sb = create_sandbox(SandboxConf(backend="bwrap", scratch_root=str(tmp_path / "sb"), limits=limits), "cgmem")
+    await sb.start()
+    try:
+        assert sb.cgroup is not None
+        code = ("import os, time\nkids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+                "        b = b'x' * (200 * 1024 * 1024)\n        time.sleep(3)\n        os._exit(0)\n    kids.append(pid)\n"
+                "print([os.waitpid(k, 0)[1] for k in kids])\n")
+        r = await sb.exec(["python3", "-c", code])
+        statuses = [] if r.exit_code else eval(r.stdout)  # noqa: S307 - our own list of ints
+        killed = [s for s in statuses if os.WIFSIGNALED(s) and os.WTERMSIG(s) == 9]
+        assert r.exit_code != 0 or killed, r  # the OOM killer acted inside the sandbox only
+        peak = sb.cgroup.peak_mem_bytes()
+        assert peak is None or peak <= 300 * 1024 * 1024 + 4096
+        await still_works(sb)
+    finally:
+        await sb.stop()
+
+
+async def test_trusted_subprocess_backend_still_bounds_processes_with_a_cgroup(tmp_path: Path) -> None:
+    if not cgroups_here():
+        pytest.skip("no writable cgroup here")
+    limits = SandboxLimitsConf(max_procs=16, exec_timeout_s=20)
+    sb = create_sandbox(SandboxConf(backend="subprocess", scratch_root=str(tmp_path / "sb"), limits=limits), "cgpids")
+    await sb.start()
+    try:
+        code = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(5)\n"
+                "            os._exit(0)\n        n += 1\nexcept OSError:\n    print('refused after', n)\n")
+        r = await sb.exec(["python3", "-c", code])
+        assert "refused after" in r.stdout and int(r.stdout.split()[-1]) < 16, r  # root, yet bounded: pids.max
+    finally:
+        await sb.stop()
+    assert sb.cgroup is None

@@ -73,6 +73,8 @@ def stop_argv(conf: SandboxConf, name: str) -> list[str]:
 
 
 class ApptainerSandbox(Sandbox):
+    uses_cgroup = False  # apptainer manages its own (apptainer.cgroup_limits)
+
     def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
         super().__init__(conf, sandbox_id)
         self.instance = instance_name(sandbox_id)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matrix_hpc.services.sandbox.cgroups import SandboxCgroup, cgroup_parents, remove_cgroup
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 from matrix_hpc.services.sandbox.process import ExecResult
@@ -140,6 +141,9 @@ class Sandbox(abc.ABC):
         self.servers: dict[str, ServerProcess] = {}
         self.started = False
         self._lock_fd = -1
+        self.cgroup: SandboxCgroup | None = None
+
+    uses_cgroup = True  # backends with their own resource control (apptainer) turn this off
 
     @abc.abstractmethod
     async def _start(self) -> None: ...
@@ -164,6 +168,7 @@ class Sandbox(abc.ABC):
         self._lock_fd = hold_dir_lock(self.dir)
         self.started = True
         try:
+            self.cgroup = self._make_cgroup()
             await self._start()
             if self.conf.server_argv:
                 await self.start_server(self.conf.server_argv)
@@ -236,9 +241,23 @@ class Sandbox(abc.ABC):
         try:
             await self._stop()
         finally:
+            if self.cgroup is not None:
+                await asyncio.to_thread(self.cgroup.remove)
+                self.cgroup = None
             shutil.rmtree(self.dir, ignore_errors=True)
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+    def _make_cgroup(self) -> SandboxCgroup | None:
+        limits = self.conf.limits
+        parents = cgroup_parents(limits.cgroup, limits.cgroup_parent) if self.uses_cgroup else None
+        if parents is None:
+            return None
+        return SandboxCgroup(parents, self.id, limits.sandbox_mem_mb * 1024 * 1024, limits.max_procs)
+
+    def cgroup_prefix(self) -> list[str]:
+        """Prefix for every command of this sandbox: join its cgroup first (nothing without one)."""
+        return self.cgroup.join_prefix() if self.cgroup is not None else []
 
     def _require_started(self) -> None:
         if not self.started:
@@ -333,6 +352,9 @@ def sweep_stale_dirs(scratch_root: str) -> int:
         finally:
             os.close(fd)
         shutil.rmtree(entry, ignore_errors=True)
+        parents = cgroup_parents("auto", None)
+        if parents is not None:
+            remove_cgroup(parents, entry.name)
         swept += 1
     return swept
 

@@ -111,8 +111,10 @@ def bwrap_argv(conf: SandboxConf, scratch: Path, env: dict[str, str], cwd: str, 
     """The full ``bwrap`` invocation (without the outer limits prefix and the command)."""
     binds = (python_binds() if conf.bind_python else []) + [parse_bind(s) for s in conf.binds]
     flags, prefix = isolation_args(host_uid, conf.limits.max_procs)
-    argv = ["bwrap", *root_fs_args(conf.image), "--proc", "/proc", "--dev", "/dev", "--perms", "1777",
-            "--size", str(conf.limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+    tmp_bytes = str(conf.limits.tmp_mb * 1024 * 1024)
+    argv = ["bwrap", *root_fs_args(conf.image), "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/tmp",
+            "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm",  # multiprocessing needs it
             "--bind", str(scratch), SCRATCH_IN_SANDBOX, *mount_parent_args(binds), *bind_args(binds),
             *flags, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
     for key, value in env.items():
@@ -165,7 +167,7 @@ class BwrapSandbox(Sandbox):
     def _command(self, argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
         limits = prlimit_argv(self.conf.limits, nproc=self.root)
         inner = bwrap_argv(self.conf, self.scratch, sandbox_env(self.conf, env), cwd, host_uid=self.host_uid)
-        return limits + inner + argv
+        return self.cgroup_prefix() + limits + inner + argv
 
     async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
                     env: dict[str, str], cwd: str) -> ExecResult:

@@ -34,7 +34,10 @@ class SandboxLimitsConf:
     max_procs: int = 64  # processes + threads of one sandbox (RLIMIT_NPROC on its own uid)
     max_file_mb: int = 64  # largest file a sandboxed process may write (RLIMIT_FSIZE), MiB
     max_open_files: int = 256  # open file descriptors per process (RLIMIT_NOFILE)
-    tmp_mb: int = 256  # size of the private /tmp (a tmpfs: host memory), MiB
+    sandbox_mem_mb: int = 4096  # memory of all processes of one sandbox together (cgroup), MiB
+    cgroup: str = "auto"  # auto: per-sandbox cgroup when possible | off | required: fail without one
+    cgroup_parent: str | None = None  # a delegated cgroup v2 dir to create sandbox cgroups under
+    tmp_mb: int = 256  # size of each of the private /tmp and /dev/shm (tmpfs: host memory), MiB
     exec_timeout_s: float = 30.0  # wall-clock limit of one exec unless the call says otherwise
     max_output_bytes: int = 1_000_000  # cap per stream (stdout, stderr) of one exec; the exec is killed past it
     uid_base: int = 200_000  # first host uid handed to sandboxes when running as root
@@ -42,9 +45,11 @@ class SandboxLimitsConf:
 
     def __post_init__(self) -> None:
         for name in ("mem_mb", "cpu_time_s", "max_procs", "max_file_mb", "max_open_files", "tmp_mb",
-                     "max_output_bytes"):
+                     "sandbox_mem_mb", "max_output_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"sandbox.limits.{name} must be > 0, got {getattr(self, name)}")
+        if self.cgroup not in ("auto", "off", "required"):
+            raise ValueError(f"sandbox.limits.cgroup={self.cgroup!r} is unknown; choose one of auto, off, required")
         if self.exec_timeout_s <= 0:
             raise ValueError(f"sandbox.limits.exec_timeout_s must be > 0, got {self.exec_timeout_s}")
         if self.uid_base < 1000 or self.uid_count < 1:

@@ -2,10 +2,11 @@
 
 There is no isolation at all: the command sees the host filesystem and
 network as the pool's own user. Limits (memory, CPU time, file size, wall
-time, output cap) still apply, and the exec's process group is killed when
-it returns; a process that starts its own session escapes that kill. The
-process-count limit is not enforced when running as root (Linux exempts
-root from RLIMIT_NPROC). Use it for code you wrote yourself, on machines
+time, output cap, and the per-sandbox cgroup where one can be made) still
+apply, and the exec's process group is killed when it returns; a process
+that starts its own session escapes that kill (the cgroup, when there is
+one, still ends it at release). Without a cgroup the process-count limit is
+not enforced when running as root (Linux exempts root from RLIMIT_NPROC). Use it for code you wrote yourself, on machines
 without bubblewrap or Apptainer.
 """
 
@@ -41,7 +42,7 @@ class SubprocessSandbox(Sandbox):
 
     async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
                     env: dict[str, str], cwd: str) -> ExecResult:
-        return await run_capped(prlimit_argv(self.conf.limits) + argv, stdin=stdin, timeout_s=timeout_s,
+        return await run_capped(self.cgroup_prefix() + prlimit_argv(self.conf.limits) + argv, stdin=stdin, timeout_s=timeout_s,
                                 max_output_bytes=max_output_bytes, env=self._env(env), cwd=self._host_cwd(cwd))
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -49,7 +50,7 @@ class SubprocessSandbox(Sandbox):
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             return await asyncio.create_subprocess_exec(
-                *prlimit_argv(self.conf.limits), *argv, stdin=asyncio.subprocess.PIPE,
+                *self.cgroup_prefix(), *prlimit_argv(self.conf.limits), *argv, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=log, env=self._env(env), cwd=str(self.scratch),
                 start_new_session=True,
             )
