@@ -452,12 +452,15 @@ def raise_fd_limit() -> int:
     return hard
 
 
+LISTEN_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
+
+
 def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(65535)  # the kernel caps it at net.core.somaxconn
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -468,7 +471,9 @@ async def serve(conf: SimConf, sock: socket.socket, capacity: int | None = None)
     # handler_cancellation: a client that gives up frees its capacity slot, as in vLLM.
     runner = web.AppRunner(endpoint.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    # The backlog again: asyncio re-listens with it (aiohttp's default of 128 drops
+    # SYNs when thousands of clients connect at once, stalling them for seconds).
+    await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
     return runner, endpoint
 
 
