@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def is_built(out: Path) -> bool:
     stamp = out / "tiny_model.json"
     try:
-        return json.loads(stamp.read_text()).get("format_version") == FORMAT_VERSION
+        return bool(json.loads(stamp.read_text()).get("format_version") == FORMAT_VERSION)
     except (OSError, ValueError):
         return False
 

@@ -153,7 +153,7 @@ def server_pgid(supervisor: subprocess.Popen[bytes], timeout_s: float = 10.0) ->
         except psutil.NoSuchProcess:
             return None
         if children:
-            return children[0].pid
+            return int(children[0].pid)
         time.sleep(0.05)
     return None
 

@@ -322,7 +322,7 @@ class VLLMReplica:
         try:
             timeout = aiohttp.ClientTimeout(total=self.conf.health_timeout_s)
             async with self._session.get(self._root_url() + "/health", timeout=timeout) as resp:
-                return resp.status == 200
+                return bool(resp.status == 200)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
@@ -429,7 +429,7 @@ def _pid_alive(pid: int) -> bool:
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -437,7 +437,7 @@ def _pid_alive(pid: int) -> bool:
 def _node_ip() -> str:
     import ray
 
-    return str(ray.util.get_node_ip_address())
+    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
 # -- the service -------------------------------------------------------------------------
@@ -469,7 +469,8 @@ class VLLMService:
         """Crash replica ``i``'s server (SIGKILL); its actor restarts it. Returns the killed pid."""
         import ray
 
-        return ray.get(self._actors[i].kill_server.remote())
+        pid = ray.get(self._actors[i].kill_server.remote())
+        return int(pid) if pid is not None else None
 
     def stop(self) -> None:
         """Stop all servers (no process left), unregister them, remove the actors and registry."""
@@ -495,7 +496,7 @@ class VLLMService:
 def _cluster_has_gpus() -> bool:
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    return float(ray.cluster_resources().get("GPU", 0)) > 0  # type: ignore[no-untyped-call]
 
 
 def _server_host(conf: VLLMConf) -> str:
@@ -504,7 +505,7 @@ def _server_host(conf: VLLMConf) -> str:
 
     if conf.host != "auto":
         return conf.host
-    alive = [n for n in ray.nodes() if n.get("Alive")]
+    alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
     return "127.0.0.1" if len(alive) <= 1 else NODE_IP
 
 
@@ -532,10 +533,10 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
     use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
     run_dir = Path(run_dir).resolve()
     host = _server_host(conf)
-    actor_cls = ray.remote(VLLMReplica)
+    actor_cls: Any = ray.remote(VLLMReplica)  # Any: Ray's actor class wrapper
     actors, ids = [], []
     for i in range(conf.num_replicas):
-        actor = actor_cls.options(  # type: ignore[attr-defined]
+        actor = actor_cls.options(
             name=replica_actor_name(conf.service, i),
             namespace=NAMESPACE,
             num_cpus=conf.actor_num_cpus,
@@ -548,6 +549,11 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
     service = VLLMService(conf, actors, ids)
     try:
         ray.get([a.start.remote() for a in actors], timeout=conf.startup_timeout_s + 60)
+    except ray.exceptions.RayTaskError as exc:
+        service.stop()
+        if isinstance(exc.cause, ReplicaStartError):  # its message is the useful part, not Ray's traceback
+            raise ReplicaStartError(str(exc.cause)) from None
+        raise
     except BaseException:
         service.stop()
         raise
