@@ -103,6 +103,13 @@ def sandbox_host_uids(conf: SandboxConf) -> list[psutil.Process]:
             if p.info["uids"] and lo <= p.info["uids"].real < hi and p.info["status"] != psutil.STATUS_ZOMBIE]
 
 
+def leftover_cgroups(prefixes: tuple[str, ...]) -> list[str]:
+    from matrix_hpc.services.sandbox.cgroups import GROUP, find_parents
+
+    parents = find_parents() or []
+    return [d.name for p in parents for d in (p / GROUP).glob("*") if d.name.startswith(prefixes)]
+
+
 async def wait_for(predicate: Any, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -138,6 +145,7 @@ async def test_lease_lifecycle_200_tasks_failures_and_a_killed_agent(local_ray: 
         assert stats.granted == 200 + 4 + sum(c["retried"] for c in counts)
         assert stats.reaped >= 4 + sum(c["retried"] for c in counts)  # the killed agent's + superseded attempts
         assert not processes_matching(conf.scratch_root) and not sandbox_host_uids(conf)
+        assert not leftover_cgroups(("task-", "held-"))
         for agent in agents:
             ray.kill(agent)
     finally:
