@@ -115,3 +115,37 @@ def test_yaml_composes_into_the_dataclass(name: str) -> None:
     conf = OmegaConf.to_object(cfg.sandbox)
     assert isinstance(conf, SandboxConf) and conf.backend == name
     assert isinstance(conf.limits, SandboxLimitsConf) and isinstance(conf.pool, SandboxPoolConf)
+
+
+def test_cgroup_mode_is_checked() -> None:
+    with pytest.raises(ValueError, match="sandbox.limits.cgroup='maybe' is unknown"):
+        SandboxLimitsConf(cgroup="maybe")
+
+
+def test_commands_join_the_cgroup_before_they_run(tmp_path: Path) -> None:
+    """The join prefix writes the command's own pid (exec keeps it) into every cgroup.procs."""
+    import subprocess
+
+    from matrix_hpc.services.sandbox.cgroups import SandboxCgroup
+
+    cg = SandboxCgroup.__new__(SandboxCgroup)
+    cg.v2, cg.dirs = False, [tmp_path / "memory x", tmp_path / "pids"]
+    for d in cg.dirs:
+        d.mkdir()
+        (d / "cgroup.procs").touch()
+    out = subprocess.run(cg.join_prefix() + ["/bin/sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    pid = out.stdout.strip()
+    assert [(d / "cgroup.procs").read_text().strip() for d in cg.dirs] == [pid, pid]
+
+
+def test_required_cgroup_without_one_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_hpc.services.sandbox import cgroups
+
+    monkeypatch.setattr(cgroups, "find_parents", lambda override=None: None)
+    cgroups.cgroup_parents.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="set sandbox.limits.cgroup=auto"):
+            cgroups.cgroup_parents("required", None)
+        assert cgroups.cgroup_parents("auto", None) is None
+    finally:
+        cgroups.cgroup_parents.cache_clear()
