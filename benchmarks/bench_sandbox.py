@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from matrix_hpc.services.sandbox.base import Sandbox, SandboxConf, create_sandbox  # noqa: E402
+from matrix_hpc.services.sandbox.limits import SandboxLimitsConf  # noqa: E402
 from matrix_hpc.services.sandbox.pool import make_sandbox_pool  # noqa: E402
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf  # noqa: E402
 
@@ -93,10 +94,10 @@ async def bench_leases(conf: SandboxConf, leasers: int, leases: int) -> dict[str
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = tempfile.mkdtemp(prefix="mhpc-bench-")
-    conf = SandboxConf(backend=args.backend, scratch_root=root)
+    conf = SandboxConf(backend=args.backend, scratch_root=root, limits=SandboxLimitsConf(cgroup=args.cgroup))
     warm, _ = await start_to_ready(conf, "warm-up")  # one-time per-process probe of bubblewrap
     await warm.stop()
-    results: dict[str, Any] = {"backend": args.backend, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+    results: dict[str, Any] = {"backend": args.backend, "cgroup": args.cgroup, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                                "concurrency": []}
     try:
         for n in args.concurrency:
@@ -104,7 +105,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["concurrency"].append(res)
             print(json.dumps(res), flush=True)
         pool = SandboxPoolConf(mode="local", size=args.pool_size, max_per_node=args.pool_size, lease_wait_s=600)
-        res = await bench_leases(SandboxConf(backend=args.backend, scratch_root=root, pool=pool), 16, args.leases)
+        res = await bench_leases(SandboxConf(backend=args.backend, scratch_root=root, pool=pool,
+                                             limits=conf.limits), 16, args.leases)
         results["pool_local"] = res
         print(json.dumps(res), flush=True)
         if args.ray:
@@ -138,6 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--leases", type=int, default=300)
     parser.add_argument("--pool-size", type=int, default=16)
     parser.add_argument("--ray", action="store_true", help="also measure the Ray pool")
+    parser.add_argument("--cgroup", default="auto", choices=["auto", "off", "required"])
     parser.add_argument("--json", help="write all results to this file")
     ns = parser.parse_args()
     out = asyncio.run(main(ns))
