@@ -199,6 +199,12 @@ async def test_the_service_hands_workers_a_working_factory(local_ray: None, tmp_
         result = await code_exec_step(task, Ctx(), code="def f(x):\n    return x\n", tests="assert f(21) == 42")
         assert not result.passed and "AssertionError" in result.stderr
         assert (await Ctx.sandboxes.stats()).live == 0
+        other = factory()  # as another agent process would
+        mine, theirs = await asyncio.gather(Ctx.sandboxes.task_sandbox(task), other.task_sandbox(task))
+        assert mine.id == theirs.id  # one tool environment per task, whichever agent asks
+        await mine.put_file("state.json", "{}")
+        assert await theirs.get_file("state.json") == b"{}"
+        assert await other.release_task(task.id) == 1 and (await other.stats()).live == 0
     finally:
         service.stop()
     with pytest.raises(ValueError):

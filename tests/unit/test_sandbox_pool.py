@@ -152,8 +152,8 @@ class CoreBackend:
     def __init__(self, core: PoolCore) -> None:
         self.core = core
 
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None) -> LeaseGrant:
-        lease = await self.core.acquire(owner, wait_s)
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
+        lease = await self.core.acquire(owner, wait_s, shared)
         return LeaseGrant(lease.lease_id, lease.sandbox_id, self.core.hosts[lease.host_index], lease.node_id)
 
     async def release(self, lease_id: str) -> bool:
@@ -211,3 +211,20 @@ async def test_client_heartbeat_keeps_leases_and_notices_lost_ones() -> None:
     with pytest.raises(LeaseLost, match="lease a new sandbox"):
         await sb.exec("true")
     await client.close()
+
+
+async def test_task_sandbox_is_shared_by_the_steps_of_one_attempt() -> None:
+    conf = pool_conf(size=4)
+    host = FakeHost("n1", start_delay_s=0.05)
+    core = PoolCore(conf, [host])
+    agent_a = SandboxPoolClient(CoreBackend(core), conf)
+    agent_b = SandboxPoolClient(CoreBackend(core), conf)  # another process, same task
+    first, second = await asyncio.gather(agent_a.task_sandbox(Task("t", 1)), agent_b.task_sandbox(Task("t", 1)))
+    assert first.id == second.id and len(host.live) == 1  # concurrent first uses start one sandbox
+    private = await agent_a.acquire(Task("t", 1))
+    assert private.id != first.id  # plain leases stay private
+    retry = await agent_b.task_sandbox(Task("t", 2))
+    assert retry.id != first.id and host.live == {retry.id}  # a new attempt supersedes both old leases
+    assert await agent_b.release_task("t") == 1 and not host.live
+    await agent_a.close()
+    await agent_b.close()

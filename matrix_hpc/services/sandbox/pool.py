@@ -77,6 +77,7 @@ class Lease:
     granted_at: float  # time.time() when granted
     renewed_at: float  # last heartbeat
     expires_at: float  # reaped after this unless renewed (never beyond granted_at + max_lease_s)
+    shared: bool = False  # the task's sandbox, shared by all its steps in any process (task_sandbox)
 
 
 def this_process_owner(task_id: str, attempt: int) -> LeaseOwner:
@@ -216,6 +217,7 @@ class PoolCore:
         self.live_per_host = [0] * len(hosts)  # includes sandboxes still starting
         self.stats = PoolStats()
         self._cond = asyncio.Condition()
+        self._task_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # task id -> (lock, users)
 
     # -- capacity
     def _node_live(self, node_id: str) -> int:
@@ -257,8 +259,30 @@ class PoolCore:
             self._cond.notify()
 
     # -- leases
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None = None) -> Lease:
-        """Start a sandbox for ``owner`` (waiting for capacity) and lease it."""
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None = None, shared: bool = False) -> Lease:
+        """Start a sandbox for ``owner`` (waiting for capacity) and lease it.
+
+        ``shared``: return the task's shared lease (same task id and attempt)
+        when there is one, so that every step of a task uses one sandbox.
+        """
+        if not shared:
+            return await self._acquire_new(owner, wait_s, shared=False)
+        entry = self._task_locks.setdefault(owner.task_id, (asyncio.Lock(), [0]))
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:  # concurrent first uses of a task start one sandbox
+                for lease in self.leases.values():
+                    if lease.shared and lease.owner.task_id == owner.task_id and lease.owner.attempt == owner.attempt:
+                        self._set_expiry(lease, time.time())
+                        return lease
+                return await self._acquire_new(owner, wait_s, shared=True)
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                self._task_locks.pop(owner.task_id, None)
+
+    async def _acquire_new(self, owner: LeaseOwner, wait_s: float | None, shared: bool) -> Lease:
         for old in [l for l in self.leases.values() if l.owner.task_id == owner.task_id
                     and l.owner.attempt < owner.attempt]:
             await self._end(old, reaped=True)
@@ -271,7 +295,8 @@ class PoolCore:
             raise
         now = time.time()
         lease = Lease(lease_id=uuid.uuid4().hex, sandbox_id=sandbox_id, owner=owner, host_index=index,
-                      node_id=self.hosts[index].node_id, granted_at=now, renewed_at=now, expires_at=now)
+                      node_id=self.hosts[index].node_id, granted_at=now, renewed_at=now, expires_at=now,
+                      shared=shared)
         self._set_expiry(lease, now)
         self.leases[lease.lease_id] = lease
         self.stats.granted += 1
@@ -377,7 +402,7 @@ class LeaseGrant:
 
 
 class PoolBackend(Protocol):
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None) -> LeaseGrant: ...
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant: ...
 
     async def release(self, lease_id: str) -> bool: ...
 
@@ -465,6 +490,23 @@ class SandboxPoolClient:
         self._ensure_heartbeat()
         return leased
 
+    async def task_sandbox(self, task: Any, *, attempt: int | None = None,
+                           wait_s: float | None = None) -> LeasedSandbox:
+        """The sandbox of ``task`` shared by all its steps, in any process (leased on first use).
+
+        For environments that live as long as the task (a tool server per
+        task). End it with ``release_task(task.id)`` in the task's last step;
+        otherwise it goes when no process holding it renews it any more, or
+        after ``max_lease_s``.
+        """
+        task_id, att = _task_key(task, attempt)
+        owner = this_process_owner(task_id, att)
+        grant = await self.backend.acquire(owner, wait_s, True)
+        leased = LeasedSandbox(self.backend, grant, owner)
+        self.held[grant.lease_id] = leased
+        self._ensure_heartbeat()
+        return leased
+
     async def release(self, leased: LeasedSandbox) -> None:
         self.held.pop(leased.grant.lease_id, None)
         leased.lost = True  # no use after release
@@ -527,10 +569,10 @@ class LocalPoolBackend:
         self.core = PoolCore(conf, [self.host])
         self._reaper: asyncio.Task[None] | None = None
 
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None) -> LeaseGrant:
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(run_reaper(self.core))
-        lease = await self.core.acquire(owner, wait_s)
+        lease = await self.core.acquire(owner, wait_s, shared)
         return LeaseGrant(lease.lease_id, lease.sandbox_id, self.host, lease.node_id)
 
     async def release(self, lease_id: str) -> bool:

@@ -99,9 +99,9 @@ class SandboxPoolActor:
         records = await asyncio.to_thread(actor_states, ids)
         return {o for o in owners if o.actor_id and owner_is_dead(o, records.get(o.actor_id, {}))}
 
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None) -> LeaseGrant:
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
         core = await self._ready()
-        lease = await core.acquire(owner, wait_s)
+        lease = await core.acquire(owner, wait_s, shared)
         return LeaseGrant(lease.lease_id, lease.sandbox_id, self.handles[lease.host_index], lease.node_id)
 
     async def release(self, lease_id: str) -> bool:
@@ -171,8 +171,8 @@ class RayPoolBackend:
             self._actor = get_or_create_pool(self.conf)
         return self._actor
 
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None) -> LeaseGrant:
-        grant: LeaseGrant = await self.actor.acquire.remote(owner, wait_s)
+    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
+        grant: LeaseGrant = await self.actor.acquire.remote(owner, wait_s, shared)
         return grant
 
     async def release(self, lease_id: str) -> bool:
