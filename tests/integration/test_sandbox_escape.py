@@ -88,11 +88,14 @@ async def test_no_tcp_to_a_server_on_host_loopback(sandbox: Sandbox) -> None:
         accepted.append(writer.get_extra_info("peername"))
         writer.close()
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    server = await asyncio.start_server(on_connect, "0.0.0.0", 0)  # loopback and the host's address
     port = server.sockets[0].getsockname()[1]
-    host_ip = socket.gethostbyname(socket.gethostname())
     try:
-        for addr in ("127.0.0.1", host_ip):
+        addrs = {"127.0.0.1", socket.gethostbyname(socket.gethostname())}
+    except OSError:  # no resolvable host name: loopback alone
+        addrs = {"127.0.0.1"}
+    try:
+        for addr in sorted(addrs):
             code = f"import socket; s = socket.create_connection(({addr!r}, {port}), timeout=3); print('CONNECTED')"
             r = await sandbox.exec(["python3", "-c", code])
             assert r.exit_code != 0 and "CONNECTED" not in r.stdout, (addr, r)
@@ -100,6 +103,10 @@ async def test_no_tcp_to_a_server_on_host_loopback(sandbox: Sandbox) -> None:
         assert r.exit_code != 0  # no DNS, no route
         await asyncio.sleep(0.2)
         assert accepted == []
+        _, writer = await asyncio.open_connection("127.0.0.1", port)  # control: the host itself gets through
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert len(accepted) == 1
     finally:
         server.close()
         await server.wait_closed()
