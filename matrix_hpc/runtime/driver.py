@@ -123,8 +123,6 @@ class Driver:
         threading.Thread(target=count, daemon=True).start()
 
     async def _start_actors(self) -> None:
-        import ray
-
         run, out = self.plan.run, self.plan.output
         self._loop = asyncio.get_running_loop()
         schema = output_schema(self.workflow.result_columns())
@@ -132,7 +130,7 @@ class Driver:
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files)
-        sink_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)(ShardSink)
+        sink_cls = _actor_class(ShardSink)
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
         handles = self._start_workers(groups)
@@ -144,10 +142,8 @@ class Driver:
         self._sink_boxes = [self._outbox(s.write.remote) for s in self.sinks]
 
     def _start_workers(self, groups: list[Group]) -> dict[str, list[Any]]:
-        import ray
-
         run = self.plan.run
-        worker_cls = ray.remote(num_cpus=0, max_concurrency=1000, max_restarts=-1)(Worker)
+        worker_cls = _actor_class(Worker)
         policy = StepPolicy(run.max_attempts, run.backoff_base_s, run.backoff_max_s)
         handles: dict[str, list[Any]] = {}
         for g in groups:
@@ -296,7 +292,7 @@ class Driver:
         finally:
             printer.end()
 
-    async def _close_sinks(self, pollers: list[asyncio.Future[None]]) -> None:
+    async def _close_sinks(self, pollers: list[asyncio.Task[None]]) -> None:
         # A final flush commits what is buffered; one more poll collects its acks.
         await asyncio.gather(*[s.close.remote() for s in self.sinks], return_exceptions=True)
         await asyncio.sleep(0)
@@ -323,6 +319,14 @@ class Driver:
             for actor in self._actors:
                 ray.kill(actor, no_restart=True)
         return stats
+
+
+def _actor_class(cls: type) -> Any:  # Any: a Ray ActorClass
+    """Async actors that Ray restarts when they die (the driver reconnects and re-admits)."""
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1}
+    return ray.remote(**options)(cls)
 
 
 def _failed_input(item: InputItem) -> TaskState:

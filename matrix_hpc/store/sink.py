@@ -87,7 +87,7 @@ class ShardSink:
             self._buffered += 1
         if self._buffered >= self.s.max_buffered_rows:
             await self.flush()
-        elif self._acks:
+        elif self._acks and self._acks_ready is not None:
             self._acks_ready.set()
 
     async def _flush_periodically(self) -> None:
