@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="client event loop")
     parser.add_argument("--json-out", type=Path, help="append one JSON line per measurement here")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds the `with` below, so the sim server child goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sim = SimConf(capacity=1_000_000, ttft_s=args.ttft_s, time_per_output_token_s=args.time_per_output_token_s,
                   output_tokens=64, output_tokens_jitter=16)

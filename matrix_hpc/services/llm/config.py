@@ -21,8 +21,10 @@ class ClientConf:
 
     # Wall-clock limit of one HTTP attempt (a hung replica is cut after this).
     timeout_s: float = 600.0
-    # Limit on establishing a TCP connection to a replica.
-    connect_timeout_s: float = 10.0
+    # Limit on establishing a TCP connection. Generous: a dead server refuses at
+    # once, while thousands of clients connecting together can wait seconds for
+    # accept(), and retrying them early only adds connections to the pile.
+    connect_timeout_s: float = 60.0
     # Attempts per chat call, the first included (1 = no retry).
     max_attempts: int = 6
     # First retry waits up to this long; it doubles per attempt (full jitter).

@@ -33,6 +33,8 @@ class LoadReport:
     calls: int  # calls completed in the measured window
     errors: int
     error_kinds: dict[str, int]  # exception type -> count, in the window
+    unfinished_after_drain: int  # calls still open drain_timeout_s after the window (cancelled)
+    retries: int  # attempts beyond the first (mode 'client'), whole run
     window_s: float
     calls_per_s: float
     completion_tokens_per_s: float
@@ -77,6 +79,7 @@ async def run_load(
     mode: str = "aiohttp",
     model: str = "sim",
     max_tokens: int = 64,
+    drain_timeout_s: float = 60.0,
 ) -> LoadReport:
     """Keep ``concurrency`` requests in flight for ``warmup_s + duration_s``; measure the last ``duration_s``."""
     from matrix_hpc.services.llm.sim_server import raise_fd_limit
@@ -92,7 +95,10 @@ async def run_load(
         await asyncio.sleep(duration_s)
         window.open, cpu1, t1 = False, _cpu_s(), time.perf_counter()
         stop.set()
-        await asyncio.gather(*workers, return_exceptions=True)
+        # In-flight calls finish (outside the window); a stuck one must not hang the run.
+        _, stuck = await asyncio.wait(workers, timeout=drain_timeout_s)
+        for worker in stuck:
+            worker.cancel()
     finally:
         await send.close()
     lat = sorted(window.latencies) or [float("nan")]
@@ -103,6 +109,8 @@ async def run_load(
         calls=window.calls,
         errors=window.errors,
         error_kinds=dict(window.error_kinds),
+        unfinished_after_drain=len(stuck),
+        retries=send.client.retries if mode == "client" else 0,
         window_s=round(wall, 3),
         calls_per_s=round(window.calls / wall, 1),
         completion_tokens_per_s=round(window.tokens / wall, 1),
