@@ -44,6 +44,11 @@ class WorkerSpec:
     services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> factory, called once here
 
 
+#: Methods of per-process services called with the task id when a task ends:
+#: the sandbox pool releases the task's leases, the LLM client its replica pin.
+TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
+
+
 class Router:
     """Maps (role, task id) to the peer that runs it. Stable per task id, so a
     task keeps meeting the same instance of each role."""
@@ -153,7 +158,7 @@ class Worker:
         """Let services release what the task held (e.g. its sandbox lease),
         whatever its fate."""
         for name, svc in self.ctx.services.items():
-            hook = getattr(svc, "on_task_end", None)
+            hook = next((getattr(svc, h) for h in TASK_END_HOOKS if hasattr(svc, h)), None)
             if hook is None:
                 continue
             try:
