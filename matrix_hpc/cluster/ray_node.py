@@ -34,6 +34,17 @@ READY_LINE = "Ray runtime started"
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def ignore_preempt_signals() -> None:
+    """Popen preexec_fn: ignore USR1/USR2 in the child and all it spawns.
+
+    Slurm sends its pre-timeout signal to every process of a job, and it
+    kills Ray's processes outright; an ignored signal stays ignored across
+    exec. (A driver still installs its own USR1 handler to drain.)
+    """
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -120,7 +131,8 @@ class RayNode:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(head_address, gcs_port, dash_port), stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV})
+                                         stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
+                                         preexec_fn=ignore_preempt_signals)
         self._wait_ready(timeout_s)
         self._write_node_file()
         if head_address is None:
