@@ -77,6 +77,11 @@ class NoneConf:
 
 
 @dataclass
+class DisabledConf:
+    backend: str = "disabled"  # no service of this kind
+
+
+@dataclass
 class LocalClusterConf:
     backend: str = "local"  # Ray starts in-process on this machine
 
@@ -104,7 +109,7 @@ def register_configs() -> None:
     cs.store(group="output", name="output_schema", node=OutputConf)
     cs.store(group="run", name="run_schema", node=RunConf)
     cs.store(group="llm", name="none_schema", node=NoneConf)
-    cs.store(group="sandbox", name="none_schema", node=NoneConf)
+    cs.store(group="sandbox", name="disabled_schema", node=DisabledConf)
     cs.store(group="cluster", name="local_schema", node=LocalClusterConf)
     for name, conf_cls in workflow_conf_classes().items():
         cs.store(group="workflow", name=f"{name}_schema", node=conf_cls)

@@ -91,7 +91,7 @@ def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
     started: list[Any] = []
     for group in ("llm", "sandbox"):
         node = cfg.get(group)
-        if node is None or node.get("backend", "none") == "none":
+        if node is None or node.get("backend", "none") in ("none", "disabled"):
             continue
         service = _start_service(group, OmegaConf.to_object(node), plan)
         started.append(service)

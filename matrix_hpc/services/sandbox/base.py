@@ -7,7 +7,7 @@ module) decide how the isolation is made:
 - ``bwrap``: bubblewrap, for machines without Apptainer (and CI);
 - ``apptainer``: Apptainer instances, the cluster backend;
 - ``subprocess``: a plain subprocess with the same limits, for trusted code
-  only (``sandbox=none`` in the CLI means no sandbox service at all).
+  only (``sandbox=none`` or ``sandbox=subprocess`` in the CLI; ``sandbox=disabled``, the default, means no sandbox service).
 
 Example::
 
