@@ -193,3 +193,16 @@ async def test_openai_backend_sends_the_env_key_and_never_writes_it(tmp_path: An
     assert "service.json" in {p.name for p in tmp_path.rglob("*")} and key not in written
     assert key not in repr(service) and key not in repr(factory)
     assert start_llm_service(LLMConf(backend="none"), tmp_path).client_factory() is None
+
+
+async def test_max_connections_queues_outside_the_timeout() -> None:
+    # 3 connections, 12 calls of 0.3 s: 4 waves, 1.2 s, although each call's timeout is 0.5 s.
+    conf = ClientConf(max_connections=3, timeout_s=0.5, max_attempts=1)
+    with sim(ttft_s=0.3, time_per_output_token_s=0.0) as server:
+        async with LLMClient(StaticEndpoints([server.url]), conf) as client:
+            started = time.monotonic()
+            results = await asyncio.gather(*(client.chat(ask(i)) for i in range(12)))
+            elapsed = time.monotonic() - started
+        served = await stats(server)
+    assert all(r.attempts == 1 for r in results)
+    assert served["max_in_flight"] == 3 and 1.15 <= elapsed < 2.5

@@ -15,6 +15,7 @@ only; it is never part of a repr, a log line or an exception text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -292,6 +293,7 @@ class LLMClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._has_replicas: asyncio.Event | None = None  # created in the client's event loop
         self._default_timeout = aiohttp.ClientTimeout(total=conf.timeout_s, sock_connect=conf.connect_timeout_s)
+        self._gate: asyncio.Semaphore | contextlib.nullcontext[None] = contextlib.nullcontext()
         self._closed = False
         self.calls = 0
         self.retries = 0
@@ -366,9 +368,10 @@ class LLMClient:
             if attempt > 1:
                 self.retries += 1
                 await asyncio.sleep(backoff_s(attempt - 1, self.conf.backoff_base_s, self.conf.backoff_max_s, self._rng))
-            replica = await self._pick(sticky_key, tried)
             try:
-                data = await self._attempt(replica, body, timeout)
+                async with self._gate:  # max_connections: wait here, outside the timeout
+                    replica = await self._pick(sticky_key, tried)
+                    data = await self._attempt(replica, body, timeout)
             except _Retryable as exc:
                 last_reason = self._redact(f"{replica.base_url}: {exc}")
                 tried.append(replica.replica_id)
@@ -433,7 +436,11 @@ class LLMClient:
             return
         if self._closed:
             raise LLMError("this LLMClient was closed; build a new one")
-        connector = aiohttp.TCPConnector(limit=self.conf.max_connections, limit_per_host=0, keepalive_timeout=60)
+        # The pool itself is unlimited: aiohttp counts time waiting for a pooled
+        # connection against the request timeout, so the limit is a semaphore instead.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
+        if self.conf.max_connections > 0:
+            self._gate = asyncio.Semaphore(self.conf.max_connections)
         self._session = aiohttp.ClientSession(connector=connector)
         self._has_replicas = asyncio.Event()
         self._first_fetch = asyncio.ensure_future(self._refresh())
