@@ -290,6 +290,7 @@ class LLMClient:
             self._headers["Authorization"] = f"Bearer {self._api_key.get()}"
         self._version: int | None = None
         self._first_fetch: asyncio.Task[None] | None = None
+        self._model_lookup: asyncio.Future[str] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._has_replicas: asyncio.Event | None = None  # created in the client's event loop
         self._default_timeout = aiohttp.ClientTimeout(total=conf.timeout_s, sock_connect=conf.connect_timeout_s)
@@ -322,7 +323,7 @@ class LLMClient:
         message) or :class:`LLMUnavailableError` (retries exhausted).
         """
         await self._ensure_started()
-        model = self.model or await self._discover_model()
+        model = self.model or await self._model_discovered()
         body = json.dumps(
             build_body(model, messages, self.conf.dialect, choice, json_schema, params), separators=(",", ":")
         ).encode()
@@ -337,6 +338,8 @@ class LLMClient:
     async def close(self) -> None:
         """Stop background tasks and close the pooled session."""
         self._closed = True
+        if self._first_fetch is not None:
+            self._tasks.append(self._first_fetch)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -509,6 +512,12 @@ class LLMClient:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
                 return False
         return False
+
+    async def _model_discovered(self) -> str:
+        # One lookup shared by all calls that start before the answer is known.
+        if self._model_lookup is None or (self._model_lookup.done() and self._model_lookup.exception()):
+            self._model_lookup = asyncio.ensure_future(self._discover_model())
+        return await asyncio.shield(self._model_lookup)
 
     async def _discover_model(self) -> str:
         """The first model the endpoint lists, when none was configured."""
