@@ -337,6 +337,11 @@ def _validate(body: Any) -> str | None:
     n = body.get("n", 1)
     if not isinstance(n, int) or n < 1:
         return f"'n' must be a positive integer, got {n!r}"
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name") for t in tools
+    ):
+        return "'tools' must be a list of {'type': 'function', 'function': {'name': ..., 'parameters': {...}}}"
     return None
 
 
