@@ -39,7 +39,7 @@ class RunConf:
     batch_delay_ms: float = 2.0  # longest wait before a partial batch is sent
     progress_interval_s: float = 5.0  # live progress line period; 0 turns it off
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGUSR1: wait this long for in-flight tasks, then stop
-    task_timeout_s: float = 0.0  # re-admit a task not committed after this long (0: never)
+    task_timeout_s: float = 3600.0  # re-admit a task not committed after this long (0: never); a late copy is dropped
     num_cpus: int | None = None  # CPUs of the local Ray (default: all)
     summary: bool = True  # print the one-screen summary at the end
 

@@ -293,18 +293,14 @@ class Driver:
             printer.end()
 
     async def _close_sinks(self, pollers: list[asyncio.Task[None]]) -> None:
-        # A final flush commits what is buffered; one more poll collects its acks.
+        # A final flush commits what is buffered; the pollers (still running) collect its acks.
         await asyncio.gather(*[s.close.remote() for s in self.sinks], return_exceptions=True)
-        await asyncio.sleep(0)
+        deadline = time.time() + 5.0
+        while self.inflight and time.time() < deadline and not self._stopping:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2 if self._stopping else 0)
         for p in pollers:
             p.cancel()
-        for sink in self.sinks:
-            try:
-                for task_id, status, error_type, error, tokens in await sink.wait_commits.remote(0.0):
-                    if self.inflight.pop(task_id, None) is not None and status != DUPLICATE:
-                        self.stats.record(status, error_type, error, tokens)
-            except Exception:
-                pass
         self.stats.in_flight = len(self.inflight)
 
     async def _stop_actors(self) -> list[dict[str, Any]]:
