@@ -62,7 +62,33 @@ def render(out: Path, files: list[Path]) -> str:
     if cfg.exists():
         first = cfg.read_text().splitlines()[:1]
         lines.append(f"  workflow: {' '.join(first)}   (config: {out / META_DIR / 'config.yaml'})")
+        lines += [f"  {k}: {_fmt(v)}" for k, v in workflow_metrics(cfg, files).items()]
     return "\n".join(lines)
+
+
+def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object]:
+    """The workflow's own summary (a module-level ``summarize(table)``), if it has one."""
+    import importlib
+
+    import yaml
+
+    from matrix_hpc.runtime.workflow import workflow_conf_classes
+
+    name = (yaml.safe_load(workflow_yaml.read_text()) or {}).get("name")
+    conf_cls = workflow_conf_classes().get(name)
+    summarize = getattr(importlib.import_module(conf_cls.__module__), "summarize", None) if conf_cls else None
+    if summarize is None:
+        return {}
+    tables = []
+    for f in files:
+        names = [n for n in pq.ParquetFile(f).schema_arrow.names if n not in ("messages", "input")]
+        tables.append(pq.read_table(f, columns=names))
+    metrics = summarize(pa.concat_tables(tables, promote_options="default"))
+    return {k: v for k, v in metrics.items() if k not in ("rows", "by_status")}
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":
