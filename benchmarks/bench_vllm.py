@@ -92,7 +92,7 @@ def start_replicas(args: argparse.Namespace) -> tuple[Any, list[str]]:
     ray.init(namespace="matrix_hpc", include_dashboard=False)
     conf = VLLMConf(model=args.model, num_replicas=args.replicas, service="bench-vllm",
                     served_model_name="bench", max_model_len=args.max_model_len,
-                    extra_engine_args=json.loads(args.engine_args))
+                    extra_engine_args=json.loads(args.engine_args), cpu_bind=args.cpu_bind)
     started = time.perf_counter()
     service = start_vllm_service(conf, Path(args.run_dir or tempfile.mkdtemp(prefix="bench-vllm-")))
     print(f"{args.replicas} replicas healthy after {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2, help="replicas to start when --urls is not given")
     p.add_argument("--max-model-len", type=int, default=2048, help="context of started replicas")
     p.add_argument("--engine-args", default="{}", help='extra engine args of started replicas, JSON: {"enforce-eager": true}')
+    p.add_argument("--cpu-bind", default="spread", help="CPU core binding of started replicas: spread, auto, nobind")
     p.add_argument("--run-dir", default="", help="where started replicas log ('' = a temp dir)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     p.add_argument("--requests", type=int, default=1024, help="requests to send")

@@ -184,8 +184,12 @@ def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: b
 def resolve_python(conf: VLLMConf) -> str:
     if conf.python_executable:
         return conf.python_executable
-    candidate = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    return str(candidate) if candidate.exists() else sys.executable
+    # The source checkout's venv (editable install), else one in the working directory.
+    for root in (REPO_ROOT, Path.cwd()):
+        candidate = root / ".venv-vllm" / "bin" / "python"
+        if candidate.exists():
+            return str(candidate)
+    return sys.executable
 
 
 def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
