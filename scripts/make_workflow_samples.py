@@ -75,7 +75,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, list[str], str]:
         q = f"What compound interest does {p} dollars earn at {r}% per year, compounded yearly, over {years} years?"
     wrong: set[Any] = set()
     while len(wrong) < 9:
-        delta = rng.choice([-1, 1]) * rng.randint(1, max(2, int(abs(right) * 0.3)))
+        delta = rng.choice([-1, 1]) * rng.randint(1, max(12, int(abs(right) * 0.3)))  # >= 9 distinct values
         candidate = round(right + delta, 1) if isinstance(right, float) else right + delta
         if candidate != right:
             wrong.add(candidate)
