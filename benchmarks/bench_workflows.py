@@ -1,0 +1,271 @@
+"""coral and natural_reasoning on a simulated LLM of fixed capacity: matrix_hpc
+against the baselines the paper compares with.
+
+One sim server (fixed capacity and latency) serves every system in turn:
+
+- matrix_hpc: ``matrix-hpc run`` (peer-to-peer agents on a local Ray) with the
+  sim as an OpenAI-compatible endpoint;
+- asyncio: the same workflow (same prompts, same step functions) driven by a
+  single-process asyncio orchestrator, the paper's dialogue baseline;
+- ray_data (natural_reasoning only): batch-synchronous Ray Data, one
+  ``map_batches`` per stage (filter, score, question), the extraction baseline.
+
+Throughput is measured from the first task's start to the last task's end
+(Ray start-up excluded for matrix_hpc; Ray Data's actor start-up included).
+
+    python benchmarks/bench_workflows.py              # 600 dialogues, 3,000 documents
+    python benchmarks/bench_workflows.py --quick      # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+
+from make_workflow_samples import mmlu_pro_rows, web_doc_rows, write_jsonl  # noqa: E402
+
+# The fixed service: 2 sim processes, 128 sequences at once in all, 50 ms to first token, 2 ms per token.
+SIM = {"capacity": 128, "ttft_s": 0.05, "time_per_output_token_s": 0.002, "output_tokens": 48,
+       "output_tokens_jitter": 16, "seed": 0}
+SIM_WORKERS = 2
+WORKFLOW_OVERRIDES = {
+    "coral": ["workflow.max_turns=6", "workflow.speaker_max_tokens=96"],
+    "natural_reasoning": ["workflow.min_score=1", "workflow.require_boxed=false"],
+}
+
+
+def start_sim(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = workdir / f"sim-{time.time_ns()}.port"
+    proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.services.llm.sim_server", "--conf-json", json.dumps(SIM),
+                             "--workers", str(SIM_WORKERS), "--port-file", str(port_file)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not port_file.exists():
+        if time.time() > deadline or proc.poll() is not None:
+            raise SystemExit("the sim server did not start")
+        time.sleep(0.1)
+    return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def workflow_conf(name: str) -> Any:
+    """The workflow's conf with the benchmark's overrides, as the CLI would build it."""
+    from omegaconf import OmegaConf
+
+    from matrix_hpc.cli.config_check import compose
+
+    cfg = compose([f"workflow={name}", "dataset.path=x", "output.dir=x", *WORKFLOW_OVERRIDES[name]],
+                  str(REPO / "conf"))
+    return OmegaConf.to_object(cfg.workflow)
+
+
+# -- matrix_hpc ----------------------------------------------------------------------
+
+
+def run_matrix(name: str, data: Path, url: str, concurrency: int, workdir: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from matrix_hpc.store.layout import data_files
+
+    out = workdir / f"out-{name}-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", f"workflow={name}", f"dataset.path={data}",
+           f"output.dir={out}", "dataset.id_column=null", "llm=openai", f"llm.openai.base_url={url}",
+           "llm.openai.dialect=vllm", "llm.openai.api_key_env=", "llm.openai.model=sim",
+           f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
+           "run.num_cpus=2", *WORKFLOW_OVERRIDES[name]]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    t = pq.read_table(data_files(out), columns=["status", "prompt_tokens", "completion_tokens", "t_admitted",
+                                                 "t_finished"]).to_pydict()
+    return _measure(len(t["status"]), min(t["t_admitted"]), max(t["t_finished"]),
+                    sum(t["prompt_tokens"]) + sum(t["completion_tokens"]), t["status"])
+
+
+def _measure(n: int, t0: float, t1: float, tokens: int, statuses: list[str]) -> dict[str, Any]:
+    wall = max(1e-9, t1 - t0)
+    return {"tasks": n, "wall_s": round(wall, 2), "tasks_per_s": round(n / wall, 1),
+            "tokens_per_s": round(tokens / wall), "ok": statuses.count("ok"), "failed": statuses.count("failed")}
+
+
+# -- the single-process asyncio orchestrator ---------------------------------------------
+
+
+async def run_task(workflow: Any, task: Any, ctx: Any) -> Any:
+    """One task, all its steps in this process: the central orchestrator's loop."""
+    from matrix_hpc.runtime.message import FAILED, FILTERED, OK
+    from matrix_hpc.runtime.workflow import Filtered
+
+    role = workflow.first_role
+    while role is not None:
+        try:
+            await workflow.agent(role)(task, ctx)
+        except Filtered as f:
+            task.finish(FILTERED, reason=f.reason)
+            return task
+        except Exception as e:  # no retries here: the baseline is kept simple
+            task.finish(FAILED, error_type=type(e).__name__, error=str(e))
+            return task
+        role = workflow.next_role(task, role)
+    task.finish(OK)
+    return task
+
+
+async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, concurrency: int) -> dict[str, Any]:
+    from matrix_hpc.runtime.message import TaskState
+    from matrix_hpc.runtime.workflow import AgentContext, build_workflow
+    from matrix_hpc.services.llm.client import LLMClient
+    from matrix_hpc.services.llm.config import ClientConf
+    from matrix_hpc.services.llm.endpoints import StaticEndpoints
+
+    workflow = build_workflow(workflow_conf(name))
+    client = LLMClient(StaticEndpoints([url]), ClientConf(), model="sim")
+    ctx = AgentContext(0, {"llm": client})
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, row: dict[str, Any]) -> Any:
+        async with gate:
+            return await run_task(workflow, TaskState(str(i), row, workflow.first_role), ctx)
+
+    t0 = time.time()
+    tasks = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+    t1 = time.time()
+    await client.close()
+    tokens = sum((m["prompt_tokens"] or 0) + (m["completion_tokens"] or 0) for t in tasks for m in t.history)
+    return _measure(len(tasks), t0, t1, tokens, [t.status for t in tasks])
+
+
+def run_asyncio(name: str, rows: list[dict[str, Any]], url: str, concurrency: int) -> dict[str, Any]:
+    return asyncio.run(_asyncio_baseline(name, rows, url, concurrency))
+
+
+# -- batch-synchronous Ray Data ---------------------------------------------------------
+
+
+class Stage:
+    """A map_batches UDF running one natural_reasoning stage over a whole batch:
+    the batch's calls go out together and the batch waits for the slowest."""
+
+    def __init__(self, role: str, url: str) -> None:
+        from matrix_hpc.runtime.workflow import build_workflow
+
+        self.role, self.url = role, url
+        self.workflow = build_workflow(workflow_conf("natural_reasoning"))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return asyncio.run(self._run(batch))
+
+    async def _run(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from matrix_hpc.runtime.message import TaskState
+        from matrix_hpc.runtime.workflow import AgentContext, Filtered
+        from matrix_hpc.services.llm.client import LLMClient
+        from matrix_hpc.services.llm.config import ClientConf
+        from matrix_hpc.services.llm.endpoints import StaticEndpoints
+
+        client = LLMClient(StaticEndpoints([self.url]), ClientConf(), model="sim")
+        ctx = AgentContext(0, {"llm": client})
+
+        async def one(state_json: str) -> str:
+            s = json.loads(state_json)
+            if s["status"] is not None:
+                return state_json
+            task = TaskState(s["id"], s["input"], self.role)
+            task.result, task.history = s["result"], s["history"]
+            try:
+                await self.workflow.agent(self.role)(task, ctx)
+                if self.role == self.workflow.roles[-1]:
+                    s["status"] = "ok"
+            except Filtered:
+                s["status"] = "filtered"
+            except Exception:
+                s["status"] = "failed"
+            s["result"], s["history"] = task.result, task.history
+            return json.dumps(s)
+
+        states = await asyncio.gather(*(one(x) for x in batch["state"]))
+        await client.close()
+        return {"state": list(states)}
+
+
+def run_ray_data(rows: list[dict[str, Any]], url: str, batch_size: int) -> dict[str, Any]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "benchmarks")])}})
+    try:
+        items = [{"state": json.dumps({"id": str(i), "input": r, "status": None, "result": {}, "history": []})}
+                 for i, r in enumerate(rows)]
+        ds = ray.data.from_items(items)
+        for role in ("filter", "score", "question"):
+            ds = ds.map_batches(Stage, fn_constructor_args=(role, url), batch_size=batch_size, concurrency=2)
+        t0 = time.time()
+        states = [json.loads(r["state"]) for r in ds.take_all()]
+        t1 = time.time()
+    finally:
+        ray.shutdown()
+    tokens = sum((m["prompt_tokens"] or 0) + (m["completion_tokens"] or 0) for s in states for m in s["history"])
+    return _measure(len(states), t0, t1, tokens, [s["status"] for s in states])
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def bench(name: str, rows: list[dict[str, Any]], concurrency: int, batch_size: int, workdir: Path) -> dict[str, Any]:
+    data = write_jsonl(workdir / f"{name}.jsonl", iter(rows))
+    results: dict[str, Any] = {}
+    systems = ["matrix_hpc", "asyncio"] + (["ray_data"] if name == "natural_reasoning" else [])
+    for system in systems:
+        sim, url = start_sim(workdir)  # a fresh server per system: same capacity, empty queues
+        try:
+            if system == "matrix_hpc":
+                results[system] = run_matrix(name, data, url, concurrency, workdir)
+            elif system == "asyncio":
+                results[system] = run_asyncio(name, rows, url, concurrency)
+            else:
+                results[system] = run_ray_data(rows, url, batch_size)
+        finally:
+            stop(sim)
+        print(f"  {name:18s} {system:10s} {json.dumps(results[system])}", flush=True)
+    base = results["matrix_hpc"]
+    for system in systems[1:]:
+        r = results[system]
+        print(f"  {name:18s} matrix_hpc / {system}: tasks/s x{base['tasks_per_s'] / max(r['tasks_per_s'], 1e-9):.2f}, "
+              f"tokens/s x{base['tokens_per_s'] / max(r['tokens_per_s'], 1e-9):.2f}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="200 dialogues, 1,000 documents")
+    parser.add_argument("--concurrency", type=int, default=1000, help="tasks in flight (matrix_hpc and asyncio)")
+    parser.add_argument("--batch-size", type=int, default=256, help="Ray Data map_batches batch size")
+    parser.add_argument("--only", choices=["coral", "natural_reasoning"])
+    args = parser.parse_args()
+    n_dialogues, n_docs = (200, 1000) if args.quick else (600, 3000)
+    print(f"sim service: {SIM_WORKERS} processes, {json.dumps(SIM)}")
+    with tempfile.TemporaryDirectory(prefix="bench-workflows-") as tmp:
+        out: dict[str, Any] = {}
+        if args.only in (None, "coral"):
+            out["coral"] = bench("coral", list(mmlu_pro_rows(n_dialogues)), args.concurrency, args.batch_size, Path(tmp))
+        if args.only in (None, "natural_reasoning"):
+            out["natural_reasoning"] = bench("natural_reasoning", list(web_doc_rows(n_docs)), args.concurrency,
+                                             args.batch_size, Path(tmp))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
