@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -169,3 +171,36 @@ def test_hydra_config_composes_and_refuses_bad_values(repo_root: Any) -> None:
     assert cfg.dataset.id_column == "question_id"
     with pytest.raises(ConfigError, match="max_turns"):
         compose(["workflow=coral", "dataset=mmlu_pro_sample", "output.dir=/tmp/x", "workflow.max_turns=0"], conf_dir)
+
+
+def _save_like_hf(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The layout Dataset.save_to_disk writes: Arrow stream file(s) + state.json."""
+    path.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (path / "dataset_info.json").write_text("{}")
+
+
+def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from matrix_hpc.store.input import DatasetConf, iter_input
+    from matrix_hpc.workflows.hf_input import export_to_parquet, load_hf_dataset_dir
+
+    rows = [dict(ROW, question_id=i) for i in range(5)]
+    _save_like_hf(tmp_path / "mmlu" / "test", rows)
+    (tmp_path / "mmlu" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    assert load_hf_dataset_dir(tmp_path / "mmlu").to_pylist() == rows  # the only split is chosen
+    with pytest.raises(ValueError, match="split 'train' not in"):
+        load_hf_dataset_dir(tmp_path / "mmlu", "train")
+    assert export_to_parquet(tmp_path / "mmlu", tmp_path / "mmlu.parquet", "test") == 5
+    assert pq.read_table(tmp_path / "mmlu.parquet").num_rows == 5
+    items = list(iter_input(DatasetConf(path=str(tmp_path / "mmlu.parquet"), id_column="question_id")))
+    wf = Coral(CoralConf())
+    for item in items:
+        assert item.row is not None
+        wf.validate_input(item.row)
+    with pytest.raises(ValueError, match="not a Hugging Face dataset directory"):
+        load_hf_dataset_dir(tmp_path)
