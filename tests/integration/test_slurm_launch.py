@@ -13,6 +13,7 @@ import pytest
 
 from matrix_hpc.cluster import slurm_available
 from matrix_hpc.cluster.ray_node import find_by_marker
+from matrix_hpc.cluster.sweep import format_sweep, sweep_points
 from tests.conftest import require_component
 from tests.integration.runs import REPO, write_jsonl
 from tests.integration.test_slurm_cluster import _rows, assert_each_id_once, job_state, release_requeued, wait_for_rows
@@ -94,3 +95,6 @@ def test_hydra_multirun_sweep_on_slurm_gives_one_output_dir_per_point(tmp_path: 
     for point in ("mct_8", "mct_16"):
         assert_each_id_once(tmp_path / "out" / point, 80)
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    table = format_sweep(sweep_points(tmp_path / "sweep"))
+    assert [line.split()[:3] for line in table.splitlines()[1:]] == [
+        ["0", "run.max_concurrent_tasks=8", "80"], ["1", "run.max_concurrent_tasks=16", "80"]]
