@@ -59,7 +59,7 @@ class CoralConf(WorkflowConf):
     answer_column: str = "answer"  # input column with the key's letter (or its 0-based index)
     speaker_temperature: float = 0.7  # sampling temperature of teacher and student turns
     speaker_max_tokens: int = 512  # length cap of one teacher/student turn, in tokens
-    extractor_max_tokens: int = 8  # the extractor answers "(X)" or "not sure yet"
+    extractor_max_tokens: int = 16  # room for "not sure yet" even when constrained decoding splits it into many tokens
     teacher_prompt: str = TEACHER_PROMPT  # system prompt of the teacher
     student_prompt: str = STUDENT_PROMPT  # system prompt of the student ({question} = the opening message)
     extractor_prompt: str = EXTRACTOR_PROMPT  # system prompt of the extractor

@@ -41,7 +41,8 @@ def load_hf_dataset_dir(path: Path, split: str | None = None) -> pa.Table:
         import datasets  # optional: the reference reader when present
     except ImportError:
         return _read_arrow_files(path)
-    return datasets.load_from_disk(str(path)).with_format("arrow")[:]  # type: ignore[no-any-return]
+    table: pa.Table = datasets.load_from_disk(str(path)).with_format("arrow")[:]
+    return table
 
 
 def _read_arrow_files(path: Path) -> pa.Table:
@@ -62,7 +63,7 @@ def export_to_parquet(src: Path, out: Path, split: str | None = None) -> int:
 
     table = load_hf_dataset_dir(src, split)
     pq.write_table(table, out)
-    return table.num_rows
+    return int(table.num_rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -172,8 +172,8 @@ class NaturalReasoning(Workflow):
                     {"role": "user", "content": f"Document:\n{text}\n\nDoes this document contain reasoning "
                                                 "worth a question? Answer yes or no."}]
         answer = await chat(ctx, task, "filter", messages, role=c.filter_llm, choice=["yes", "no"],
-                            temperature=0.0, max_tokens=2)
-        worth = answer.strip().lower().startswith("yes")
+                            temperature=0.0, max_tokens=8)  # constrained decoding may spell "yes" in 3 tokens
+        worth = answer.strip().lower() == "yes"
         task.result["worth_question"] = worth
         if not worth:
             raise self._drop(task, "filter", f"the model answered {answer.strip()[:20]!r} to 'worth a question?'")
