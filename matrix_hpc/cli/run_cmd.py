@@ -43,12 +43,24 @@ def _hydra_task(cfg: DictConfig) -> Any:
     return code
 
 
+def _submit_to_slurm(cfg: DictConfig) -> int | None:
+    """With cluster=slurm outside an allocation, the run becomes a Slurm job."""
+    if (cfg.get("cluster") or {}).get("backend", "local") != "slurm":
+        return None
+    from matrix_hpc.cluster.slurm_run import maybe_submit_run
+
+    return maybe_submit_run(cfg)
+
+
 def run_from_config(cfg: DictConfig) -> int:
     """Run one job from a composed config; returns the process exit code."""
     from matrix_hpc.runtime.run import execute
     from matrix_hpc.store.resume import ResumeRefused
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    submitted = _submit_to_slurm(cfg)
+    if submitted is not None:
+        return submitted
     try:
         result = execute(cfg)
     except ResumeRefused as e:
