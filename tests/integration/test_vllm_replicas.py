@@ -189,18 +189,46 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
         await client.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_replica_actor_death_takes_its_server_and_ray_brings_both_back(vllm_service: Any) -> None:
+    import os
+    import signal
+
+    import ray
+
+    before = vllm_service.status()[1]
+    os.kill(before["actor_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in before["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in before["pids"] if _alive(p)], "the server outlived its actor"
+
+    deadline = time.monotonic() + 400
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            status = vllm_service.status()[1]
+        except ray.exceptions.RayActorError:  # caught between death and restart
+            status = {}
+        if status.get("state") == "running":
+            break
+        time.sleep(1)
+    assert status.get("state") == "running", status
+    assert status["actor_pid"] != before["actor_pid"] and status["base_url"] != before["base_url"]
+    assert _snapshot(vllm_service)[status["replica_id"]] == status["base_url"]
+
+
 def test_stop_leaves_no_vllm_process(vllm_service: Any) -> None:
     pids = [pid for s in vllm_service.status() for pid in s["pids"]]
     assert len(pids) >= 6  # supervisor, API server, engine core (+ worker) per replica
     vllm_service.stop()
-
-    def alive(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    assert [p for p in pids if alive(p)] == []
+    assert [p for p in pids if _alive(p)] == []
     marker = vllm_service.model_name
     leftovers = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     assert leftovers == []

@@ -30,15 +30,17 @@ import shlex
 import shutil
 import socket
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry, registry_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -81,6 +83,8 @@ class VLLMConf:
     restart_backoff_max_s: float = 60.0
     # Restarts per replica before it gives up (-1 = never give up).
     max_restarts: int = -1
+    # Times Ray may restart a dead replica actor (process or node lost); -1 = always.
+    max_actor_restarts: int = -1
     # Seconds a stopping server gets between SIGTERM and SIGKILL.
     stop_grace_s: float = 10.0
     # Interpreter that has vllm installed; '' = <repo>/.venv-vllm/bin/python if it exists, else this one.
@@ -238,7 +242,15 @@ class ReplicaStartError(RuntimeError):
 
 
 class VLLMReplica:
-    """One vLLM server, started, watched and stopped by this (async) Ray actor."""
+    """One vLLM server, started, watched and stopped by this Ray actor.
+
+    The server is spawned, watched and stopped from one event loop in a
+    thread the actor owns for its whole life: the supervisor's parent-death
+    signal is tied to the thread that forked it, so that thread must never
+    end before the actor does. Ray methods are thin sync wrappers.
+    If Ray restarts the actor (its process or node died), the new instance
+    starts its server on its own and registers again.
+    """
 
     def __init__(self, conf: VLLMConf, index: int, run_dir: str, use_gpu: bool, host: str):
         self.conf = conf
@@ -258,9 +270,24 @@ class VLLMReplica:
         self._registry: Any = None  # Ray actor handle
         self._watch_task: asyncio.Task[None] | None = None
         self._session: Any = None  # aiohttp.ClientSession, made in the event loop
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name=f"vllm-{self.replica_id}", daemon=True).start()
+        if _actor_was_restarted():
+            self.state = "recovering"
+            asyncio.run_coroutine_threadsafe(self._recover(), self._loop)
 
-    async def start(self) -> str:
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def start(self) -> str:
         """Start the server, wait until healthy, register; returns its base URL."""
+        return self._call(self._start())
+
+    def stop(self) -> None:
+        """Unregister and stop the server with all its processes (idempotent)."""
+        self._call(self._stop())
+
+    async def _start(self) -> str:
         self._registry = get_or_create_registry(self.conf.service)
         try:
             await self._launch()
@@ -270,6 +297,13 @@ class VLLMReplica:
             raise
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
         return self.base_url
+
+    async def _recover(self) -> None:
+        """After an actor restart: drop the dead URL, then start as after a server death."""
+        self._registry = get_or_create_registry(self.conf.service)
+        log.warning("vLLM replica %s: actor restarted; starting its server again", self.replica_id)
+        if await self._restart("the replica actor was restarted"):
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _launch(self) -> None:
         from matrix_hpc.services.llm.process import server_pgid, spawn_supervised
@@ -381,8 +415,7 @@ class VLLMReplica:
         self._proc = None
         self._pgid = None
 
-    async def stop(self) -> None:
-        """Unregister and stop the server with all its processes (idempotent)."""
+    async def _stop(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
@@ -426,7 +459,14 @@ class VLLMReplica:
             "log": str(self.log_path),
             "pids": self.server_pids(),
             "gpu": self.use_gpu,
+            "actor_pid": os.getpid(),
         }
+
+
+def _actor_was_restarted() -> bool:
+    import ray
+
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -531,7 +571,8 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
     import ray
 
     conf = as_vllm_conf(conf)
-    conf = dataclasses.replace(conf, model=_resolve_model(conf.model))
+    # Name first: clients keep sending the model as the user wrote it.
+    conf = dataclasses.replace(conf, served_model_name=conf.model_name, model=_resolve_model(conf.model))
     if not ray.is_initialized():
         ray.init(namespace=NAMESPACE)
     use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
@@ -546,7 +587,8 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
             num_cpus=conf.actor_num_cpus,
             num_gpus=conf.tensor_parallel_size if use_gpu else 0,
             resources=dict(conf.resources) or None,
-            max_concurrency=16,
+            max_concurrency=16,  # status() and kill_server() answer while start() waits
+            max_restarts=conf.max_actor_restarts,
         ).remote(conf, i, str(run_dir), use_gpu, host)
         actors.append(actor)
         ids.append(f"{conf.service}-{i}")
