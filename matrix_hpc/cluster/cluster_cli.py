@@ -306,3 +306,21 @@ def ray_address_for(conf: Any) -> str | None:
 
     os.environ.update(RAY_ENV)  # our heads run without token auth; the driver must match
     return head.address
+
+
+def cluster_main(action: str, conf: Any) -> int:
+    """`matrix-hpc cluster up|status|down`: print the outcome, return an exit code.
+    Errors print their message (id, state, logs, stderr tail) and return 2."""
+    import sys
+
+    actions = {"up": lambda c: cluster_up(c), "status": lambda c: cluster_status(c),
+               "down": lambda c: f"cancelled jobs: {', '.join(cluster_down(c)) or 'none'}"}
+    if action not in actions:
+        print(f"matrix-hpc cluster: unknown action {action!r}; valid actions: up, status, down", file=sys.stderr)
+        return 2
+    try:
+        print(actions[action](conf))
+    except (ClusterError, ValueError) as e:
+        print(f"matrix-hpc cluster {action}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

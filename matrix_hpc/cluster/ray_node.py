@@ -123,17 +123,34 @@ class RayNode:
             cmd += ["--address", head_address]
         return cmd
 
-    def start(self, head_address: str | None = None, timeout_s: float = 120.0) -> None:
-        """Start the node and return once it has registered (or raise with the log tail)."""
+    def start(self, head_address: str | None = None, timeout_s: float = 120.0, attempts: int = 3) -> None:
+        """Start the node and return once it has registered (or raise with the log tail).
+
+        Ray gives a raylet 30 s to register, which an overloaded machine can
+        miss; a node that fails that way is started again (``attempts`` times).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(head_address, timeout_s)
+                return
+            except ClusterError:
+                self._kill_processes()
+                if attempt == attempts:
+                    raise
+                print(f"[matrix] ray start ({self.spec.role}) failed, attempt {attempt}/{attempts}; retrying",
+                      flush=True)
+
+    def _start_once(self, head_address: str | None, timeout_s: float) -> None:
         gcs_port = free_port() if head_address is None else None
         dash_port = free_port() if head_address is None and self.spec.include_dashboard else None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # earlier attempts' output
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(head_address, gcs_port, dash_port), stdout=log,
                                          stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
                                          preexec_fn=ignore_preempt_signals)
-        self._wait_ready(timeout_s)
+        self._wait_ready(timeout_s, offset)
         self._write_node_file()
         if head_address is None:
             assert gcs_port is not None
@@ -142,17 +159,16 @@ class RayNode:
                                            dashboard_port=dash_port, hostname=socket.gethostname(),
                                            job_id=self.job_id, pid=os.getpid(), started_at=time.time()))
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, offset: int) -> None:
         assert self.proc is not None
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise ClusterError(f"ray start ({self.spec.role}) exited with code {self.proc.returncode}; "
                                    f"log {self.log_path}:\n{tail(self.log_path)}")
-            if READY_LINE in tail(self.log_path, max_lines=200, max_bytes=65536):
+            if READY_LINE in _read_from(self.log_path, offset):
                 return
             time.sleep(0.5)
-        self.stop()
         raise ClusterError(f"ray start ({self.spec.role}) not ready after {timeout_s:.0f} s; "
                            f"log {self.log_path}:\n{tail(self.log_path)}")
 
@@ -171,17 +187,26 @@ class RayNode:
             time.sleep(1.0)
         return int(self.proc.returncode)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the node's whole process tree, then SIGKILL what is left."""
+    def _kill_processes(self, grace_s: float = 5.0) -> None:
         if self.proc is not None:
             kill_tree(self.proc.pid, grace_s)
         kill_by_marker(str(self.tmp_dir), grace_s)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the node's whole process tree, then SIGKILL what is left."""
+        self._kill_processes(grace_s)
         self.state.node_file(self.spec.role, self.job_id, self.rank).unlink(missing_ok=True)
         if self.spec.role == "head":
             head = self.state.head()
             if head is not None and head.job_id == self.job_id:
                 self.state.head_file.unlink(missing_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", errors="replace")
 
 
 def kill_tree(pid: int, grace_s: float = 10.0) -> None:

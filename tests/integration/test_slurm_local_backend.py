@@ -1,0 +1,40 @@
+"""The cluster lifecycle with the local backend (no Slurm needed): the same
+head/worker callables and cluster dir, processes on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_main, cluster_status, cluster_up
+from matrix_hpc.cluster.ray_node import find_by_marker
+from matrix_hpc.cluster.state import ClusterState
+
+pytestmark = pytest.mark.integration
+
+
+def test_local_cluster_up_status_down(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = LocalClusterConf(name="loc", dir=str(tmp_path / "c"), workers=1, head_wait_timeout_s=180,
+                            worker_resources={"sandbox_host": 2.0})
+    conf.worker.cpus_per_task = 1
+    try:
+        status = cluster_up(conf)
+        assert status.head is not None and [j.state for j in status.jobs] == ["RUNNING", "RUNNING"]
+        assert cluster_main("status", conf) == 0
+        printed = capsys.readouterr().out
+        assert "ray nodes: 2 alive" in printed and "'partition:local': 1.0" in printed
+        assert "'sandbox_host': 2.0" in printed and status.head.address in printed
+        markers = [n["tmp_dir"] for n in ClusterState(conf.cluster_dir).nodes()]
+        assert len(markers) == 2 and all(find_by_marker(m) for m in markers)
+    finally:
+        cluster_down(conf)
+    assert not [p for m in markers for p in find_by_marker(m)], "Ray processes left after down"
+    assert cluster_status(conf).jobs == [] and cluster_status(conf).head is None
+
+
+def test_cluster_main_reports_bad_action_and_bad_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cluster_main("restart", LocalClusterConf()) == 2
+    assert "valid actions: up, status, down" in capsys.readouterr().err
+    assert cluster_main("status", {"backend": "local", "wrokers": 2}) == 2
+    assert "unknown cluster setting(s) ['wrokers']" in capsys.readouterr().err
