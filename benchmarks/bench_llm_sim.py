@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--modes", nargs="+", default=["aiohttp", "client"], choices=["aiohttp", "client"])
     parser.add_argument("--duration-s", type=float, default=15.0)
-    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="after every caller had its first answer")
     parser.add_argument("--server-workers", type=int, default=1, help="sim server processes sharing the port")
     parser.add_argument("--ttft-s", type=float, default=0.5)
     parser.add_argument("--time-per-output-token-s", type=float, default=0.01)
@@ -66,20 +68,24 @@ def main() -> None:
                 report = run_in_loop(run_load(server.url, concurrency, args.duration_s, args.warmup_s, mode,
                                               max_tokens=args.max_tokens), args.loop)
                 server_cpu = (server_cpu_s(server.proc.pid) - cpu0) / max(report.calls, 1)
+                with urllib.request.urlopen(server.url + "/sim/stats", timeout=30) as resp:
+                    max_in_flight = json.load(resp)["max_in_flight"]
                 row = {**asdict(report), "loop": args.loop, "server_cpu_s_per_call_incl_warmup": round(server_cpu, 7),
-                       "server_workers": args.server_workers, "cpus": psutil.cpu_count()}
+                       "server_workers": args.server_workers, "cpus": psutil.cpu_count(),
+                       "server_max_in_flight_so_far": max_in_flight, "load_avg_1m": round(os.getloadavg()[0], 1),
+                       "ttft_s": args.ttft_s, "time_per_output_token_s": args.time_per_output_token_s}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.json_out:
                     with args.json_out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
     print()
-    print("| concurrency | mode | calls/s | output tok/s | p50 s | p99 s | client CPU ms/call | errors |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| concurrency | mode | calls/s | output tok/s | p50 s | p99 s | client CPU ms/call | server CPU ms/call | errors | load avg |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['mode']} | {r['calls_per_s']:.0f} | {r['completion_tokens_per_s']:.0f} | "
               f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {1000 * r['client_cpu_s_per_call']:.3f} | "
-              f"{r['errors']} |")
+              f"{1000 * r['server_cpu_s_per_call_incl_warmup']:.3f} | {r['errors']} | {r['load_avg_1m']} |")
 
 
 if __name__ == "__main__":

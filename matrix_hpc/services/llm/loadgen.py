@@ -53,6 +53,7 @@ class _Window:
         self.tokens = 0
         self.latencies: list[float] = []
         self.error_kinds: Counter[str] = Counter()
+        self.answered_callers = 0  # callers that got their first answer (warm-up ends when all did)
 
     def record(self, latency_s: float, tokens: int, error: Exception | None) -> None:
         if not self.open:
@@ -75,13 +76,19 @@ async def run_load(
     url: str,
     concurrency: int,
     duration_s: float = 20.0,
-    warmup_s: float = 5.0,
+    warmup_s: float = 2.0,
     mode: str = "aiohttp",
     model: str = "sim",
     max_tokens: int = 64,
     drain_timeout_s: float = 60.0,
+    max_warmup_s: float = 300.0,
 ) -> LoadReport:
-    """Keep ``concurrency`` requests in flight for ``warmup_s + duration_s``; measure the last ``duration_s``."""
+    """Keep ``concurrency`` requests in flight; measure ``duration_s`` of steady state.
+
+    Warm-up lasts until every one of the ``concurrency`` callers has had an
+    answer (at C = 10,000 the first wave alone takes C / throughput seconds),
+    plus ``warmup_s``; at most ``max_warmup_s``.
+    """
     from matrix_hpc.services.llm.sim_server import raise_fd_limit
 
     raise_fd_limit()
@@ -90,6 +97,7 @@ async def run_load(
     send = _sender(mode, url, model, max_tokens)
     try:
         workers = [asyncio.ensure_future(_worker(i, send.call, window, stop)) for i in range(concurrency)]
+        await _first_wave_done(window, concurrency, max_warmup_s)
         await asyncio.sleep(warmup_s)
         window.open, cpu0, t0 = True, _cpu_s(), time.perf_counter()
         await asyncio.sleep(duration_s)
@@ -120,6 +128,13 @@ async def run_load(
     )
 
 
+async def _first_wave_done(window: _Window, concurrency: int, max_wait_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_wait_s
+    while window.answered_callers < concurrency and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+
+
 async def _worker(index: int, call: Any, window: _Window, stop: asyncio.Event) -> None:
     n = 0
     while not stop.is_set():
@@ -129,6 +144,8 @@ async def _worker(index: int, call: Any, window: _Window, stop: asyncio.Event) -
             window.record(time.perf_counter() - started, tokens, None)
         except Exception as exc:
             window.record(time.perf_counter() - started, 0, exc)
+        if n == 0:
+            window.answered_callers += 1
         n += 1
 
 
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", required=True, help="endpoint base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--duration-s", type=float, default=20.0)
-    parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="after every caller had one answer")
     parser.add_argument("--mode", choices=("aiohttp", "client"), default="aiohttp")
     parser.add_argument("--model", default="sim")
     parser.add_argument("--max-tokens", type=int, default=64)
