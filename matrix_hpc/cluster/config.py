@@ -137,5 +137,5 @@ def _default(f: dataclasses.Field[Any]) -> Any:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type) else value
     return None
