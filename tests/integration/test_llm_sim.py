@@ -206,3 +206,16 @@ async def test_max_connections_queues_outside_the_timeout() -> None:
         served = await stats(server)
     assert all(r.attempts == 1 for r in results)
     assert served["max_in_flight"] == 3 and 1.15 <= elapsed < 2.5
+
+
+async def test_server_processes_share_one_port_and_stop_together() -> None:
+    import psutil
+
+    with SimServerProcess(SimConf(**FAST), workers=2) as server:
+        assert server.proc is not None
+        workers = psutil.Process(server.proc.pid).children()
+        assert len(workers) == 1  # the parent serves too
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+            results = await asyncio.gather(*(client.chat(ask(i)) for i in range(100)))
+    assert all(r.content for r in results)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
