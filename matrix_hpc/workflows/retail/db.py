@@ -94,6 +94,7 @@ class RetailSnapshot:
         self.tables = normalise_db(db)
         self.sorted_keys = {t: sorted(self.tables[t]) for t in TABLES}
         self._json: dict[tuple[str, str], str] = {}
+        self._pristine_hash: str | None = None  # hash of the unwritten DB, set by RetailDB.hash
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> RetailSnapshot:
@@ -157,6 +158,13 @@ class RetailDB:
 
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the whole DB (tau2's DB hash recipe)."""
+        if not any(self._own.values()):  # nothing written: the snapshot's own hash (computed once)
+            if self.snapshot._pristine_hash is None:
+                self.snapshot._pristine_hash = self._compute_hash()
+            return self.snapshot._pristine_hash
+        return self._compute_hash()
+
+    def _compute_hash(self) -> str:
         h = hashlib.sha256()
         h.update(b"{")
         for i, table in enumerate(TABLES):

@@ -109,9 +109,9 @@ class RetailTask:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RetailTask:
-        """Inverse of :func:`task_to_row`."""
+        """Inverse of :func:`task_to_row` (a trial row's ``task_id`` names the tau2 task)."""
         return cls(
-            id=str(row["id"]),
+            id=str(row.get("task_id") or row["id"]),
             instructions=UserInstructions(**row["instructions"]),
             actions=tuple(
                 GoldAction(a["action_id"], a["name"], json.loads(a["arguments"]),
@@ -219,17 +219,30 @@ def load_policy(data_dir: str | os.PathLike[str] | None = None) -> str:
     return (root / "policy.md").read_text()
 
 
+def trial_rows(row: dict[str, Any], trials: int) -> Iterator[dict[str, Any]]:
+    """``trials`` rows of one task (ids ``<id>/<k>``, ``task_id`` = the tau2 id); one row as-is when 1."""
+    if trials <= 1:
+        yield row
+        return
+    for k in range(trials):
+        yield {**row, "id": f"{row['id']}/{k}", "task_id": row["id"]}
+
+
 def write_rows_jsonl(out: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
-                     split: str = "base") -> int:
-    """Write the split's input rows to a JSONL file (atomically); returns the row count."""
+                     split: str = "base", trials: int = 1) -> int:
+    """Write the split's input rows to a JSONL file (atomically); returns the row count.
+
+    ``trials`` > 1 writes each task that many times (tau2's ``num_trials``).
+    """
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     count = 0
     with tmp.open("w") as f:
-        for row in iter_task_rows(data_dir, split):
-            f.write(json.dumps(row) + "\n")
-            count += 1
+        for task_row in iter_task_rows(data_dir, split):
+            for row in trial_rows(task_row, trials):
+                f.write(json.dumps(row) + "\n")
+                count += 1
     tmp.replace(path)
     return count
 
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="JSONL file to write")
     parser.add_argument("--split", default="base", choices=SPLITS, help="base (114), train (74) or test (40)")
     parser.add_argument("--data-dir", default=None, help="folder with tasks.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR)")
+    parser.add_argument("--trials", type=int, default=1, help="rows per task (ids <id>/<k>), like tau2's num_trials")
     args = parser.parse_args(argv)
-    count = write_rows_jsonl(args.out, args.data_dir, args.split)
+    count = write_rows_jsonl(args.out, args.data_dir, args.split, args.trials)
     print(f"wrote {count} retail task rows ({args.split}) to {args.out}", file=sys.stderr)
     return 0
