@@ -15,7 +15,8 @@ from matrix_hpc.services.llm.process import group_alive, server_pgid, spawn_supe
 
 # A "server" with a grandchild, like vLLM's API server and engine core.
 TREE = [sys.executable, "-c",
-        "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; print(\"leaf up\", flush=True); time.sleep(300)']); "
         "print('tree up', flush=True); time.sleep(300)"]
 
 
@@ -32,8 +33,10 @@ def _tree(tmp_path: Path) -> tuple[subprocess.Popen, int, list[int]]:
     proc = spawn_supervised(TREE, dict(os.environ), tmp_path / "logs" / "server.log", grace_s=2.0)
     pgid = server_pgid(proc)
     assert pgid is not None
-    assert _wait(lambda: len(psutil.Process(proc.pid).children(recursive=True)) == 2)
+    log = tmp_path / "logs" / "server.log"
+    assert _wait(lambda: "leaf up" in log.read_text())  # every process past its start-up
     pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(pids) == 2
     return proc, pgid, pids
 
 
@@ -82,3 +85,13 @@ def test_owner_death_takes_the_tree_down(tmp_path: Path) -> None:
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_supervisor_killed_outright_still_unwinds_python_descendants(tmp_path: Path) -> None:
+    # Nobody is left to empty the group: the parent-death hook in every Python
+    # process of the tree must take the grandchild down (vLLM's engine core).
+    proc, pgid, pids = _tree(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _wait(lambda: _gone(pids)), "a grandchild outlived the supervisor"
+    assert (tmp_path / "logs" / ".python-hooks" / "sitecustomize.py").exists()

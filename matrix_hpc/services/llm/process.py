@@ -118,24 +118,57 @@ def supervise(cmd: Sequence[str], grace_s: float) -> int:
     return exit_code if exit_code >= 0 else 128 - exit_code
 
 
+CASCADE_ENV = "MATRIX_HPC_PARENT_DEATH_SIGNAL"
+# Run at start-up by every Python process of a supervised server tree (via
+# PYTHONPATH): each one then gets a signal when its parent dies, so even if
+# the supervisor is SIGKILLed (nothing left to empty the group), the tree
+# unwinds from the top instead of leaving engine processes orphaned.
+_CASCADE_HOOK = f"""# Written by matrix_hpc (services/llm/process.py); safe to delete.
+import os as _os
+_sig = _os.environ.get({CASCADE_ENV!r})
+if _sig:
+    try:
+        import ctypes as _ctypes
+        _ctypes.CDLL(None).prctl(1, int(_sig), 0, 0, 0)
+    except Exception:
+        pass
+    else:
+        if _os.getppid() == 1:  # the parent died before the line above: we are an orphan already
+            _os._exit(1)
+"""
+
+
+def cascade_env(env: Mapping[str, str], hook_dir: Path, sig: int = signal.SIGTERM) -> dict[str, str]:
+    """``env`` plus the parent-death hook for every Python process started with it."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    hook = hook_dir / "sitecustomize.py"
+    if not hook.exists() or hook.read_text() != _CASCADE_HOOK:
+        hook.write_text(_CASCADE_HOOK)
+    out = dict(env)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH", "")) if p)
+    out[CASCADE_ENV] = str(int(sig))
+    return out
+
+
 def spawn_supervised(
     cmd: Sequence[str], env: Mapping[str, str], log_path: Path, grace_s: float = 10.0, cwd: str | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` under a supervisor; stdout and stderr append to ``log_path``.
 
     Call it from a thread that lives as long as the server should (the
-    parent-death signal fires when the *thread* that forked exits): an async
-    Ray actor's event loop thread qualifies.
+    parent-death signal fires when the *thread* that forked exits): a thread
+    the caller owns for its whole life qualifies, a pool thread does not.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    server_env = cascade_env(env, log_path.parent / ".python-hooks")
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            # -I: the script's folder must not shadow stdlib modules on sys.path.
+            # -I: the script's folder must not shadow stdlib modules on sys.path (and no hook here).
             [sys.executable, "-I", str(Path(__file__).resolve()), f"--grace-s={grace_s}", "--", *cmd],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=dict(env),
+            env=server_env,
             cwd=cwd,
             start_new_session=True,
             preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
