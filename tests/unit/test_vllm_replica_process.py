@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from matrix_hpc.services.llm.process import group_alive, server_pgid, spawn_supervised, stop_supervised
 
@@ -29,6 +31,21 @@ def _wait(predicate, timeout_s: float = 10.0) -> bool:
     return False
 
 
+_spawned: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers() -> Iterator[None]:
+    # A failing test must not leave its sleepers behind.
+    yield
+    for pid in _spawned:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _spawned.clear()
+
+
 def _tree(tmp_path: Path) -> tuple[subprocess.Popen, int, list[int]]:
     proc = spawn_supervised(TREE, dict(os.environ), tmp_path / "logs" / "server.log", grace_s=2.0)
     pgid = server_pgid(proc)
@@ -36,6 +53,7 @@ def _tree(tmp_path: Path) -> tuple[subprocess.Popen, int, list[int]]:
     log = tmp_path / "logs" / "server.log"
     assert _wait(lambda: "leaf up" in log.read_text())  # every process past its start-up
     pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    _spawned.extend([proc.pid, *pids])
     assert len(pids) == 2
     return proc, pgid, pids
 
@@ -79,6 +97,7 @@ def test_owner_death_takes_the_tree_down(tmp_path: Path) -> None:
         sup_pid, pgid = (int(x) for x in owner.stdout.readline().split())
         assert _wait(lambda: len(psutil.Process(sup_pid).children(recursive=True)) == 2)
         pids = [sup_pid] + [p.pid for p in psutil.Process(sup_pid).children(recursive=True)]
+        _spawned.extend(pids)
         owner.kill()
         owner.wait()
         assert _wait(lambda: _gone(pids), timeout_s=15), "the server tree outlived its owner"
