@@ -31,19 +31,29 @@ def _wait(predicate, timeout_s: float = 10.0) -> bool:
     return False
 
 
-_spawned: list[int] = []
+_spawned: list[psutil.Process] = []
 
 
 @pytest.fixture(autouse=True)
 def _no_leftovers() -> Iterator[None]:
-    # A failing test must not leave its sleepers behind.
+    # A failing test must not leave its sleepers behind (psutil checks the
+    # pid still names the same process before killing it).
     yield
-    for pid in _spawned:
+    for proc in _spawned:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            if proc.is_running():
+                proc.kill()
+        except psutil.NoSuchProcess:
             pass
     _spawned.clear()
+
+
+def _track(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            _spawned.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _tree(tmp_path: Path) -> tuple[subprocess.Popen, int, list[int]]:
@@ -53,7 +63,7 @@ def _tree(tmp_path: Path) -> tuple[subprocess.Popen, int, list[int]]:
     log = tmp_path / "logs" / "server.log"
     assert _wait(lambda: "leaf up" in log.read_text())  # every process past its start-up
     pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    _spawned.extend([proc.pid, *pids])
+    _track([proc.pid, *pids])
     assert len(pids) == 2
     return proc, pgid, pids
 
@@ -97,7 +107,7 @@ def test_owner_death_takes_the_tree_down(tmp_path: Path) -> None:
         sup_pid, pgid = (int(x) for x in owner.stdout.readline().split())
         assert _wait(lambda: len(psutil.Process(sup_pid).children(recursive=True)) == 2)
         pids = [sup_pid] + [p.pid for p in psutil.Process(sup_pid).children(recursive=True)]
-        _spawned.extend(pids)
+        _track(pids)
         owner.kill()
         owner.wait()
         assert _wait(lambda: _gone(pids), timeout_s=15), "the server tree outlived its owner"
