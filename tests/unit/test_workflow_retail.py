@@ -204,6 +204,22 @@ async def test_only_one_tool_call_per_turn_runs(tasks: dict[str, RetailTask]) ->
     assert "not run" in [m for m in r["trajectory"] if m["role"] == "tool"][0]["content"]
 
 
+async def test_tool_calls_left_in_the_text_are_run_or_refused(tasks: dict[str, RetailTask]) -> None:
+    written = text('Let me look. <tool_call>{"name": "get_order_details", "arguments": {"order_id": "#W2378156"}}'
+                   '</tool_call>')
+    cut_off = text('<tool_call>{"name": "exchange_delivered_order_items", "arguments": 63')
+    llm = ScriptedLLM(agent=[written, cut_off], user=[text("Hi.")])
+    state, _ = await run_dialogue(llm, tasks["0"], max_errors=2)
+    r = state.result
+    assert [(c["name"], c["error"]) for c in r["tool_calls"]] == [("get_order_details", False)]
+    call_msg = r["trajectory"][2]
+    assert call_msg["content"] == "Let me look." and call_msg["tool_calls"][0]["function"]["name"] == "get_order_details"
+    assert '"order_id": "#W2378156"' in r["trajectory"][3]["content"]  # the environment's answer
+    refusals = [m["content"] for m in r["trajectory"][4:] if m["role"] == "tool"]
+    assert refusals and refusals[0].startswith("Error: unreadable <tool_call> text")
+    assert r["termination_reason"] == "too_many_errors"
+
+
 async def test_empty_turns_are_counted(tasks: dict[str, RetailTask]) -> None:
     llm = ScriptedLLM(agent=[text("")], user=[text("Hi.")])
     state, _ = await run_dialogue(llm, tasks["0"], max_errors=4)
@@ -257,3 +273,33 @@ def test_parse_tool_call_accepts_what_weak_models_send() -> None:
     for bad in ("x", {"function": {"arguments": "{}"}}, {"function": {"name": "a", "arguments": "[1]"}}):
         with pytest.raises(dlg.MalformedToolCall):
             dlg.parse_tool_call(bad, "f")
+
+
+async def test_task_end_releases_the_lease_once_and_asks_the_pool_only_for_foreign_tasks() -> None:
+    from matrix_hpc.workflows.retail.client import LocalToolClient
+    from matrix_hpc.workflows.retail.sessions import EnvSession, EnvSessions
+
+    class Pool:
+        def __init__(self) -> None:
+            self.released: list[str] = []
+            self.released_tasks: list[str] = []
+
+        async def release(self, lease: Any) -> None:
+            self.released.append(lease.id)
+
+        async def release_task(self, task_id: str) -> int:
+            self.released_tasks.append(task_id)
+            return 1
+
+    class Lease:
+        id = "sb-1"
+
+    pool = Pool()
+    sessions = EnvSessions(None, pool, server_timeout_s=1, request_timeout_s=1)
+    sessions.sessions["a"] = EnvSession(LocalToolClient(None), Lease(), "sandbox")  # type: ignore[arg-type]
+    await sessions.release("a")  # scored: released at once
+    await sessions.on_task_end("a")  # the worker's hook afterwards: nothing more to do
+    sessions.sessions["b"] = EnvSession(LocalToolClient(None), Lease(), "sandbox")  # type: ignore[arg-type]
+    await sessions.on_task_end("b")  # failed mid-dialogue: the hook releases it
+    await sessions.on_task_end("c")  # ended in another process: the pool releases by task id
+    assert pool.released == ["sb-1", "sb-1"] and pool.released_tasks == ["c"]

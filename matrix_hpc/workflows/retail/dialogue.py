@@ -96,9 +96,11 @@ def parse_tool_call(raw: Any, fallback_id: str) -> ToolCall:
     Unknown tool names are *not* refused here: the environment answers them
     with an error, as it would any other bad call.
     """
+    if isinstance(raw, str):  # the caller's description of an unreadable call
+        raise MalformedToolCall(raw)
     if not isinstance(raw, dict):
         raise MalformedToolCall(f"tool call must be an object, got {type(raw).__name__}")
-    fn = raw.get("function") if isinstance(raw.get("function"), dict) else raw
+    fn: dict[str, Any] = raw["function"] if isinstance(raw.get("function"), dict) else raw
     name = fn.get("name")
     if not isinstance(name, str) or not name.strip():
         raise MalformedToolCall("tool call has no function name")
@@ -112,8 +114,29 @@ def parse_tool_call(raw: Any, fallback_id: str) -> ToolCall:
             raise MalformedToolCall(f"arguments of {name} are not valid JSON ({e.msg} at position {e.pos})") from None
     if not isinstance(arguments, dict):
         raise MalformedToolCall(f"arguments of {name} must be a JSON object, got {type(arguments).__name__}")
-    call_id = raw.get("id") if isinstance(raw.get("id"), str) and raw.get("id") else fallback_id
+    call_id = raw.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        call_id = fallback_id
     return ToolCall(call_id, name.strip(), json.dumps(arguments, sort_keys=True))
+
+
+TEXT_CALL_OPEN, TEXT_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes-style calls written as text
+
+
+def text_tool_call(text: str) -> tuple[str, Any] | None:
+    """A tool call the model wrote as text that the server did not parse (no tool
+    parser, or the call was cut off): ``(text before it, raw call)``, the raw call
+    being ``None`` when it cannot be read. ``None`` when the text has no call."""
+    start = text.find(TEXT_CALL_OPEN)
+    if start < 0:
+        return None
+    body = text[start + len(TEXT_CALL_OPEN):]
+    end = body.find(TEXT_CALL_CLOSE)
+    try:
+        raw = json.loads(body[:end] if end >= 0 else body)
+    except json.JSONDecodeError:
+        raw = None
+    return text[:start].strip(), raw
 
 
 def assistant_tool_message(content: str | None, call: ToolCall) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class EnvSessions:
         self.server_timeout_s = server_timeout_s
         self.request_timeout_s = request_timeout_s
         self.sessions: dict[str, EnvSession] = {}
+        self._released: set[str] = set()  # released here before their task ended (no pool call needed then)
         self.policy = load_policy(self.data_dir)
         self.tools = tool_schemas()
         self._snapshot: RetailSnapshot | None = None
@@ -137,6 +138,7 @@ class EnvSessions:
         session = self.sessions.pop(task_id, None)
         if session is None:
             return
+        self._released.add(task_id)
         with contextlib.suppress(Exception):
             await session.client.close()
         if session.lease is not None and self.sandboxes is not None:
@@ -149,6 +151,8 @@ class EnvSessions:
         """The worker's hook: the task ended (any status) in this process."""
         if task_id in self.sessions:
             await self.release(task_id)
+        if task_id in self._released:
+            self._released.discard(task_id)
         elif self.sandboxes is not None:
             # the task ended in another role's process: the pool releases by task id
             await self.sandboxes.release_task(task_id)
