@@ -89,7 +89,9 @@ def run_matrix(name: str, data: Path, url: str, concurrency: int, workdir: Path)
            "llm.openai.dialect=vllm", "llm.openai.api_key_env=", "llm.openai.model=sim",
            f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
            "run.num_cpus=2", *WORKFLOW_OVERRIDES[name]]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"matrix-hpc run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     t = pq.read_table(data_files(out), columns=["status", "prompt_tokens", "completion_tokens", "t_admitted",
                                                  "t_finished"]).to_pydict()
     return _measure(len(t["status"]), min(t["t_admitted"]), max(t["t_finished"]),
@@ -209,6 +211,9 @@ def run_ray_data(rows: list[dict[str, Any]], url: str, batch_size: int) -> dict[
     try:
         items = [{"state": json.dumps({"id": str(i), "input": r, "status": None, "result": {}, "history": []})}
                  for i, r in enumerate(rows)]
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
         ds = ray.data.from_items(items)
         for role in ("filter", "score", "question"):
             ds = ds.map_batches(Stage, fn_constructor_args=(role, url), batch_size=batch_size, concurrency=2)
@@ -254,8 +259,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1000, help="tasks in flight (matrix_hpc and asyncio)")
     parser.add_argument("--batch-size", type=int, default=256, help="Ray Data map_batches batch size")
     parser.add_argument("--only", choices=["coral", "natural_reasoning"])
+    parser.add_argument("--dialogues", type=int, help="coral tasks (overrides the default)")
+    parser.add_argument("--documents", type=int, help="natural_reasoning tasks (overrides the default)")
     args = parser.parse_args()
     n_dialogues, n_docs = (200, 1000) if args.quick else (600, 3000)
+    n_dialogues, n_docs = args.dialogues or n_dialogues, args.documents or n_docs
     print(f"sim service: {SIM_WORKERS} processes, {json.dumps(SIM)}")
     with tempfile.TemporaryDirectory(prefix="bench-workflows-") as tmp:
         out: dict[str, Any] = {}
