@@ -165,3 +165,23 @@ def test_failing_head_job_reports_state_logs_and_stderr(tmp_path: Path, cleanup:
     text = str(e.value)
     assert "ended before it came up" in text and "FAILED" in text and "matrix-test-boom" in text
     assert str(conf.cluster_dir / "logs") in text
+
+
+def test_cli_run_with_cluster_slurm_submits_the_driver_and_waits(tmp_path: Path, cleanup: list) -> None:
+    """`matrix-hpc run cluster=slurm ...` from outside an allocation goes through Slurm."""
+    import sys
+
+    conf = small_conf(tmp_path, "cli")
+    cleanup.append(conf)
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(60))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", "cluster=slurm", f"cluster.dir={conf.dir}",
+           f"cluster.name={conf.name}", "cluster.driver.cpus_per_task=2", "cluster.driver.mem_gb=2",
+           f"dataset.path={data}", f"output.dir={out}", "run.num_cpus=2", "run.progress_interval_s=0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitted run as Slurm job" in proc.stderr
+    drivers = [j for j in ClusterState(conf.cluster_dir).jobs() if j.role == "driver"]
+    assert len(drivers) == 1 and drivers[0].stdout().exists()
+    assert_each_id_once(out, 60)

@@ -106,3 +106,15 @@ def test_importing_the_cluster_package_stays_light() -> None:
             "print(sorted(m for m in ('ray', 'submitit', 'psutil') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_maybe_submit_run_runs_in_place_unless_slurm_outside_an_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    from matrix_hpc.cluster.slurm_run import maybe_submit_run
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert maybe_submit_run(OmegaConf.create({"cluster": {"backend": "local"}})) is None
+    assert maybe_submit_run(OmegaConf.create({"cluster": {"backend": "slurm", "submit_run": False}})) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # inside a job (the submitted run itself, a sweep job, salloc)
+    assert maybe_submit_run(OmegaConf.create({"cluster": {"backend": "slurm"}})) is None
