@@ -67,6 +67,19 @@ def vllm_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
         ray.shutdown()
 
 
+def _wait_all_running(service: Any, timeout_s: float = 400) -> None:
+    """Both replicas serving and registered (a start or restart takes its time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = service.status()
+        if all(s["state"] == "running" for s in status) and _snapshot(service) == {
+            s["replica_id"]: s["base_url"] for s in status
+        }:
+            return
+        time.sleep(1)
+    raise AssertionError(f"replicas not all running after {timeout_s} s: {service.status()}")
+
+
 def _snapshot(service: Any) -> dict[str, str]:
     import ray
 
@@ -154,6 +167,8 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
         # first task to finish turn 1 kills it while odd tasks keep sending
         # (requests in flight are lost and retried); even tasks wait for the
         # kill after turn 1, so those pinned to replica 0 must move over.
+        _wait_all_running(vllm_service)
+        await asyncio.sleep(1.5)  # the client's next registry poll
         killed_url = vllm_service.status()[0]["base_url"]
         killed: list[int | None] = []
         kill_done = asyncio.Event()
