@@ -64,12 +64,12 @@ async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens
 
 
 def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: Path) -> dict[str, Any]:
-    import psutil
-    import ray
+    import pyarrow.parquet as pq
 
     from matrix_hpc.config.schema import OutputConf, RunConf
     from matrix_hpc.runtime.driver import Driver, RunPlan
     from matrix_hpc.store.input import DatasetConf
+    from matrix_hpc.store.layout import data_files
     from matrix_hpc.workflows.generate import GenerateConf
 
     data = workdir / f"prompts-{n}.jsonl"
@@ -78,15 +78,35 @@ def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: P
     out = workdir / f"out-{n}-{concurrency}-{time.time_ns()}"
     plan = RunPlan(GenerateConf(max_tokens=max_tokens), DatasetConf(path=str(data)), OutputConf(dir=str(out)),
                    RunConf(max_concurrent_tasks=concurrency, progress_interval_s=0), services={"llm": factory})
-    me = psutil.Process()
-    c0 = sum(p.cpu_times().user + p.cpu_times().system for p in [me, *me.children(recursive=True)])
+    c0 = client_tree_cpu_s()
     result = asyncio.run(Driver(plan).run())
-    c1 = sum(p.cpu_times().user + p.cpu_times().system for p in [me, *me.children(recursive=True)])
+    c1 = client_tree_cpu_s()
     s = result.stats
     wall = (s.t_end or time.time()) - (s.t_admit_start or s.t_start)
     ok = s.by_status["ok"]
-    return {"calls_per_s": ok / wall, "tokens_per_s": s.tokens / wall, "failed": s.by_status["failed"],
+    completion = sum(pq.read_table(f, columns=["completion_tokens"]).column(0).to_numpy().sum() for f in data_files(out))
+    return {"calls_per_s": ok / wall, "tokens_per_s": completion / wall, "failed": s.by_status["failed"],
             "cpu_s_per_call": (c1 - c0) / max(1, ok), "wall_s": wall}
+
+
+def client_tree_cpu_s() -> float:
+    """CPU of this process and its descendants (Ray, actors), servers excluded."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            if any(k in " ".join(p.cmdline()) for k in SERVER_MARKERS):
+                continue
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+SERVER_MARKERS = ("vllm", "sim_server", "VLLMReplica", "SimReplica")
 
 
 def main() -> None:
@@ -131,7 +151,7 @@ def main() -> None:
     factory = LLMClientFactory(StaticEndpoints(urls), ClientConf(), model, Secret(None))
     print(f"backend {args.backend}: {urls}  (median of {args.repeats}, bare and pipeline interleaved)")
     print(f"{'conc':>6} {'tasks':>6} {'bare calls/s':>13} {'pipe calls/s':>13} {'ratio':>6} "
-          f"{'bare tok/s':>10} {'pipe tok/s':>10} {'bare CPU ms/call':>16} {'pipe CPU ms/call':>16}")
+          f"{'bare out tok/s':>14} {'pipe out tok/s':>14} {'bare CPU ms/call':>16} {'pipe CPU ms/call':>16}")
     try:
         for conc in args.concurrency:
             n = args.tasks or args.rounds * conc
@@ -141,8 +161,8 @@ def main() -> None:
                 p_runs.append(pipeline(factory, n, conc, args.max_tokens, workdir))
             med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
             b, p = med(b_runs, "calls_per_s"), med(p_runs, "calls_per_s")
-            print(f"{conc:>6} {n:>6} {b:>13.0f} {p:>13.0f} {p / b:>6.2f} {med(b_runs, 'tokens_per_s'):>10.0f} "
-                  f"{med(p_runs, 'tokens_per_s'):>10.0f} {1000 * med(b_runs, 'cpu_s_per_call'):>16.2f} "
+            print(f"{conc:>6} {n:>6} {b:>13.0f} {p:>13.0f} {p / b:>6.2f} {med(b_runs, 'tokens_per_s'):>14.0f} "
+                  f"{med(p_runs, 'tokens_per_s'):>14.0f} {1000 * med(b_runs, 'cpu_s_per_call'):>16.2f} "
                   f"{1000 * med(p_runs, 'cpu_s_per_call'):>16.2f}", flush=True)
     finally:
         stop()
