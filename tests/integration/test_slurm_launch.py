@@ -94,7 +94,7 @@ def test_hydra_multirun_sweep_on_slurm_gives_one_output_dir_per_point(tmp_path: 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mct_16", "mct_8"]
     for point in ("mct_8", "mct_16"):
         assert_each_id_once(tmp_path / "out" / point, 80)
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
     table = format_sweep(sweep_points(tmp_path / "sweep"))
     assert [line.split()[:3] for line in table.splitlines()[1:]] == [
         ["0", "run.max_concurrent_tasks=8", "80"], ["1", "run.max_concurrent_tasks=16", "80"]]
