@@ -185,3 +185,15 @@ def test_cli_run_with_cluster_slurm_submits_the_driver_and_waits(tmp_path: Path,
     drivers = [j for j in ClusterState(conf.cluster_dir).jobs() if j.role == "driver"]
     assert len(drivers) == 1 and drivers[0].stdout().exists()
     assert_each_id_once(out, 60)
+
+
+def test_cli_cluster_status_and_down_on_a_cluster_that_is_not_up(tmp_path: Path) -> None:
+    import sys
+
+    base = [sys.executable, "-m", "matrix_hpc.cli.main", "cluster"]
+    args = ["cluster=slurm", "cluster.name=idle", f"cluster.dir={tmp_path / 'c'}"]
+    status = subprocess.run([*base, "status", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "head: not running" in status.stdout and "jobs: none" in status.stdout
+    down = subprocess.run([*base, "down", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "cancelled jobs: none" in down.stdout, down.stderr
