@@ -175,3 +175,21 @@ def test_a_crash_between_compaction_rename_and_delete_is_repaired(tmp_path: Path
     assert completed_ids(tmp_path) == {"t0", "t1", "t2"}
     ids = [i for f in data_files(tmp_path) for i in pq.read_table(f).column("id").to_pylist()]
     assert sorted(ids) == ["t0", "t1", "t2"]
+
+
+def test_output_reads_as_one_dataset_with_pyarrow_and_duckdb(tmp_path: Path) -> None:
+    import duckdb
+    import pyarrow.dataset as ds
+
+    async def go() -> None:
+        sink = _sink(tmp_path)
+        await sink.write([_task(i) for i in range(20)])
+        await sink.flush()
+
+    asyncio.run(go())
+    (tmp_path / "_matrix").mkdir()
+    (tmp_path / "_matrix" / "config.yaml").write_text("not parquet")
+    table = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(f"t{i}" for i in range(20))
+    n = duckdb.sql(f"select count(distinct id) from read_parquet('{tmp_path}/shard=*/*.parquet')").fetchall()
+    assert n == [(20,)]
