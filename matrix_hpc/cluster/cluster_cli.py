@@ -293,8 +293,9 @@ def ray_address_for(conf: Any) -> str | None:
     conf = as_cluster_conf(conf)
     head = ClusterState(conf.cluster_dir).head()
     if head is None:
-        log.warning("no matrix cluster running at %s: the run starts its own Ray on this node "
-                    "(start one with `matrix-hpc cluster up cluster=%s`)", conf.cluster_dir, conf.backend)
+        if conf.backend == "slurm":  # with cluster=local an in-process Ray is the normal case
+            log.warning("no matrix cluster running at %s: the run starts its own Ray on this node "
+                        "(start one with `matrix-hpc cluster up cluster=slurm`)", conf.cluster_dir)
         return None
     if not port_available(head.node_ip, head.gcs_port, timeout_s=5.0):
         raise ClusterError(f"the Ray head in {ClusterState(conf.cluster_dir).head_file} ({head.address}, job "
