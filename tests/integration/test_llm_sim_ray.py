@@ -18,7 +18,7 @@ import pytest
 from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.config import ClientConf, LLMConf, SimConf
 from matrix_hpc.services.llm.endpoints import RegistryEndpoints
-from matrix_hpc.services.llm.registry import NAMESPACE
+from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry
 from matrix_hpc.services.llm.service import LLMService, sim_actor_name, start_llm_service
 
 pytestmark = pytest.mark.integration
@@ -40,9 +40,12 @@ def local_ray() -> Iterator[None]:
 
 @pytest.fixture
 def service(local_ray: None, tmp_path: Path) -> Iterator[LLMService]:
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    # A crashed earlier run of this service left a replica in the detached registry.
+    ray.get(get_or_create_registry(name).register.remote("sim-7", "http://127.0.0.1:9"))
     conf = LLMConf(
         backend="sim",
-        service=f"test-{uuid.uuid4().hex[:8]}",
+        service=name,
         client=CLIENT,
         sim=SimConf(num_replicas=2, ttft_s=0.05, time_per_output_token_s=0.0005, output_tokens=20),
     )
@@ -61,6 +64,8 @@ async def dialogue(client: LLMClient, task: str, turns: int) -> list[str]:
 
 async def test_load_is_spread_and_dialogues_stick(service: LLMService) -> None:
     assert isinstance(service.endpoint_source(), RegistryEndpoints)
+    _, table = await service.endpoint_source().fetch()
+    assert sorted(table) == ["sim-0", "sim-1"]  # the stale sim-7 was dropped
     factory = service.client_factory()
     assert factory is not None
     async with factory() as client:

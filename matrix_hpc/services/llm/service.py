@@ -213,6 +213,7 @@ def _start_sim_actors(conf: LLMConf) -> LLMService:
         for i in range(conf.sim.num_replicas)
     ]
     ray.get([a.url.remote() for a in actors])  # raises here if a replica cannot start
+    _drop_stale_replicas(conf.service, {f"sim-{i}" for i in range(conf.sim.num_replicas)})
 
     def stop() -> None:
         for actor in actors:
@@ -224,6 +225,16 @@ def _start_sim_actors(conf: LLMConf) -> LLMService:
 
     endpoints = RegistryEndpoints(conf.service, refresh_interval_s=conf.client.refresh_interval_s)
     return LLMService(conf, endpoints, conf.sim.model, stoppers=[stop])
+
+
+def _drop_stale_replicas(service: str, current: set[str]) -> None:
+    """Forget replicas a crashed earlier run left in this service's (detached) registry."""
+    import ray
+
+    registry = get_or_create_registry(service)
+    _, table = ray.get(registry.snapshot.remote())
+    for replica_id in set(table) - current:
+        ray.get(registry.unregister.remote(replica_id))
 
 
 # -- vllm ------------------------------------------------------------------------
