@@ -398,7 +398,7 @@ class LLMClient:
             ) as resp:
                 payload = await resp.read()  # bytes: json.loads needs no charset sniffing
                 status = resp.status
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Retryable(f"no answer within {timeout.total:.1f} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"cannot connect ({exc.os_error})", replica_down=True) from None
@@ -460,7 +460,7 @@ class LLMClient:
             raise LLMUnavailableError(f"{self.endpoints!r} lists no replica")
         try:
             await asyncio.wait_for(self._has_replicas.wait(), self.conf.wait_for_replicas_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LLMUnavailableError(
                 f"no LLM replica registered in {self.endpoints!r} within {self.conf.wait_for_replicas_s:.0f} s; "
                 "check that the LLM service started (its logs are under the run directory)"
@@ -492,7 +492,7 @@ class LLMClient:
             down = self.router.down()
             if down:
                 results = await asyncio.gather(*(self._probe(r) for r in down))
-                for replica, ok in zip(down, results):
+                for replica, ok in zip(down, results, strict=True):
                     if ok:
                         log.info("LLM replica %s is healthy again", replica.base_url)
                         self.router.mark_up(replica.replica_id)
@@ -509,7 +509,7 @@ class LLMClient:
                         return True
                     if resp.status != 404:
                         return False
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 return False
         return False
 
