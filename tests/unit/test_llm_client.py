@@ -222,3 +222,14 @@ async def test_no_replica_at_all_fails_with_a_clear_message() -> None:
             await client.chat(MESSAGES)
     finally:
         await client.close()
+
+
+def test_package_and_config_import_light() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, matrix_hpc.services.llm as m, matrix_hpc.services.llm.config as c; c.LLMConf(); "
+        "heavy = [n for n in ('aiohttp', 'ray', 'vllm', 'torch') if n in sys.modules]; assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
