@@ -579,6 +579,8 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
     use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
     run_dir = Path(run_dir).resolve()
     host = _server_host(conf)
+    # Made here, once, so that replicas starting together never race to create it.
+    ray.get(get_or_create_registry(conf.service).snapshot.remote())
     actor_cls: Any = ray.remote(VLLMReplica)  # Any: Ray's actor class wrapper
     actors, ids = [], []
     for i in range(conf.num_replicas):
