@@ -303,3 +303,13 @@ async def test_task_end_releases_the_lease_once_and_asks_the_pool_only_for_forei
     await sessions.on_task_end("b")  # failed mid-dialogue: the hook releases it
     await sessions.on_task_end("c")  # ended in another process: the pool releases by task id
     assert pool.released == ["sb-1", "sb-1"] and pool.released_tasks == ["c"]
+
+
+def test_trial_rows_keep_the_tau2_task_id(tasks: dict[str, RetailTask], tmp_path: Any) -> None:
+    from matrix_hpc.workflows.retail.tasks import write_rows_jsonl
+
+    n = write_rows_jsonl(tmp_path / "rows.jsonl", split="test", trials=3)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert n == len(rows) == 40 * 3
+    assert [r["id"] for r in rows[:3]] == [f"{rows[0]['task_id']}/{k}" for k in range(3)]
+    assert RetailTask.from_row(rows[1]) == tasks[rows[1]["task_id"]]  # the reward replays the right gold actions
