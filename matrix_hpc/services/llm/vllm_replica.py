@@ -465,9 +465,13 @@ class VLLMReplica:
 
 
 def _actor_was_restarted() -> bool:
+    import warnings
+
     import ray
 
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    with warnings.catch_warnings():  # Ray's own property uses a deprecated accessor inside
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def _pid_alive(pid: int) -> bool:
