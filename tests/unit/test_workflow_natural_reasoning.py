@@ -165,3 +165,17 @@ def test_hydra_config_composes(repo_root: Any) -> None:
     with pytest.raises(ConfigError, match="min_scores"):
         compose(["workflow=natural_reasoning", "dataset=web_docs_sample", "output.dir=/tmp/x",
                  "+workflow.min_scores.typo=2"], conf_dir)
+
+
+def test_zstd_compressed_jsonl_documents_are_read(tmp_path: Any) -> None:
+    import zstandard
+
+    from matrix_hpc.store.input import DatasetConf, iter_input
+
+    lines = "".join(json.dumps(d) + "\n" for d in (DOC, GERMAN)).encode()
+    (tmp_path / "docs.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    items = list(iter_input(DatasetConf(path=str(tmp_path / "*.jsonl.zst"), required_columns=["text"])))
+    assert [i.id for i in items] == ["d1", "d2"]
+    wf = NaturalReasoning(NaturalReasoningConf())
+    statuses = [run_task(wf, i.row, pipeline(), task_id=i.id).status for i in items if i.row is not None]
+    assert statuses == [OK, FILTERED]
