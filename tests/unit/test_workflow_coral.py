@@ -204,3 +204,18 @@ def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -
         wf.validate_input(item.row)
     with pytest.raises(ValueError, match="not a Hugging Face dataset directory"):
         load_hf_dataset_dir(tmp_path)
+
+
+async def test_a_role_endpoint_gets_its_own_client_kept_for_closing() -> None:
+    from matrix_hpc.runtime.workflow import AgentContext
+    from matrix_hpc.services.llm.client import LLMClient
+    from matrix_hpc.workflows.llm_steps import role_client
+
+    shared = ScriptedLLM(lambda m, p: "x")
+    ctx = AgentContext(0, {"llm": shared})
+    assert role_client(ctx, RoleLLMConf(model="m")) is shared  # a model alone stays on the run's service
+    role = RoleLLMConf(model="judge-model", base_url="http://127.0.0.1:9/v1")
+    client = role_client(ctx, role)
+    assert isinstance(client, LLMClient) and client.model == "judge-model"
+    assert role_client(ctx, role) is client and ctx.services["llm@http://127.0.0.1:9/v1"] is client
+    await client.close()
