@@ -227,26 +227,40 @@ class Driver:
 
     async def _watch_peers(self, interval_s: float = 2.0) -> None:
         """Re-admit tasks lost with a worker (Ray restarts it; we reconnect it)
-        or stuck past ``run.task_timeout_s``. Sinks drop a second copy."""
-        workers = [h for hs in self.handles.values() for h in hs]
+        or stuck past ``run.task_timeout_s``. Sinks drop a second copy.
+
+        A slow ping is not a loss: a worker busy with thousands of tasks on a
+        loaded node answers late. Only a new incarnation (a restart) is."""
+        keys = [(g, i) for g, hs in self.handles.items() for i in range(len(hs))]
         while True:
             await asyncio.sleep(interval_s)
-            lost = False
-            for i, w in enumerate(workers):
-                try:
-                    incarnation = await asyncio.wait_for(w.ping.remote(), 30)
-                except Exception:
-                    lost = True  # dead or restarting: its tasks are gone
-                    continue
-                if incarnation != self._incarnations[i]:
-                    self._incarnations[i] = await w.connect.remote(self.router, self.handles, self.sinks)
-                    log.warning("worker %d restarted; re-admitting its in-flight tasks", i)
-                    lost = True
+            restarted = [key for n, key in enumerate(keys) if await self._restarted(n, key)]
             timeout = self.plan.run.task_timeout_s
             now = time.time()
-            stale = [tid for tid, t0 in self._admitted_at.items() if lost or (timeout > 0 and now - t0 > timeout)]
-            for task_id in stale:
-                self._readmit(task_id)
+            for task_id, t0 in list(self._admitted_at.items()):
+                if (timeout > 0 and now - t0 > timeout) or self._was_on(task_id, restarted):
+                    self._readmit(task_id)
+
+    async def _restarted(self, n: int, key: tuple[str, int]) -> bool:
+        worker = self.handles[key[0]][key[1]]
+        try:
+            incarnation = await asyncio.wait_for(worker.ping.remote(), 60)
+        except Exception:  # busy, or dead and restarting: judged by the next ping
+            return False
+        if incarnation == self._incarnations[n]:
+            return False
+        self._incarnations[n] = await worker.connect.remote(self.router, self.handles, self.sinks)
+        log.warning("worker %s/%d restarted; re-admitting the tasks it may have held", *key)
+        return True
+
+    def _was_on(self, task_id: str, restarted: list[tuple[str, int]]) -> bool:
+        """Could the task have been on a restarted worker? Co-located, a task
+        lives on one worker only; across role groups it could be anywhere."""
+        if not restarted:
+            return False
+        if len(self.handles) == 1:
+            return self.router.route(self.workflow.first_role, task_id) in restarted
+        return True
 
     def _readmit(self, task_id: str) -> None:
         item = self.inflight.get(task_id)
