@@ -15,7 +15,8 @@ from typing import Any, Iterator
 
 @dataclass
 class DatasetConf:
-    path: str = "???"  # file or glob of .jsonl / .jsonl.zst / .parquet files
+    path: str = "???"  # file or glob of .jsonl / .jsonl.zst / .parquet files, or a saved HF dataset dir
+    split: str | None = None  # HF dataset dir holding several splits: which one
     format: str = "auto"  # auto | jsonl | parquet (auto: by file extension)
     id_column: str | None = "id"  # column holding the task id; null: a stable hash of the row
     required_columns: list[str] = field(default_factory=list)  # rows missing one fail with a clear error
@@ -36,8 +37,10 @@ class InputError(ValueError):
 
 
 def input_files(conf: DatasetConf) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(str(Path(conf.path).expanduser()), recursive=True))
-    files = [f for f in files if f.is_file()]
+    from matrix_hpc.store.hf_input import is_hf_dataset_dir
+
+    paths = sorted(Path(p) for p in glob.glob(str(Path(conf.path).expanduser()), recursive=True))
+    files = [f for f in paths if f.is_file() or is_hf_dataset_dir(f)]
     if not files:
         raise InputError(f"dataset.path={conf.path!r} matches no file")
     return files
@@ -55,6 +58,9 @@ def iter_input(conf: DatasetConf) -> Iterator[InputItem]:
 
 
 def _iter_file(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
+    if path.is_dir():  # a Hugging Face dataset saved with save_to_disk
+        yield from _iter_hf_dir(path, conf)
+        return
     fmt = conf.format if conf.format != "auto" else _format_of(path)
     if fmt == "jsonl":
         yield from _iter_jsonl(path, conf)
@@ -109,6 +115,16 @@ def _iter_parquet(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
         offset += batch.num_rows
 
 
+def _iter_hf_dir(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
+    from matrix_hpc.store.hf_input import load_hf_dataset_dir
+
+    offset = 0
+    for batch in load_hf_dataset_dir(path, conf.split).to_batches(max_chunksize=4096):
+        for i, row in enumerate(batch.to_pylist(), offset):
+            yield _item(row, conf, f"{path}:row {i}", f"{path.name}:row{i}")
+        offset += batch.num_rows
+
+
 def _item(row: dict[str, Any], conf: DatasetConf, where: str, fallback_id: str) -> InputItem:
     missing = [c for c in conf.required_columns if c not in row]
     if conf.id_column and conf.id_column not in row:
@@ -130,7 +146,11 @@ def count_input_rows(conf: DatasetConf) -> int:
     """Rows in the input (for the ETA): lines of JSONL, metadata of Parquet."""
     total = 0
     for path in input_files(conf):
-        if (conf.format if conf.format != "auto" else _format_of(path)) == "parquet":
+        if path.is_dir():
+            from matrix_hpc.store.hf_input import load_hf_dataset_dir
+
+            total += load_hf_dataset_dir(path, conf.split).num_rows
+        elif (conf.format if conf.format != "auto" else _format_of(path)) == "parquet":
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(path).metadata.num_rows

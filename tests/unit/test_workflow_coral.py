@@ -187,7 +187,7 @@ def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -
     import pyarrow.parquet as pq
 
     from matrix_hpc.store.input import DatasetConf, iter_input
-    from matrix_hpc.workflows.hf_input import export_to_parquet, load_hf_dataset_dir
+    from matrix_hpc.store.hf_input import export_to_parquet, load_hf_dataset_dir
 
     rows = [dict(ROW, question_id=i) for i in range(5)]
     _save_like_hf(tmp_path / "mmlu" / "test", rows)
@@ -204,6 +204,9 @@ def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -
         wf.validate_input(item.row)
     with pytest.raises(ValueError, match="not a Hugging Face dataset directory"):
         load_hf_dataset_dir(tmp_path)
+    # dataset.path may also name the saved directory itself
+    direct = list(iter_input(DatasetConf(path=str(tmp_path / "mmlu"), id_column="question_id", split="test")))
+    assert [i.id for i in direct] == [str(i) for i in range(5)] and all(i.error is None for i in direct)
 
 
 async def test_a_role_endpoint_gets_its_own_client_kept_for_closing() -> None:

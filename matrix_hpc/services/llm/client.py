@@ -80,6 +80,8 @@ class LLMError(Exception):
 class LLMRequestError(LLMError):
     """The server refused the request for good (a 4xx other than 408/409/425/429)."""
 
+    retryable = False  # the runtime fails the row at once instead of retrying the step
+
     def __init__(self, status: int, message: str, replica: str):
         self.status = status
         self.server_message = message

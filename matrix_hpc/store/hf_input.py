@@ -5,7 +5,7 @@ Uses ``datasets.load_from_disk`` when ``datasets`` is installed; otherwise it
 reads the directory's Arrow stream files with pyarrow (the on-disk format
 ``save_to_disk`` writes), so no extra dependency is needed.
 
-    python -m matrix_hpc.workflows.hf_input /data/mmlu_pro --split test --out mmlu_pro_test.parquet
+    python -m matrix_hpc.store.hf_input /data/mmlu_pro --split test --out mmlu_pro_test.parquet
     matrix-hpc run workflow=coral dataset.path=mmlu_pro_test.parquet dataset.id_column=question_id ...
 """
 
