@@ -29,6 +29,7 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
     register_configs()
     GlobalHydra.instance().clear()
     plain = [o for o in split_flags(overrides)[1] if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    plain = select_registered_workflow(plain, conf_dir)
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=plain)
@@ -44,6 +45,23 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
 #: Hydra's own command-line flags that take a value.
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp",
                      "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def select_registered_workflow(overrides: list[str], conf_dir: str) -> list[str]:
+    """``workflow=NAME`` for a registered workflow without a yaml file in
+    conf/workflow/ (e.g. one of the user's) selects its schema directly."""
+    from pathlib import Path
+
+    from matrix_hpc.runtime.workflow import workflow_names
+
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "workflow" and value and not (Path(conf_dir) / "workflow" / f"{value}.yaml").exists() \
+                and value in workflow_names():
+            o = f"workflow={value}_schema"
+        out.append(o)
+    return out
 
 
 def split_flags(args: list[str]) -> tuple[list[str], list[str]]:

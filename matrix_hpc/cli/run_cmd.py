@@ -19,6 +19,9 @@ _result: dict[str, int] = {}
 
 
 def run_command(overrides: list[str]) -> int:
+    from matrix_hpc.cli.config_check import select_registered_workflow
+
+    overrides = select_registered_workflow(overrides, str(conf_dir()))
     try:
         compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
     except ConfigError as e:

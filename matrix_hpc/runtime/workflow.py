@@ -157,8 +157,14 @@ def workflow_conf_classes() -> dict[str, type[WorkflowConf]]:
 
 
 def _import_builtin_workflows() -> None:
+    """The built-in workflows, plus the user's modules named in
+    ``MATRIX_HPC_WORKFLOWS`` (comma-separated, importable)."""
     import importlib
+    import os
 
+    user = [m.strip() for m in os.environ.get("MATRIX_HPC_WORKFLOWS", "").split(",") if m.strip()]
+    for module in user:
+        importlib.import_module(module)
     for module in BUILTIN_WORKFLOW_MODULES:
         try:
             importlib.import_module(module)
