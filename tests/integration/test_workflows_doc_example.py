@@ -1,4 +1,4 @@
-"""The "Write your own workflow" example of docs/workflows.md, run exactly as
+"""The "Write your own workflow" example of the README, run exactly as
 written (copied out of the document) on a real local Ray with the sim LLM."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from tests.integration.runs import env_with_repo, read_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-DOC = REPO_ROOT / "docs" / "workflows.md"
+DOC = REPO_ROOT / "README.md"
 
 
 def example_code() -> str:
-    section = DOC.read_text().split("## Write your own workflow", 1)[1]
+    section = DOC.read_text().split("### Write your own workflow", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
