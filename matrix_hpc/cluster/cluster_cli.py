@@ -149,7 +149,8 @@ def _submit_head(conf: ClusterConf, state: ClusterState) -> JobRecord:
     state.head_file.unlink(missing_ok=True)
     executor = make_executor(conf, conf.head, f"matrix-head-{conf.name}")
     executor.update_parameters(nodes=1)
-    job = executor.submit(RayHead(str(conf.cluster_dir), _spec(conf, "head", conf.head)))
+    with backend_of(conf).submitting(state.root / "logs" / "submit.log"):
+        job = executor.submit(RayHead(str(conf.cluster_dir), _spec(conf, "head", conf.head)))
     record = _record(job, "head", conf)
     state.add_jobs([record])
     log.info("submitted head job %s (logs %s)", record.job_id, record.log_dir)
@@ -162,7 +163,7 @@ def _submit_workers(conf: ClusterConf, state: ClusterState) -> list[JobRecord]:
     shape = conf.worker if conf.backend == "slurm" else JobShapeConf(**{**conf.worker.__dict__, "nodes": 1})
     executor = make_executor(conf, shape, f"matrix-worker-{conf.name}")
     worker = RayWorker(str(conf.cluster_dir), _spec(conf, "worker", shape), conf.head_wait_timeout_s)
-    with executor.batch():  # one job array on Slurm
+    with backend_of(conf).submitting(state.root / "logs" / "submit.log"), executor.batch():  # a job array on Slurm
         jobs = [executor.submit(worker) for _ in range(conf.workers)]
     records = [_record(j, "worker", conf) for j in jobs]
     state.add_jobs(records)

@@ -3,6 +3,10 @@ submitit's local executor (the same callables and log layout as Slurm)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from matrix_hpc.cluster.ray_node import kill_tree
@@ -35,3 +39,22 @@ class LocalBackend:
 
     def result_file(self, log_dir: Path, job_id: str) -> Path:
         return log_dir / f"{job_id}_0_result.pkl"
+
+    @contextlib.contextmanager
+    def submitting(self, log_path: Path) -> Iterator[None]:
+        """Jobs submitted inside inherit ``log_path`` as stdout/stderr instead of
+        ours: a long-lived local job holding our pipe would keep
+        `matrix-hpc cluster up | tail` (or a captured subprocess) from ever ending."""
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            with open(log_path, "ab") as log:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                yield
+        finally:
+            for fd, copy in ((1, saved[0]), (2, saved[1])):
+                os.dup2(copy, fd)
+                os.close(copy)

@@ -4,8 +4,11 @@ squeue and is unknown to sacct reads as FINISHED."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 #: Slurm states in which a job still holds (or waits for) resources.
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
@@ -36,6 +39,11 @@ class SlurmBackend:
         if missing:
             out.update(_sacct_states(missing))
         return {j: out.get(j, "FINISHED") for j in job_ids}
+
+    @contextlib.contextmanager
+    def submitting(self, log_path: Path) -> Iterator[None]:
+        """Nothing to detach: sbatch returns at once."""
+        yield
 
     def cancel(self, job_ids: list[str]) -> None:
         if job_ids:

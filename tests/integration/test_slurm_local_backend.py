@@ -3,13 +3,16 @@ head/worker callables and cluster dir, processes on this machine."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_main, cluster_status, cluster_up
+from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_main, cluster_status
 from matrix_hpc.cluster.ray_node import find_by_marker
 from matrix_hpc.cluster.state import ClusterState
+from tests.integration.runs import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +22,16 @@ def test_local_cluster_up_status_down(tmp_path: Path, capsys: pytest.CaptureFixt
                             worker_resources={"sandbox_host": 2.0})
     conf.worker.cpus_per_task = 1
     try:
-        status = cluster_up(conf)
+        # `up` in a process whose output is captured: it must return while the cluster keeps running
+        # (the local jobs must not hold the caller's pipes open).
+        code = ("import sys; from matrix_hpc.cluster import LocalClusterConf, cluster_main; "
+                f"c = LocalClusterConf(name='loc', dir={conf.dir!r}, workers=1, head_wait_timeout_s=180, "
+                "worker_resources={'sandbox_host': 2.0}); c.worker.cpus_per_task = 1; "
+                "sys.exit(cluster_main('up', c))")
+        up = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert "head: " in up.stdout
+        status = cluster_status(conf, ask_ray=False)
         assert status.head is not None and [j.state for j in status.jobs] == ["RUNNING", "RUNNING"]
         assert cluster_main("status", conf) == 0
         printed = capsys.readouterr().out
