@@ -44,7 +44,17 @@ SIM_WORKERS = 2
 WORKFLOW_OVERRIDES = {
     "coral": ["workflow.max_turns=6", "workflow.speaker_max_tokens=96"],
     "natural_reasoning": ["workflow.min_score=1", "workflow.require_boxed=false"],
+    "retail_tool_use": ["workflow.max_steps=12"],  # in-process environments (sandbox=disabled)
 }
+
+
+def retail_rows(n: int) -> list[dict[str, Any]]:
+    """tau2 retail task rows, repeated as trials up to ``n`` rows."""
+    from matrix_hpc.workflows.retail.tasks import iter_task_rows, trial_rows
+
+    base = list(iter_task_rows())
+    trials = -(-n // len(base))
+    return [r for row in base for r in trial_rows(row, trials)][:n]
 
 
 def start_sim(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -110,6 +120,17 @@ def _measure(n: int, t0: float, t1: float, tokens: int, statuses: list[str]) -> 
 
 async def run_task(workflow: Any, task: Any, ctx: Any) -> Any:
     """One task, all its steps in this process: the central orchestrator's loop."""
+    try:
+        await _steps(workflow, task, ctx)
+    finally:
+        for svc in list(ctx.services.values()):  # what the runtime's task-end hook does (e.g. drop the env)
+            hook = getattr(svc, "on_task_end", None)
+            if hook is not None and asyncio.iscoroutine(res := hook(task.id)):
+                await res
+    return task
+
+
+async def _steps(workflow: Any, task: Any, ctx: Any) -> None:
     from matrix_hpc.runtime.message import FAILED, FILTERED, OK
     from matrix_hpc.runtime.workflow import Filtered
 
@@ -119,13 +140,14 @@ async def run_task(workflow: Any, task: Any, ctx: Any) -> Any:
             await workflow.agent(role)(task, ctx)
         except Filtered as f:
             task.finish(FILTERED, reason=f.reason)
-            return task
+            return
         except Exception as e:  # no retries here: the baseline is kept simple
             task.finish(FAILED, error_type=type(e).__name__, error=str(e))
-            return task
+            return
+        if task.status is not None:
+            return
         role = workflow.next_role(task, role)
     task.finish(OK)
-    return task
 
 
 async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, concurrency: int) -> dict[str, Any]:
@@ -265,7 +287,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 dialogues, 1,000 documents")
     parser.add_argument("--concurrency", type=int, default=1000, help="tasks in flight (matrix_hpc and asyncio)")
     parser.add_argument("--batch-size", type=int, default=256, help="Ray Data map_batches batch size")
-    parser.add_argument("--only", choices=["coral", "natural_reasoning"])
+    parser.add_argument("--only", choices=["coral", "natural_reasoning", "retail_tool_use"])
+    parser.add_argument("--trajectories", type=int, default=0, help="retail_tool_use tasks (default 342)")
     parser.add_argument("--capacity", type=int, default=SIM["capacity"], help="sequences the sim serves at once")
     parser.add_argument("--dialogues", type=int, help="coral tasks (overrides the default)")
     parser.add_argument("--documents", type=int, help="natural_reasoning tasks (overrides the default)")
@@ -281,6 +304,9 @@ def main() -> None:
         if args.only in (None, "natural_reasoning"):
             out["natural_reasoning"] = bench("natural_reasoning", list(web_doc_rows(n_docs)), args.concurrency,
                                              args.batch_size, Path(tmp))
+        if args.only in (None, "retail_tool_use"):
+            out["retail_tool_use"] = bench("retail_tool_use", retail_rows(args.trajectories or 342), args.concurrency,
+                                           args.batch_size, Path(tmp))
     print(json.dumps(out))
 
 
