@@ -2,7 +2,8 @@
 # Start a single-node Slurm cluster (with accounting) on this machine, as root.
 #
 # Idempotent: when the cluster already answers (`sinfo` shows our node up and
-# `srun hostname` works) it does nothing. Tested on Debian 12 (bookworm).
+# Idempotent: when the cluster already answers (`sinfo` shows our node up, the
+# controller answers `scontrol ping`, `sacct` works) it does nothing.
 #
 # Why slurmdbd + MariaDB: submitit (and Hydra's submitit launcher) read job
 # states with `sacct`; without accounting sacct fails and every job reads as
@@ -30,7 +31,8 @@ cluster_ready() {
     local state
     state="$(timeout 10 sinfo -h -n "$NODE" -o '%t' 2>/dev/null | head -1)" || return 1
     [[ "$state" == idle* || "$state" == mix* || "$state" == alloc* ]] || return 1
-    timeout 30 srun -N1 -n1 -t 1 hostname >/dev/null 2>&1 || return 1
+    # No srun here: on a busy cluster it would wait for resources.
+    timeout 10 scontrol ping 2>/dev/null | grep -q UP || return 1
     timeout 10 sacct -n -X -j 1 >/dev/null 2>&1
 }
 
@@ -111,6 +113,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
+# A job that asks for no memory gets this much per CPU, not the whole node.
+DefMemPerCPU=1000
 SlurmdParameters=config_overrides
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
@@ -161,9 +165,15 @@ wait_for_node() {
     exit 1
 }
 
+ensure_hostname_resolves() {
+    # slurmctld and slurmd find each other by this name.
+    getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >>/etc/hosts
+}
+
 main() {
     if [[ $EUID -ne 0 ]]; then echo "run as root" >&2; exit 1; fi
     if cluster_ready; then log "Slurm cluster already up"; return; fi
+    ensure_hostname_resolves
     install_packages
     start_munge
     start_mariadb
@@ -173,7 +183,7 @@ main() {
     pgrep -x slurmctld >/dev/null || write_configs
     start_slurm_daemons
     wait_for_node
-    srun -N1 -n1 -t 1 hostname
+    srun -N1 -n1 -t 1 --mem=100M hostname
     sacct -n -X -j 1 >/dev/null
     log "Slurm cluster up: $(sinfo -h -o '%P %a %D %t %c cpus')"
 }
