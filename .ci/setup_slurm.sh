@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Start a single-node Slurm cluster (with accounting) on this machine, as root.
 #
-# Idempotent: when the cluster already answers (`sinfo` shows our node up and
 # Idempotent: when the cluster already answers (`sinfo` shows our node up, the
 # controller answers `scontrol ping`, `sacct` works) it does nothing.
 #
