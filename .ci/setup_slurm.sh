@@ -182,7 +182,7 @@ main() {
     pgrep -x slurmctld >/dev/null || write_configs
     start_slurm_daemons
     wait_for_node
-    srun -N1 -n1 -t 1 --mem=100M hostname
+    timeout 120 srun -N1 -n1 -t 1 --mem=100M hostname
     sacct -n -X -j 1 >/dev/null
     log "Slurm cluster up: $(sinfo -h -o '%P %a %D %t %c cpus')"
 }
