@@ -22,8 +22,10 @@ def run_command(overrides: list[str]) -> int:
     from matrix_hpc.cli.config_check import select_registered_workflow
 
     overrides = select_registered_workflow(overrides, str(conf_dir()))
+    multirun = any(a in ("-m", "--multirun") for a in overrides)
     try:
-        compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
+        if not multirun:  # a sweep's values (a=1,2) are not one config: Hydra checks each point itself
+            compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
     except ConfigError as e:
         return fail(str(e))
     import hydra

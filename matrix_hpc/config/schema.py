@@ -136,4 +136,5 @@ COMPONENT_SCHEMAS: list[tuple[str, str, str, str]] = [
     ("llm", "llm_schema", "matrix_hpc.services.llm.config", "LLMConf"),
     ("sandbox", "sandbox_schema", "matrix_hpc.services.sandbox.base", "SandboxConf"),
     ("cluster", "slurm_schema", "matrix_hpc.cluster.config", "SlurmClusterConf"),
+    ("cluster", "local_schema", "matrix_hpc.cluster.config", "LocalClusterConf"),  # replaces the minimal one
 ]

@@ -77,12 +77,18 @@ def init_ray(cfg: DictConfig) -> bool:
 
 def _cluster_address(cfg: DictConfig) -> str | None:
     """The Ray address of a running matrix cluster, if the cluster config names one."""
-    backend = (cfg.cluster or {}).get("backend", "local")
-    if backend == "local":
-        return os.environ.get("MATRIX_RAY_ADDRESS")
-    from matrix_hpc.cluster import ray_address_for  # provided by the cluster backends
+    if os.environ.get("MATRIX_RAY_ADDRESS"):
+        return os.environ["MATRIX_RAY_ADDRESS"]
+    from matrix_hpc.cluster import ClusterError, ray_address_for  # None unless `cluster up` started a head
 
-    return ray_address_for(OmegaConf.to_object(cfg.cluster))  # type: ignore[no-any-return]
+    conf = OmegaConf.to_object(cfg.cluster)
+    try:
+        return ray_address_for(conf)  # type: ignore[no-any-return]
+    except ClusterError as e:
+        if getattr(conf, "backend", "local") != "local":
+            raise
+        log.warning("%s; starting a local Ray instead", e)  # a stale local cluster must not stop a run
+        return None
 
 
 def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
