@@ -97,7 +97,7 @@ def client_tree_cpu_s() -> float:
     total = 0.0
     for p in [me, *me.children(recursive=True)]:
         try:
-            if any(k in " ".join(p.cmdline()) for k in SERVER_MARKERS):
+            if any(k in " ".join(p.cmdline()).lower() for k in SERVER_MARKERS):
                 continue
             t = p.cpu_times()
             total += t.user + t.system
@@ -106,7 +106,7 @@ def client_tree_cpu_s() -> float:
     return total
 
 
-SERVER_MARKERS = ("vllm", "sim_server", "VLLMReplica", "SimReplica")
+SERVER_MARKERS = ("vllm", "sim_server", "simreplica")  # lower case: also VLLM::EngineCore, VLLMReplica
 
 
 def main() -> None:
