@@ -122,9 +122,24 @@ class Driver:
 
         threading.Thread(target=count, daemon=True).start()
 
-    async def _start_actors(self) -> None:
-        run, out = self.plan.run, self.plan.output
+    async def _start_actors(self, tries: int = 3) -> None:
+        """Sinks and workers, connected. A node lost while they are being placed
+        (seen on busy multi-node clusters) fails the start: try again, afresh."""
         self._loop = asyncio.get_running_loop()
+        for attempt in range(1, tries + 1):
+            self._created: list[Any] = []
+            try:
+                await self._create_actors(attempt)
+                return
+            except Exception as e:
+                if attempt == tries:
+                    raise
+                log.warning("starting the run's actors failed (%s); retrying", str(e).splitlines()[0])
+                self._kill(self._created)
+                await asyncio.sleep(2.0 * attempt)
+
+    async def _create_actors(self, attempt: int) -> None:
+        run, out = self.plan.run, self.plan.output
         schema = output_schema(self.workflow.result_columns())
         # Credits return only on commit: flush before half the credits sit in buffers.
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
@@ -132,8 +147,10 @@ class Driver:
                                 flush_rows, out.compression, out.keep, out.compact_min_files)
         sink_cls = _actor_class(ShardSink)
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
+        self._created += self.sinks
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
-        handles = self._start_workers(groups)
+        handles = self._start_workers(groups, attempt)
+        self._created += [h for hs in handles.values() for h in hs]
         router = Router({r: g.name for g in groups for r in g.roles}, {g.name: g.instances for g in groups})
         self._incarnations = await asyncio.gather(*[h.connect.remote(router, handles, self.sinks)
                                                     for hs in handles.values() for h in hs])
@@ -141,14 +158,15 @@ class Driver:
         self.router, self.handles = router, handles
         self._sink_boxes = [self._outbox(s.write.remote) for s in self.sinks]
 
-    def _start_workers(self, groups: list[Group]) -> dict[str, list[Any]]:
+    def _start_workers(self, groups: list[Group], attempt: int = 1) -> dict[str, list[Any]]:
         run = self.plan.run
         worker_cls = _actor_class(Worker)
         policy = StepPolicy(run.max_attempts, run.backoff_base_s, run.backoff_max_s)
         handles: dict[str, list[Any]] = {}
         for g in groups:
             handles[g.name] = [
-                worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}").remote(WorkerSpec(
+                worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}" + (f"-r{attempt}" if attempt > 1 else ""))
+                .remote(WorkerSpec(
                     g.name, i, g.roles, self.plan.workflow, run.seed, policy, run.batch_size,
                     run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services))
                 for i in range(g.instances)
@@ -318,17 +336,24 @@ class Driver:
         self.stats.in_flight = len(self.inflight)
 
     async def _stop_actors(self) -> list[dict[str, Any]]:
-        import ray
-
         workers = [h for hs in self.handles.values() for h in hs]
         stats = []
         try:
             stats = list(await asyncio.gather(*[w.stats.remote() for w in workers]))
             await asyncio.gather(*[w.close.remote() for w in workers], return_exceptions=True)
         finally:
-            for actor in self._actors:
-                ray.kill(actor, no_restart=True)
+            self._kill(self._actors)
         return stats
+
+    @staticmethod
+    def _kill(actors: list[Any]) -> None:
+        import ray
+
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
 
 
 def _actor_class(cls: type) -> Any:  # Any: a Ray ActorClass
