@@ -75,7 +75,7 @@ class Driver:
     async def run(self) -> RunResult:
         self._credit_event = asyncio.Event()
         done_ids = self._prepare_output()
-        self._start_counting_input(len(done_ids))
+        self._start_counting_input()
         await self._start_actors()
         pollers = [asyncio.ensure_future(self._poll_commits(s)) for s in self.sinks]
         progress = asyncio.ensure_future(self._show_progress())
@@ -113,7 +113,7 @@ class Driver:
             log.info("resuming: %d ids already in %s", len(done), self.out_dir)
         return done
 
-    def _start_counting_input(self, already_done: int) -> None:
+    def _start_counting_input(self) -> None:
         def count() -> None:
             try:
                 self.stats.total_input = count_input_rows(self.plan.dataset)

@@ -21,7 +21,6 @@ class RunStats:
     readmitted: int = 0  # tasks re-admitted after a timeout / lost worker
     in_flight: int = 0
     total_input: int | None = None  # for the ETA, counted in the background
-    hops: int = 0
     t_admit_start: float | None = None  # first admission (after Ray and actors are up)
     t_end: float | None = None
 
