@@ -112,11 +112,12 @@ class ShardSink:
         for shard, tasks in sorted(buffers.items()):
             for base, rows in self._split(tasks):
                 path = shard_dir(base, shard) / self._file_name()
-                write_table_atomic(tasks_to_table(rows, self.s.run_id, self.schema), path, self.s.compression)
+                table = tasks_to_table(rows, self.s.run_id, self.schema)
+                write_table_atomic(table, path, self.s.compression)
                 self.files_written += 1
                 self.rows_written += len(rows)
                 self._note_file(path, len(rows))
-            acks.extend(_ack(t) for t in tasks)
+                acks.extend(_acks_of(table))
         return acks
 
     def _file_name(self, compacted: bool = False) -> str:
@@ -172,6 +173,9 @@ class ShardSink:
                 "duplicates_dropped": self.duplicates_dropped, "t": time.time()}
 
 
-def _ack(task: TaskState) -> Ack:
-    tokens = sum((m.get("prompt_tokens") or 0) + (m.get("completion_tokens") or 0) for m in task.history)
-    return (task.id, task.status or "failed", task.error_type, (task.error or task.reason or "")[:300], tokens)
+def _acks_of(table: pa.Table) -> list[Ack]:
+    """Acks read off the committed table (token totals were summed once, for the row)."""
+    c = table.select(["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens"]).to_pydict()
+    return [(i, st or "failed", et, (err or why or "")[:300], (pt or 0) + (ct or 0))
+            for i, st, et, err, why, pt, ct in zip(c["id"], c["status"], c["error_type"], c["error"], c["reason"],
+                                                   c["prompt_tokens"], c["completion_tokens"])]
