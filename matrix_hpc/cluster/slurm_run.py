@@ -165,8 +165,11 @@ def wait_run(job: Any, conf: Any, poll_s: float = 2.0) -> int:
     if Path(job.paths.result_pickle).exists():
         try:
             value = job.result()
-        except Exception as e:  # submitit's FailedJobError: keep its traceback in the message
-            raise JobFailedError("the run job failed", job_id, final, paths, str(e)[-4000:]) from None
+        except Exception as e:  # submitit's FailedJobError
+            # The run's own error is in the job's stderr log, above submitit's
+            # traceback (which only says that `matrix-hpc run` failed).
+            stderr = tail(paths[1], max_lines=60, max_bytes=16384) or str(e)[-4000:]
+            raise JobFailedError("the run job failed", job_id, final, paths, stderr) from None
         log.info("run job %s finished (%s)", job_id, final)
         return int(value or 0)
     raise JobFailedError("the run job ended without a result", job_id, final, paths, tail(paths[1]))

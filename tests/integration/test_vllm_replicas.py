@@ -163,7 +163,10 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
         assert {url for turns in placed.values() for url in turns} == set(_snapshot(vllm_service).values())
         assert all(len(set(turns)) == 1 for turns in placed.values()), placed
 
-        # 2. Kill replica 0's server mid-run: every task still completes. The
+        # 2. Kill replica 0's server mid-run: every task still completes. All
+        # tasks finish turn 0 first (so each has a replica it started on: on a
+        # loaded box one replica can be far slower, and a kill before its first
+        # answers would move every task before turn 0 is recorded). Then the
         # first task to finish turn 1 kills it while odd tasks keep sending
         # (requests in flight are lost and retried); even tasks wait for the
         # kill after turn 1, so those pinned to replica 0 must move over.
@@ -172,8 +175,16 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
         killed_url = vllm_service.status()[0]["base_url"]
         killed: list[int | None] = []
         kill_done = asyncio.Event()
+        n_chaos = 24
+        first_turn_done: set[int] = set()
+        all_started = asyncio.Event()
 
         async def kill_once(i: int, turn: int) -> None:
+            if turn == 0:
+                first_turn_done.add(i)
+                if len(first_turn_done) == n_chaos:
+                    all_started.set()
+                await all_started.wait()
             if turn == 1 and not killed:
                 killed.append(None)
                 killed[0] = await asyncio.to_thread(vllm_service.kill_replica_process, 0)
@@ -181,9 +192,10 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
             if turn == 1 and i % 2 == 0:
                 await kill_done.wait()
 
-        placed = await _run_tasks(client, "chaos", n_tasks=24, turns=4, on_turn=kill_once)
+        placed = await _run_tasks(client, "chaos", n_tasks=n_chaos, turns=4, on_turn=kill_once)
         assert killed and killed[0] is not None
         assert all(len(turns) == 4 for turns in placed.values()), "a task lost a turn"
+        assert killed_url in {turns[0] for turns in placed.values()}, f"no task started on {killed_url}: {placed}"
         moved = [tid for tid, turns in placed.items() if turns[0] == killed_url and turns[-1] != killed_url]
         assert moved, f"no task left the killed replica {killed_url}: {placed}"
         assert all(killed_url not in turns[2:] for tid, turns in placed.items() if int(tid.split("-")[1]) % 2 == 0)
