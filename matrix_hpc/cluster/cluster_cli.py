@@ -303,10 +303,15 @@ def ray_address_for(conf: Any) -> str | None:
                            f"{head.job_id}) does not answer; run `matrix-hpc cluster status` and "
                            "`matrix-hpc cluster down`, then `up` again")
     import os
+    import sys
 
     from matrix_hpc.cluster.ray_node import RAY_ENV
 
-    os.environ.update(RAY_ENV)  # our heads run without token auth; the driver must match
+    if "ray" in sys.modules and any(os.environ.get(k) != v for k, v in RAY_ENV.items()):
+        log.warning("ray was imported before joining the cluster: its auth mode (RAY_AUTH_MODE=%s) is already "
+                    "fixed and may not match the cluster's (disabled); set RAY_AUTH_MODE=disabled before "
+                    "importing ray", os.environ.get("RAY_AUTH_MODE", "unset"))
+    os.environ.update(RAY_ENV)  # our heads run without token auth; the driver must match (read at `import ray`)
     return head.address
 
 

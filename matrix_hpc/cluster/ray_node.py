@@ -201,7 +201,10 @@ class RayNode:
             head = self.state.head()
             if head is not None and head.job_id == self.job_id:
                 self.state.head_file.unlink(missing_ok=True)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if os.environ.get("MATRIX_KEEP_RAY_TMP"):  # debugging: keep Ray's session logs (gcs_server.out, raylet.out)
+            print(f"[matrix] MATRIX_KEEP_RAY_TMP is set: keeping {self.tmp_dir}", flush=True)
+        else:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 def _read_from(path: Path, offset: int) -> str:

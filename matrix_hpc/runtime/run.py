@@ -61,11 +61,15 @@ async def _run_driver(driver: Driver) -> RunResult:
 
 def init_ray(cfg: DictConfig) -> bool:
     """Connect to the cluster's Ray, or start a local one. True if we started it."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    # Before `import ray`: joining a matrix cluster sets Ray's auth mode in the
+    # environment, and Ray reads it once, at import.
+    address = _cluster_address(cfg)
     import ray
 
     if ray.is_initialized():
         return False
-    address = _cluster_address(cfg)
     if address:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True

@@ -74,11 +74,13 @@ def wait_for_rows(out: Path, at_least: int, timeout_s: float = 300) -> None:
 
 def release_requeued(job_id: str, timeout_s: float = 180) -> None:
     """Slurm holds a requeued job back for a while (begin time in the
-    future); let it start now so the test does not wait minutes."""
+    future); let it start soon so the test does not wait minutes. Not at
+    once: slurmd rejects a launch whose credential is from the same second
+    as the requeue ("Job credential revoked") and the job ends FAILED."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if job_state(job_id) == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], check=True)
             return
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} was not requeued within {timeout_s} s (state {job_state(job_id)!r})")
@@ -92,7 +94,12 @@ def assert_each_id_once(out: Path, n: int) -> list[dict]:
     return rows
 
 
-def test_cluster_up_run_on_it_then_down_leaves_nothing(tmp_path: Path, cleanup: list) -> None:
+def test_cluster_up_run_on_it_then_down_leaves_nothing(tmp_path: Path, cleanup: list,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A submitting shell in Ray's token-auth mode (as an in-process ray.init
+    # leaves it) must not leak into the run: it would join the cluster, which
+    # runs without auth, with its own gRPC server demanding a token.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     conf = small_conf(tmp_path, "ud")
     cleanup.append(conf)
     status = cluster_up(conf)
