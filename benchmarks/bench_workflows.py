@@ -41,6 +41,7 @@ from make_workflow_samples import mmlu_pro_rows, web_doc_rows, write_jsonl  # no
 SIM = {"capacity": 128, "ttft_s": 0.05, "time_per_output_token_s": 0.002, "output_tokens": 48,
        "output_tokens_jitter": 16, "seed": 0}
 SIM_WORKERS = 2
+MATRIX_EXTRA: list[str] = []  # more `matrix-hpc run` overrides (--matrix-workers)
 WORKFLOW_OVERRIDES = {
     "coral": ["workflow.max_turns=6", "workflow.speaker_max_tokens=96"],
     "natural_reasoning": ["workflow.min_score=1", "workflow.require_boxed=false"],
@@ -99,7 +100,7 @@ def run_matrix(name: str, data: Path, url: str, concurrency: int, workdir: Path)
            f"output.dir={out}", "dataset.id_column=null", "llm=openai", f"llm.openai.base_url={url}",
            "llm.openai.dialect=vllm", "llm.openai.api_key_env=", "llm.openai.model=sim",
            f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
-           "run.num_cpus=2", *WORKFLOW_OVERRIDES[name]]
+           "run.num_cpus=2", *WORKFLOW_OVERRIDES[name], *MATRIX_EXTRA]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"matrix-hpc run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -292,7 +293,12 @@ def main() -> None:
     parser.add_argument("--capacity", type=int, default=SIM["capacity"], help="sequences the sim serves at once")
     parser.add_argument("--dialogues", type=int, help="coral tasks (overrides the default)")
     parser.add_argument("--documents", type=int, help="natural_reasoning tasks (overrides the default)")
+    parser.add_argument("--matrix-workers", type=int, default=1, help="matrix_hpc worker processes (run.num_workers)")
+    parser.add_argument("--sim-workers", type=int, default=SIM_WORKERS, help="sim server processes")
     args = parser.parse_args()
+    global SIM_WORKERS
+    SIM_WORKERS = args.sim_workers
+    MATRIX_EXTRA.append(f"run.num_workers={args.matrix_workers}")
     n_dialogues, n_docs = (200, 1000) if args.quick else (600, 3000)
     n_dialogues, n_docs = args.dialogues or n_dialogues, args.documents or n_docs
     SIM["capacity"] = args.capacity
