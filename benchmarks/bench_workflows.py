@@ -284,6 +284,7 @@ def bench(name: str, rows: list[dict[str, Any]], concurrency: int, batch_size: i
 
 
 def main() -> None:
+    global SIM_WORKERS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 dialogues, 1,000 documents")
     parser.add_argument("--concurrency", type=int, default=1000, help="tasks in flight (matrix_hpc and asyncio)")
@@ -296,7 +297,6 @@ def main() -> None:
     parser.add_argument("--matrix-workers", type=int, default=1, help="matrix_hpc worker processes (run.num_workers)")
     parser.add_argument("--sim-workers", type=int, default=SIM_WORKERS, help="sim server processes")
     args = parser.parse_args()
-    global SIM_WORKERS
     SIM_WORKERS = args.sim_workers
     MATRIX_EXTRA.append(f"run.num_workers={args.matrix_workers}")
     n_dialogues, n_docs = (200, 1000) if args.quick else (600, 3000)
