@@ -35,6 +35,9 @@ class RunConf:
     placement: Placement = Placement.colocated  # where roles run
     num_workers: int = 1  # colocated: worker processes, each hosting every role
     role_workers: dict[str, int] = field(default_factory=dict)  # per_role: instances of a role (default 1)
+    # Spread worker actors over the cluster's nodes (Ray's SPREAD, best effort);
+    # false leaves it to Ray, which packs CPU-less actors onto the driver's node.
+    spread_workers: bool = True
     batch_size: int = 256  # messages per cross-process call
     batch_delay_ms: float = 2.0  # longest wait before a partial batch is sent
     progress_interval_s: float = 5.0  # live progress line period; 0 turns it off

@@ -149,8 +149,7 @@ class Driver:
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
         self._created += self.sinks
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
-        handles = self._start_workers(groups, attempt)
-        self._created += [h for hs in handles.values() for h in hs]
+        handles = await self._start_workers(groups, attempt)
         router = Router({r: g.name for g in groups for r in g.roles}, {g.name: g.instances for g in groups})
         self._incarnations = await asyncio.gather(*[h.connect.remote(router, handles, self.sinks)
                                                     for hs in handles.values() for h in hs])
@@ -158,19 +157,31 @@ class Driver:
         self.router, self.handles = router, handles
         self._sink_boxes = [self._outbox(s.write.remote) for s in self.sinks]
 
-    def _start_workers(self, groups: list[Group], attempt: int = 1) -> dict[str, list[Any]]:
+    async def _start_workers(self, groups: list[Group], attempt: int = 1) -> dict[str, list[Any]]:
+        """Worker actors, started and their places logged. ``run.spread_workers``
+        asks Ray to spread them over the nodes (SPREAD: best effort, a node busy
+        starting processes may be passed over); without it Ray packs these
+        CPU-less actors onto the driver's node."""
         run = self.plan.run
         worker_cls = _actor_class(Worker)
         policy = StepPolicy(run.max_attempts, run.backoff_base_s, run.backoff_max_s)
-        handles: dict[str, list[Any]] = {}
-        for g in groups:
-            handles[g.name] = [
-                worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}" + (f"-r{attempt}" if attempt > 1 else ""))
-                .remote(WorkerSpec(
-                    g.name, i, g.roles, self.plan.workflow, run.seed, policy, run.batch_size,
-                    run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services))
-                for i in range(g.instances)
-            ]
+        spread = {"scheduling_strategy": "SPREAD"} if run.spread_workers else {}
+        slots = [(g, i) for g in groups for i in range(g.instances)]
+        workers = [
+            worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}" + (f"-r{attempt}" if attempt > 1 else ""),
+                               **spread)
+            .remote(WorkerSpec(g.name, i, g.roles, self.plan.workflow, run.seed, policy, run.batch_size,
+                               run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services))
+            for g, i in slots
+        ]
+        self._created += workers
+        places = await asyncio.gather(*[w.where.remote() for w in workers])
+        log.info("placed %d worker(s) on %d node(s): %s", len(places), len({p["node_id"] for p in places}),
+                 ", ".join(f"{g.name}-{i}@{p['host']}:{p['pid']}/{p['node_id'][:8]}"
+                           for (g, i), p in zip(slots, places, strict=True)))
+        handles: dict[str, list[Any]] = {g.name: [] for g in groups}
+        for (g, _), w in zip(slots, workers, strict=True):
+            handles[g.name].append(w)
         return handles
 
     def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:

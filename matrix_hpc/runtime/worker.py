@@ -108,6 +108,14 @@ class Worker:
     def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:
         return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s)
 
+    def where(self) -> dict[str, Any]:
+        """The Ray node, host and pid this worker runs on (for the driver's placement log)."""
+        import socket
+
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+
     async def deliver(self, tasks: list[TaskState]) -> None:
         if self.router is None:  # restarted and not yet reconnected: the driver re-admits these
             log.warning("worker %s/%d not connected yet; dropping %d tasks", self.spec.group, self.spec.index, len(tasks))

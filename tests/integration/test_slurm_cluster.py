@@ -7,6 +7,7 @@ Each test names its cluster uniquely and cancels what it started, also on failur
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -115,11 +116,17 @@ def test_cluster_up_run_on_it_then_down_leaves_nothing(tmp_path: Path, cleanup: 
     data = write_jsonl(tmp_path / "in.jsonl", _rows(150))
     out = tmp_path / "out"
     job = submit_run([f"dataset.path={data}", f"output.dir={out}", "cluster=slurm", f"cluster.dir={conf.dir}",
-                      f"cluster.name={conf.name}", "run.progress_interval_s=0"], conf, cwd=str(REPO))
+                      f"cluster.name={conf.name}", "run.progress_interval_s=0", "run.num_workers=3"],
+                     conf, cwd=str(REPO))
     assert wait_run(job, conf) == 0
     assert_each_id_once(out, 150)
     driver_log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
     assert status.head.address in driver_log  # the run joined this cluster's Ray, not a Ray of its own
+    # run.spread_workers: the 3 workers spread over the cluster's 3 Ray nodes, not
+    # packed on one (Ray's SPREAD is best effort: these 1-CPU nodes, busy starting
+    # worker processes, are sometimes passed over, so 2 nodes also count)
+    placed = re.search(r"placed 3 worker\(s\) on (\d) node\(s\)", driver_log)
+    assert placed and int(placed.group(1)) >= 2, driver_log[-3000:]
 
     markers = [n["tmp_dir"] for n in ClusterState(conf.cluster_dir).nodes()]
     assert len(markers) == 3
