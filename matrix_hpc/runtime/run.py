@@ -68,8 +68,6 @@ def init_ray(cfg: DictConfig) -> bool:
     address = _cluster_address(cfg)
     import ray
 
-    if ray.is_initialized():
-        return False
     if address:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def kill_tree(proc: subprocess.Popen[bytes]) -> None:
 
 def read_rows(out: Path) -> list[dict[str, Any]]:
     return [r for f in data_files(out) for r in pq.read_table(f).to_pylist()]
+
+
+def wait_for_rows(out: Path, at_least: int, timeout_s: float = 120, poll_s: float = 0.2) -> None:
+    """Wait until a running job has committed ``at_least`` rows to ``out``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if len(read_rows(out)) >= at_least:
+                return
+        except FileNotFoundError:  # a compaction replaced a file under the reader: retry
+            pass
+        time.sleep(poll_s)
+    raise AssertionError(f"{out} did not reach {at_least} rows in {timeout_s} s")
 
 
 def without_timing(row: dict[str, Any]) -> dict[str, Any]:

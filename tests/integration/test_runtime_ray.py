@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.runs import kill_tree, read_rows, run_cli, start_cli, without_timing, write_jsonl
+from tests.integration.runs import kill_tree, read_rows, run_cli, start_cli, wait_for_rows, without_timing, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -34,18 +34,6 @@ def test_both_placements_write_identical_rows(tmp_path: Path) -> None:
     assert len(turns) > 1  # dialogues of different lengths: the comparison is not trivial
 
 
-def _wait_for_rows(out: Path, at_least: int, timeout_s: float = 120) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if len(read_rows(out)) >= at_least:
-                return
-        except FileNotFoundError:  # a file committed by a compaction of another reader: retry
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{out} did not reach {at_least} rows in {timeout_s} s")
-
-
 def test_kill_9_at_random_points_then_rerun_gives_each_input_id_once(tmp_path: Path) -> None:
     n = 4000
     data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
@@ -61,7 +49,7 @@ def test_kill_9_at_random_points_then_rerun_gives_each_input_id_once(tmp_path: P
         if min_rows is None:
             time.sleep(rng.uniform(1.0, 3.0))
         else:
-            _wait_for_rows(out, min_rows)
+            wait_for_rows(out, min_rows)
             time.sleep(rng.uniform(0.0, 1.0))
         kill_tree(proc)
         ids = [r["id"] for r in read_rows(out)]  # every visible file is readable
@@ -140,7 +128,7 @@ def test_a_killed_worker_process_loses_no_task(tmp_path: Path) -> None:
             "run.placement=per_role", "workflow.step_delay_ms=10", "output.flush_interval_s=0.2")
     proc = start_cli(*args)
     try:
-        _wait_for_rows(out, 200)
+        wait_for_rows(out, 200)
         victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
                    if any("ray::Worker" in c for c in p.cmdline())]
         assert victims, "no worker actor process found"

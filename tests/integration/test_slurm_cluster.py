@@ -21,7 +21,7 @@ from matrix_hpc.cluster.ray_node import find_by_marker
 from matrix_hpc.cluster.slurm_run import submit_run, wait_run
 from matrix_hpc.cluster.state import ClusterState
 from tests.conftest import require_component
-from tests.integration.runs import REPO, read_rows, write_jsonl
+from tests.integration.runs import REPO, read_rows, wait_for_rows, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -59,18 +59,6 @@ def squeue_names() -> list[str]:
 
 def job_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-
-
-def wait_for_rows(out: Path, at_least: int, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            if len(read_rows(out)) >= at_least:
-                return
-        except FileNotFoundError:  # a compaction replaced a file under the reader: retry
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{out} did not reach {at_least} rows in {timeout_s} s")
 
 
 def release_requeued(job_id: str, timeout_s: float = 180) -> None:
@@ -146,7 +134,7 @@ def test_run_job_preempted_with_usr1_requeues_and_writes_each_id_once(tmp_path: 
     job = submit_run([f"dataset.path={data}", f"output.dir={out}", "run.num_cpus=2", "run.max_concurrent_tasks=10",
                       "workflow.step_delay_ms=20", "output.flush_interval_s=0.2", "run.progress_interval_s=0"],
                      conf, cwd=str(REPO))
-    wait_for_rows(out, 40)
+    wait_for_rows(out, 40, timeout_s=300, poll_s=0.5)
     subprocess.run(["scancel", "--signal=USR1", str(job.job_id)], check=True)  # what Slurm sends before the limit
     release_requeued(str(job.job_id))
     assert wait_run(job, conf) == 0

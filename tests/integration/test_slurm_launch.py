@@ -15,8 +15,8 @@ from matrix_hpc.cluster import slurm_available
 from matrix_hpc.cluster.ray_node import find_by_marker
 from matrix_hpc.cluster.sweep import format_sweep, sweep_points
 from tests.conftest import require_component
-from tests.integration.runs import REPO, write_jsonl
-from tests.integration.test_slurm_cluster import _rows, assert_each_id_once, job_state, release_requeued, wait_for_rows
+from tests.integration.runs import REPO, wait_for_rows, write_jsonl
+from tests.integration.test_slurm_cluster import _rows, assert_each_id_once, job_state, release_requeued
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
@@ -49,7 +49,7 @@ def test_single_node_sbatch_drains_on_usr1_requeues_and_completes(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
     try:
-        wait_for_rows(out, 40)
+        wait_for_rows(out, 40, timeout_s=300, poll_s=0.5)
         # --batch: only the batch shell gets it, as with the script's --signal=B:USR1@120
         subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
         release_requeued(job_id)

@@ -42,13 +42,16 @@ ORDER_OPTIONAL_FIELDS = (
 
 DATA_DIR_ENV = "MATRIX_HPC_TAU2_RETAIL_DIR"
 _REPO_ROOT = Path(__file__).resolve().parents[3]
+_PACKAGED_DATA = Path(__file__).resolve().parent / "data" / "tau2_retail"
 
 
 def default_data_dir() -> Path:
     """Where db.json / tasks.json / policy.md live.
 
     ``$MATRIX_HPC_TAU2_RETAIL_DIR`` wins; otherwise the shared data folder next
-    to the repository (``../shared/data/tau2_retail``), then one inside it.
+    to the repository (``../shared/data/tau2_retail``), then one inside it, then
+    the copy shipped with the package (tau2-bench's retail domain, MIT, its
+    LICENSE alongside), so a clone or an install anywhere has it.
     """
     env = os.environ.get(DATA_DIR_ENV)
     if env:
@@ -59,7 +62,7 @@ def default_data_dir() -> Path:
     ):
         if (candidate / "db.json").exists():
             return candidate
-    return _REPO_ROOT.parent / "shared" / "data" / "tau2_retail"
+    return _PACKAGED_DATA
 
 
 def normalise_db(db: Mapping[str, Any]) -> dict[str, dict[str, Record]]:

@@ -51,7 +51,7 @@ FILTERED_TERMINATIONS = ("agent_error", "user_error")
 @dataclass
 class RetailToolUseConf(WorkflowConf):
     name: str = "retail_tool_use"
-    data_dir: str | None = None  # tau2 retail folder (db.json, policy.md); null: $MATRIX_HPC_TAU2_RETAIL_DIR or ../shared/data/tau2_retail
+    data_dir: str | None = None  # tau2 retail folder (db.json, policy.md); null: $MATRIX_HPC_TAU2_RETAIL_DIR, ../shared/data/tau2_retail, else the packaged copy
     use_sandbox: bool = True  # run each task's environment in a leased sandbox when the run has sandbox=...
     require_sandbox: bool = False  # fail rows instead of falling back to an in-process environment without one
     max_steps: int = 100  # messages (agent, tool, user) before the dialogue ends as max_steps (tau2: 100)
