@@ -24,17 +24,6 @@ def cluster_command(args: list[str]) -> int:
         cfg = compose(["dataset.path=-", "output.dir=-", *overrides], str(conf_dir()))
     except ConfigError as e:
         return fail(str(e))
-    from matrix_hpc.cluster import ClusterError, cluster_down, cluster_status, cluster_up
+    from matrix_hpc.cluster import cluster_main
 
-    conf = OmegaConf.to_container(cfg.cluster, resolve=True)
-    try:
-        if action == "up":
-            print(cluster_up(conf))
-        elif action == "status":
-            print(cluster_status(conf))
-        else:
-            cancelled = cluster_down(conf)
-            print(f"cancelled {len(cancelled)} job(s): {' '.join(cancelled) or '-'}")
-    except ClusterError as e:
-        return fail(str(e))
-    return 0
+    return cluster_main(action, OmegaConf.to_container(cfg.cluster, resolve=True))

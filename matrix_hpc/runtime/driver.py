@@ -263,7 +263,8 @@ class Driver:
         keys = [(g, i) for g, hs in self.handles.items() for i in range(len(hs))]
         while True:
             await asyncio.sleep(interval_s)
-            restarted = [key for n, key in enumerate(keys) if await self._restarted(n, key)]
+            flags = await asyncio.gather(*[self._restarted(n, key) for n, key in enumerate(keys)])
+            restarted = [key for key, flag in zip(keys, flags, strict=True) if flag]  # one slow worker delays none
             timeout = self.plan.run.task_timeout_s
             now = time.time()
             for task_id, t0 in list(self._admitted_at.items()):
