@@ -68,6 +68,7 @@ class Driver:
         self._credit_event: asyncio.Event | None = None
         self._stopping = False
         self._actors: list[Any] = []
+        self._created: list[Any] = []  # actors of the current start attempt (killed if it fails)
         self._admitted_at: dict[str, float] = {}  # for the task timeout
         self._admissions: dict[str, int] = {}  # re-admitted ids -> admissions so far
 
@@ -127,7 +128,7 @@ class Driver:
         (seen on busy multi-node clusters) fails the start: try again, afresh."""
         self._loop = asyncio.get_running_loop()
         for attempt in range(1, tries + 1):
-            self._created: list[Any] = []
+            self._created = []
             try:
                 await self._create_actors(attempt)
                 return
