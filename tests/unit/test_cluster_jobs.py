@@ -20,6 +20,14 @@ from matrix_hpc.cluster.ray_node import ignore_preempt_signals
 from matrix_hpc.cluster.slurm_run import DriverJob
 
 
+@pytest.fixture(autouse=True)
+def _render_without_srun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's SlurmExecutor refuses to exist where ``srun`` is absent; rendering
+    an sbatch script needs no Slurm, so these tests pretend it is there."""
+    submitit_slurm = pytest.importorskip("submitit.slurm.slurm")
+    monkeypatch.setattr(submitit_slurm.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+
+
 def _sbatch_text(executor: Any) -> str:
     # submitit's own renderer of the sbatch script (no submission happens).
     return str(executor._executor._make_submission_file_text("python -m x", "uid"))
@@ -30,7 +38,6 @@ def test_sbatch_script_carries_slurm_settings(tmp_path: Path) -> None:
         partition="gpu", account="proj", qos="high", constraint="a100", exclusive=True,
         setup=["module load cuda"], additional_parameters={"reservation": "resv1"}))
     conf.worker.gpus_per_node, conf.worker.cpus_per_task, conf.worker.mem_gb = 4, 16, 64
-    pytest.importorskip("submitit")
     text = _sbatch_text(make_executor(conf, conf.worker, "matrix-worker-demo"))
     for line in ("--job-name=matrix-worker-demo", "--partition=gpu", "--account=proj", "--qos=high",
                  "--constraint=a100", "--exclusive", "--gpus-per-node=4", "--cpus-per-task=16", "--mem=64GB",
