@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 DEMO_OUT ?= out/demo
 
-.PHONY: setup setup-vllm demo demo-overhead test test-unit bench clean
+.PHONY: setup setup-vllm demo demo-overhead test test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ demo-overhead: setup
 # pytest exits 5 when it collected no test: that is a failure here.
 test: setup
 	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# ruff (rules in pyproject.toml) and mypy --strict on the library.
+lint: setup
+	$(VENV)/bin/ruff check matrix_hpc tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
