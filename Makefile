@@ -21,17 +21,16 @@ setup-vllm: setup
 	bash .ci/setup_vllm.sh
 
 # The main job: collaborative dialogues (Coral) on 2 real vLLM replicas of the tiny model.
+# Resumable: a rerun does only what is missing (`make clean` starts afresh).
 demo: setup-vllm
-	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/matrix-hpc run workflow=coral dataset=mmlu_pro_sample llm=vllm llm.vllm.num_replicas=2 \
 	    workflow.max_turns=4 workflow.speaker_max_tokens=48 run.max_concurrent_tasks=64 output.dir=$(DEMO_OUT)
 	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)
-	@echo "output: $(abspath $(DEMO_OUT))  (rerun the same command to resume)"
+	@echo "output: $(abspath $(DEMO_OUT))  (make demo again resumes; make clean starts afresh)"
 
 # The LLM-free overhead workload (no vLLM needed).
 demo-overhead: setup
 	$(PY) scripts/make_overhead_data.py --rows 2000 --out data/overhead_demo.jsonl
-	rm -rf $(DEMO_OUT)-overhead
 	$(VENV)/bin/matrix-hpc run dataset=overhead_demo output.dir=$(DEMO_OUT)-overhead run.max_concurrent_tasks=1000
 	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)-overhead
 
