@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from matrix_hpc.config.secrets import redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,8 @@ def plan_from_config(cfg: DictConfig) -> RunPlan:
         dataset=OmegaConf.to_object(cfg.dataset),  # type: ignore[arg-type]
         output=OmegaConf.to_object(cfg.output),  # type: ignore[arg-type]
         run=OmegaConf.to_object(cfg.run),  # type: ignore[arg-type]
-        workflow_yaml=OmegaConf.to_yaml(cfg.workflow, resolve=True),
-        full_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        workflow_yaml=redacted_yaml(cfg.workflow),  # stored in _matrix/: secrets as *** (docs/security.md)
+        full_yaml=redacted_yaml(cfg),
     )
 
 
