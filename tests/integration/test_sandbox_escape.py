@@ -186,9 +186,9 @@ async def test_unprivileged_mode_contains_a_fork_bomb_and_has_no_network() -> No
     import shutil
     import tempfile
 
-    from matrix_hpc.services.sandbox.bwrap import bwrap_argv, sandbox_env
+    from matrix_hpc.services.sandbox.bwrap import bwrap_argv, env_args_fd, sandbox_env
     from matrix_hpc.services.sandbox.limits import prlimit_argv
-    from matrix_hpc.services.sandbox.process import run_capped
+    from matrix_hpc.services.sandbox.process import ExecResult, run_capped
 
     conf = SandboxConf(backend="bwrap", bind_python=False, limits=LIMITS)
     root = Path(tempfile.mkdtemp(prefix="mhpc-unpriv-", dir="/tmp"))
@@ -201,20 +201,20 @@ async def test_unprivileged_mode_contains_a_fork_bomb_and_has_no_network() -> No
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     marker = f"unpriv{uuid.uuid4().hex[:8]}"
     try:
-        def argv(script: str) -> list[str]:
-            inner = bwrap_argv(conf, scratch, sandbox_env(conf, {}), "/scratch", host_uid=None)
-            return drop + prlimit_argv(conf.limits, nproc=False) + inner + ["/bin/sh", "-c", script]
+        async def run(script: str, timeout_s: float) -> ExecResult:
+            with env_args_fd(sandbox_env(conf, {})) as env_fd:
+                inner = bwrap_argv(conf, scratch, env_fd, "/scratch", host_uid=None)
+                argv = drop + prlimit_argv(conf.limits, nproc=False) + inner + ["/bin/sh", "-c", script]
+                return await run_capped(argv, stdin=None, timeout_s=timeout_s, max_output_bytes=10000,
+                                        pass_fds=(env_fd,))
 
-        r = await run_capped(argv("id -u; grep CapEff /proc/self/status; echo hi > /scratch/f; cat /scratch/f"),
-                             stdin=None, timeout_s=20, max_output_bytes=10000)
+        r = await run("id -u; grep CapEff /proc/self/status; echo hi > /scratch/f; cat /scratch/f", 20)
         assert r.exit_code == 0 and r.stdout.startswith("1000\n") and r.stdout.endswith("hi\n"), r
-        r = await run_capped(argv(f"bomb() {{ bomb | bomb & }}; bomb; sleep 2 # {marker}"), stdin=None,
-                             timeout_s=8, max_output_bytes=10000)
+        r = await run(f"bomb() {{ bomb | bomb & }}; bomb; sleep 2 # {marker}", 8)
         assert not processes_matching(marker)
-        r = await run_capped(argv("for i in $(seq 60); do sleep 5 & done 2>&1; echo spawned"), stdin=None,
-                             timeout_s=20, max_output_bytes=10000)
+        r = await run("for i in $(seq 60); do sleep 5 & done 2>&1; echo spawned", 20)
         assert "fork" in (r.stdout + r.stderr).lower() or r.exit_code != 0, r  # RLIMIT_NPROC=32 inside the userns
-        r = await run_capped(argv("cat /proc/net/dev"), stdin=None, timeout_s=20, max_output_bytes=10000)
+        r = await run("cat /proc/net/dev", 20)
         interfaces = [line.split(":")[0].strip() for line in r.stdout.splitlines() if ":" in line]
         assert interfaces == ["lo"], r  # a network namespace of its own: loopback only
     finally:
@@ -255,7 +255,7 @@ async def test_trusted_subprocess_backend_still_bounds_processes_with_a_cgroup(t
     if not cgroups_here():
         pytest.skip("no writable cgroup here")
     limits = SandboxLimitsConf(max_procs=16, exec_timeout_s=20)
-    sb = create_sandbox(SandboxConf(backend="subprocess", scratch_root=str(tmp_path / "sb"), limits=limits), "cgpids")
+    sb = create_sandbox(SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path / "sb"), limits=limits), "cgpids")
     await sb.start()
     try:
         code = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(5)\n"

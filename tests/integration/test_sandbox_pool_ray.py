@@ -23,7 +23,7 @@ from matrix_hpc.services.sandbox.base import SandboxConf
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.pool import SandboxPoolExhausted, make_sandbox_pool
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
-from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool, shutdown_pool
+from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool, pool_actor_name, shutdown_pool
 from matrix_hpc.services.sandbox.service import start_service
 from tests.conftest import REPO_ROOT
 from tests.integration.sandbox_support import processes_matching, require_bwrap
@@ -208,7 +208,7 @@ async def test_the_service_hands_workers_a_working_factory(local_ray: None, tmp_
     finally:
         service.stop()
     with pytest.raises(ValueError):
-        ray.get_actor(f"sandbox-pool-{conf.pool.name}", namespace="matrix_hpc")
+        ray.get_actor(pool_actor_name(conf), namespace="matrix_hpc")
 
 
 async def test_a_crashed_host_takes_its_sandboxes_and_comes_back(local_ray: None, tmp_path: Path) -> None:

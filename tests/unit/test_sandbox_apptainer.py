@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from matrix_hpc.services.sandbox.apptainer import exec_argv, instance_name, start_argv, stop_argv
+from matrix_hpc.services.sandbox.apptainer import exec_argv, instance_name, process_env, start_argv, stop_argv
 from matrix_hpc.services.sandbox.base import ApptainerConf, SandboxConf, create_sandbox
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 
@@ -25,8 +25,17 @@ def test_start_with_binds_env_gpus_and_no_network() -> None:
     assert got == (
         "apptainer instance start --containall --net --network none "
         "--bind /tmp/sb/t1-ab/scratch:/scratch:rw --bind /data/ds:/data:ro --bind /shared/out:/out:rw "
-        "--env A=1 --env LANG=C.UTF-8 --nv /shared/images/py311.sif mhpc_t1-ab"
+        "--nv /shared/images/py311.sif mhpc_t1-ab"
     )
+
+
+def test_env_reaches_apptainer_as_variables_never_as_arguments() -> None:
+    c = conf(env={"HF_TOKEN": "canary-start"})
+    assert "canary-start" not in " ".join(start_argv(c, "/s", "mhpc_x"))
+    assert "canary-exec" not in " ".join(exec_argv(c, "mhpc_x", ["true"], "/scratch"))
+    env = process_env("apptainer", {"HF_TOKEN": "canary-exec"}, host={"PATH": "/bin", "APPTAINERENV_X": "stray"})
+    assert env == {"PATH": "/bin", "APPTAINERENV_HF_TOKEN": "canary-exec"}  # --cleanenv still honours these
+    assert process_env("/opt/bin/singularity", {"A": "1"}, host={}) == {"SINGULARITYENV_A": "1"}
 
 
 def test_start_minimal_has_no_gpu_and_optional_flags() -> None:
@@ -44,9 +53,9 @@ def test_start_fakeroot_writable_tmpfs_cgroups_and_binary() -> None:
 
 
 def test_exec_runs_in_the_instance_under_limits() -> None:
-    got = shlex.join(exec_argv(conf(env={"A": "1"}), "mhpc_x", ["python3", "-c", "print(1)"], {"B": "2"}, "/scratch"))
+    got = shlex.join(exec_argv(conf(env={"A": "1"}), "mhpc_x", ["python3", "-c", "print(1)"], "/scratch"))
     assert got == (
-        "apptainer exec --cleanenv --pwd /scratch --env A=1 --env B=2 instance://mhpc_x "
+        "apptainer exec --cleanenv --pwd /scratch instance://mhpc_x "
         "prlimit --as=536870912 --cpu=10 --fsize=8388608 --nofile=128 --core=0 --nproc=32 -- "
         "python3 -c 'print(1)'"
     )

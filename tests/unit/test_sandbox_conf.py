@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_unknown_backend_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="choose one of bwrap, apptainer, subprocess"):
+    with pytest.raises(ValueError, match="choose one of bwrap, apptainer, trusted_subprocess"):
         SandboxConf(backend="docker")
 
 
@@ -63,11 +63,11 @@ def test_command_argv() -> None:
 
 
 def test_bwrap_as_root_drops_to_the_sandbox_uid_without_network() -> None:
-    argv = bwrap_argv(SandboxConf(), Path("/tmp/s/x/scratch"), {"A": "1"}, "/scratch", host_uid=200123)
+    argv = bwrap_argv(SandboxConf(), Path("/tmp/s/x/scratch"), 7, "/scratch", host_uid=200123)
     joined = " ".join(argv)
     assert "--unshare-net" in argv and "--unshare-pid" in argv and "--die-with-parent" in argv
     assert "--bind /tmp/s/x/scratch /scratch" in joined
-    assert "--ro-bind /usr /usr" in joined and "--setenv A 1" in joined
+    assert "--ro-bind /usr /usr" in joined and "--clearenv --args 7" in joined and "--setenv" not in argv
     assert argv[-8:] == ["setpriv", "--reuid=200123", "--regid=200123", "--clear-groups", "--inh-caps=-all",
                          "--bounding-set=-all", "--no-new-privs", "--"]
     assert "--share-net" not in argv
@@ -100,7 +100,7 @@ def test_python_is_bound_read_only_and_first_on_path() -> None:
     assert "PYTHONPATH" not in env and "LD_PRELOAD" not in env  # nothing leaks in from the host
 
 
-@pytest.mark.parametrize("name", ["bwrap", "apptainer", "subprocess"])
+@pytest.mark.parametrize("name", ["bwrap", "apptainer", "trusted_subprocess"])
 def test_yaml_composes_into_the_dataclass(name: str) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore

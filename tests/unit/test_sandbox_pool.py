@@ -48,7 +48,7 @@ class FakeHost:
 def pool_conf(**kw: Any) -> SandboxConf:
     base: dict[str, Any] = dict(size=4, max_per_node=4, lease_wait_s=5.0, lease_ttl_s=1.0, reap_interval_s=0.1)
     base.update(kw)
-    return SandboxConf(backend="subprocess", pool=SandboxPoolConf(**base))
+    return SandboxConf(backend="trusted_subprocess", pool=SandboxPoolConf(**base))
 
 
 def owner(task: str, attempt: int = 0, actor: str | None = None) -> LeaseOwner:

@@ -43,7 +43,7 @@ async def test_background_children_in_the_group_are_killed() -> None:
 
 
 async def test_subprocess_backend_runs_in_scratch_with_limits(tmp_path: Path) -> None:
-    conf = SandboxConf(backend="subprocess", scratch_root=str(tmp_path),
+    conf = SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path),
                        limits=SandboxLimitsConf(mem_mb=256, exec_timeout_s=10))
     sb = create_sandbox(conf, "t1")
     await sb.start()
@@ -53,10 +53,12 @@ async def test_subprocess_backend_runs_in_scratch_with_limits(tmp_path: Path) ->
         assert r.stdout.splitlines() == ["abc", str(sb.scratch), str(sb.scratch)]
         r = await sb.exec(["python3", "-c", "x = bytearray(1024 ** 3)"])
         assert r.exit_code != 0 and "MemoryError" in r.stderr
-        with pytest.raises(SandboxError, match="leaves the scratch dir"):
+        with pytest.raises(SandboxError, match="contains '..'; use a path without it"):
             await sb.get_file("../../etc/passwd")
+        with pytest.raises(SandboxError, match="is absolute and not under /scratch"):
+            await sb.get_file("/etc/passwd")
         os.symlink("/etc/passwd", sb.scratch / "link")
-        with pytest.raises(SandboxError, match="leaves the scratch dir"):
+        with pytest.raises(SandboxError, match="a symlink or a non-directory is on the path"):
             await sb.get_file("link")
     finally:
         await sb.stop()
@@ -66,7 +68,7 @@ async def test_subprocess_backend_runs_in_scratch_with_limits(tmp_path: Path) ->
 
 
 async def test_code_with_tests_pass_fail_timeout(tmp_path: Path) -> None:
-    sb = create_sandbox(SandboxConf(backend="subprocess", scratch_root=str(tmp_path)), "code")
+    sb = create_sandbox(SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path)), "code")
     await sb.start()
     try:
         code = "```python\ndef add(a, b):\n    return a + b\n```"
@@ -88,7 +90,7 @@ def test_extract_code() -> None:
 
 
 async def test_dirs_of_crashed_pools_are_swept_live_ones_kept(tmp_path: Path) -> None:
-    conf = SandboxConf(backend="subprocess", scratch_root=str(tmp_path))
+    conf = SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path))
     live = create_sandbox(conf, "live")
     await live.start()
     crashed = tmp_path / "crashed"

@@ -10,6 +10,11 @@ under ``prlimit`` (util-linux must exist in the image) in its own process
 group; ``stop`` is ``apptainer instance stop``, which kills everything left
 in the instance.
 
+The environment inside (``sandbox.env`` may hold secrets) is handed over as
+``APPTAINERENV_<NAME>`` variables of the apptainer process (honoured even
+with ``--cleanenv``), never as ``--env NAME=VALUE`` in a command line that
+every user of the node can read.
+
 Apptainer cannot be installed on the development machine, so this module
 keeps every command it forms in pure functions that the unit tests compare
 with golden strings.
@@ -18,6 +23,7 @@ with golden strings.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 
 from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox, SandboxConf, SandboxError, parse_bind
@@ -34,11 +40,18 @@ def instance_name(sandbox_id: str) -> str:
     return f"mhpc_{safe}"
 
 
-def env_args(env: dict[str, str]) -> list[str]:
-    args: list[str] = []
-    for key, value in env.items():
-        args += ["--env", f"{key}={value}"]
-    return args
+def env_prefix(binary: str) -> str:
+    """``APPTAINERENV_``, or ``SINGULARITYENV_`` for a singularity binary."""
+    return "SINGULARITYENV_" if "singularity" in os.path.basename(binary) else "APPTAINERENV_"
+
+
+def process_env(binary: str, inside: dict[str, str], host: dict[str, str] | None = None) -> dict[str, str]:
+    """The apptainer process's own environment: the host's (minus stray container variables) plus ``inside``."""
+    host = dict(os.environ if host is None else host)
+    env = {k: v for k, v in host.items() if not k.startswith(("APPTAINERENV_", "SINGULARITYENV_"))}
+    prefix = env_prefix(binary)
+    env.update({prefix + key: value for key, value in inside.items()})
+    return env
 
 
 def start_argv(conf: SandboxConf, scratch: str, name: str) -> list[str]:
@@ -49,7 +62,6 @@ def start_argv(conf: SandboxConf, scratch: str, name: str) -> list[str]:
     for spec in conf.binds:
         b = parse_bind(spec)
         argv += ["--bind", f"{b.host}:{b.inside}:{'rw' if b.writable else 'ro'}"]
-    argv += env_args(conf.env)
     if conf.gpus > 0:
         argv.append("--nv")
     if app.fakeroot:
@@ -62,10 +74,10 @@ def start_argv(conf: SandboxConf, scratch: str, name: str) -> list[str]:
     return argv + [conf.image, name]
 
 
-def exec_argv(conf: SandboxConf, name: str, command: list[str], env: dict[str, str], cwd: str) -> list[str]:
-    """``apptainer exec instance://...`` running ``command`` under the limits."""
-    return [conf.apptainer.binary, "exec", "--cleanenv", "--pwd", cwd, *env_args({**conf.env, **env}),
-            f"instance://{name}", *prlimit_argv(conf.limits), *command]
+def exec_argv(conf: SandboxConf, name: str, command: list[str], cwd: str) -> list[str]:
+    """``apptainer exec instance://...`` running ``command`` under the limits (environment: :func:`process_env`)."""
+    return [conf.apptainer.binary, "exec", "--cleanenv", "--pwd", cwd, f"instance://{name}",
+            *prlimit_argv(conf.limits), *command]
 
 
 def stop_argv(conf: SandboxConf, name: str) -> list[str]:
@@ -87,7 +99,8 @@ class ApptainerSandbox(Sandbox):
                 "(e.g. `module load apptainer`) or choose sandbox=bwrap"
             )
         argv = start_argv(self.conf, str(self.scratch), self.instance)
-        r = await run_capped(argv, stdin=None, timeout_s=_START_TIMEOUT_S, max_output_bytes=65536)
+        r = await run_capped(argv, stdin=None, timeout_s=_START_TIMEOUT_S, max_output_bytes=65536,
+                             env=process_env(self.conf.apptainer.binary, self.conf.env))
         self.instance_running = r.exit_code == 0
         if r.exit_code != 0:
             raise SandboxError(f"apptainer instance start failed for sandbox {self.id} "
@@ -95,15 +108,19 @@ class ApptainerSandbox(Sandbox):
 
     async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
                     env: dict[str, str], cwd: str) -> ExecResult:
-        return await run_capped(exec_argv(self.conf, self.instance, argv, env, cwd), stdin=stdin,
-                                timeout_s=timeout_s, max_output_bytes=max_output_bytes)
+        return await run_capped(exec_argv(self.conf, self.instance, argv, cwd), stdin=stdin,
+                                timeout_s=timeout_s, max_output_bytes=max_output_bytes, env=self._env(env))
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        return process_env(self.conf.apptainer.binary, {**self.conf.env, **extra})
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
         try:
             return await asyncio.create_subprocess_exec(
-                *exec_argv(self.conf, self.instance, argv, env, SCRATCH_IN_SANDBOX),
+                *exec_argv(self.conf, self.instance, argv, SCRATCH_IN_SANDBOX),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+                env=self._env(env),
             )
         finally:
             log.close()

@@ -6,8 +6,13 @@ module) decide how the isolation is made:
 
 - ``bwrap``: bubblewrap, for machines without Apptainer (and CI);
 - ``apptainer``: Apptainer instances, the cluster backend;
-- ``subprocess``: a plain subprocess with the same limits, for trusted code
-  only (``sandbox=none`` or ``sandbox=subprocess`` in the CLI; ``sandbox=disabled``, the default, means no sandbox service).
+- ``trusted_subprocess``: an unsandboxed subprocess with the same limits and a
+  minimal environment, for trusted code only (``sandbox=trusted_subprocess``;
+  ``sandbox=disabled``, the default, means no sandbox service).
+
+Every sandbox dir lives under a scratch root that only the pool's user can
+change (see :mod:`safe_path`), and the host reaches files in it through
+directory fds that never follow a symlink.
 
 Example::
 
@@ -25,6 +30,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -37,8 +44,21 @@ from matrix_hpc.services.sandbox.cgroups import SandboxCgroup, cgroup_parents, r
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 from matrix_hpc.services.sandbox.process import ExecResult
+from matrix_hpc.services.sandbox.safe_path import (
+    default_scratch_root,
+    ensure_private_dir,
+    make_private_subdir,
+    open_dir,
+    open_dir_at,
+    open_lock_file,
+    read_file_at,
+    relative_parts,
+    write_file_at,
+)
 
-BACKENDS = ("bwrap", "apptainer", "subprocess")
+BACKENDS = ("bwrap", "apptainer", "trusted_subprocess")
+#: Old backend names and what they are called now; selecting one is an error that says so.
+RENAMED_BACKENDS = {"none": "trusted_subprocess", "subprocess": "trusted_subprocess"}
 SCRATCH_IN_SANDBOX = "/scratch"
 
 
@@ -60,12 +80,14 @@ class ApptainerConf:
 class SandboxConf:
     """One sandbox environment (its limits) and the pool that leases them."""
 
-    backend: str = "bwrap"  # bwrap | apptainer | subprocess (subprocess = trusted code only: no isolation)
+    backend: str = "bwrap"  # bwrap | apptainer | trusted_subprocess (no isolation: trusted code only)
     image: str | None = None  # bwrap: a root dir mounted read-only at /; apptainer: .sif or dir; None = host /usr
     binds: list[str] = field(default_factory=list)  # extra "host[:inside[:ro|rw]]" mounts; read-only unless ":rw"
-    env: dict[str, str] = field(default_factory=dict)  # extra environment variables inside the sandbox
+    # Environment variables inside the sandbox. Every value is treated as a secret: never put in a
+    # command line, a log or a repr, and stored as *** in the run's config.
+    env: dict[str, str] = field(default_factory=dict, repr=False)
     bind_python: bool = True  # mount the host Python (and its venv) read-only so `python3` runs inside
-    scratch_root: str = "/tmp/matrix_hpc_sandboxes"  # host dir holding every sandbox's scratch dir
+    scratch_root: str | None = None  # host dir of the sandboxes' scratch dirs; None = $TMPDIR/matrix_hpc-<uid>/sandboxes
     server_argv: list[str] = field(default_factory=list)  # optional long-lived process started with the sandbox
     gpus: int = 0  # GPUs visible inside (apptainer --nv); 0 = none
     limits: SandboxLimitsConf = field(default_factory=SandboxLimitsConf)  # memory / CPU / process / output limits
@@ -73,6 +95,13 @@ class SandboxConf:
     pool: SandboxPoolConf = field(default_factory=SandboxPoolConf)  # leasing: size, waits, expiry
 
     def __post_init__(self) -> None:
+        if self.backend in RENAMED_BACKENDS:
+            raise ValueError(
+                f"sandbox.backend={self.backend!r} (sandbox=none, sandbox=subprocess) was renamed: the unsandboxed "
+                f"subprocess (no isolation, trusted code only) is now sandbox={RENAMED_BACKENDS[self.backend]}; "
+                "for untrusted code choose "
+                "sandbox=bwrap or sandbox=apptainer, and for no sandbox service sandbox=disabled"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"sandbox.backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
         if self.backend == "apptainer" and not self.image:
@@ -134,13 +163,17 @@ class Sandbox(abc.ABC):
     """One isolated environment; all methods are coroutines."""
 
     def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
+        if not sandbox_id or "/" in sandbox_id or sandbox_id.startswith("."):
+            raise ValueError(f"sandbox id {sandbox_id!r} must be one path component, not starting with '.'")
         self.conf = conf
         self.id = sandbox_id
-        self.dir = Path(conf.scratch_root) / sandbox_id  # host-side bookkeeping dir
+        self.scratch_root = scratch_root_path(conf)  # private to this user; checked (and made) at start
+        self.dir = self.scratch_root / sandbox_id  # host-side bookkeeping dir
         self.scratch = self.dir / "scratch"  # host path of /scratch inside
         self.servers: dict[str, ServerProcess] = {}
         self.started = False
         self._lock_fd = -1
+        self._scratch_fd = -1  # every file transfer walks from this fd, never from a path
         self.cgroup: SandboxCgroup | None = None
 
     uses_cgroup = True  # backends with their own resource control (apptainer) turn this off
@@ -162,10 +195,7 @@ class Sandbox(abc.ABC):
         """Create the scratch dir and, if configured, the long-lived server."""
         if self.started:
             return
-        if self.dir.exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
-        self.scratch.mkdir(parents=True)
-        self._lock_fd = hold_dir_lock(self.dir)
+        self._lock_fd, self._scratch_fd = make_sandbox_dir(self.scratch_root, self.id)
         self.started = True
         try:
             self.cgroup = self._make_cgroup()
@@ -196,25 +226,26 @@ class Sandbox(abc.ABC):
         )
 
     async def put_file(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
-        """Write ``data`` to ``path`` relative to scratch (``/scratch/<path>`` inside)."""
+        """Write ``data`` to ``path`` relative to scratch (``/scratch/<path>`` inside).
+
+        Code inside may swap any dir on the path for a symlink at any moment:
+        the path is walked from the scratch dir's fd, refusing every symlink.
+        """
         self._require_started()
-        target = self._scratch_path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        self._chown_scratch_file(target)
+        payload = data.encode() if isinstance(data, str) else data
+        try:
+            parts = relative_parts(path, SCRATCH_IN_SANDBOX)
+            write_file_at(self._scratch_fd, parts, payload, mode=mode, owner=self.scratch_owner())
+        except OSError as exc:
+            raise _transfer_error(self.id, "write", path, exc) from None
 
     async def get_file(self, path: str, max_bytes: int = 64 * 1024 * 1024) -> bytes:
-        """Read ``path`` relative to scratch; refuses symlinks leading out of it."""
+        """Read ``path`` relative to scratch; refuses symlinks anywhere on the path."""
         self._require_started()
-        target = self._scratch_path(path)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            data = read_file_at(self._scratch_fd, relative_parts(path, SCRATCH_IN_SANDBOX), max_bytes=max_bytes)
         except OSError as exc:
-            raise SandboxError(f"sandbox {self.id}: cannot read /scratch/{path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(max_bytes + 1)
+            raise _transfer_error(self.id, "read", path, exc) from None
         if len(data) > max_bytes:
             raise SandboxError(f"sandbox {self.id}: /scratch/{path} is larger than max_bytes={max_bytes}")
         return data
@@ -244,7 +275,9 @@ class Sandbox(abc.ABC):
             if self.cgroup is not None:
                 await asyncio.to_thread(self.cgroup.remove)
                 self.cgroup = None
-            shutil.rmtree(self.dir, ignore_errors=True)
+            os.close(self._scratch_fd)
+            self._scratch_fd = -1
+            remove_sandbox_dir(self.scratch_root, self.id)
             os.close(self._lock_fd)
             self._lock_fd = -1
 
@@ -263,16 +296,19 @@ class Sandbox(abc.ABC):
         if not self.started:
             raise SandboxError(f"sandbox {self.id} is not running (stopped or never started); lease a new one")
 
-    def _scratch_path(self, path: str) -> Path:
-        rel = path[len(SCRATCH_IN_SANDBOX) + 1:] if path.startswith(SCRATCH_IN_SANDBOX + "/") else path
-        target = (self.scratch / rel).resolve()
-        root = self.scratch.resolve()
-        if target != root and root not in target.parents:
-            raise SandboxError(f"sandbox {self.id}: path {path!r} leaves the scratch dir; use a relative path inside it")
-        return target
+    def scratch_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) that files written into scratch are given; None = keep ours.
 
-    def _chown_scratch_file(self, target: Path) -> None:
-        """Hook: backends running as another uid make written files theirs."""
+        Hook for backends whose sandboxed code runs as another host uid.
+        """
+        return None
+
+
+def _transfer_error(sandbox_id: str, verb: str, path: str, exc: OSError) -> SandboxError:
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        why = "a symlink or a non-directory is on the path (links are never followed)"
+    return SandboxError(f"sandbox {sandbox_id}: cannot {verb} /scratch/{path.removeprefix('/scratch/')}: {why}")
 
 
 class ServerProcess:
@@ -323,40 +359,77 @@ class ServerProcess:
         await self.proc.wait()
 
 
-def hold_dir_lock(sandbox_dir: Path) -> int:
-    """Lock ``<dir>/.lock`` (outside the scratch the sandbox sees) for the sandbox's life.
+def scratch_root_path(conf: SandboxConf) -> Path:
+    """The configured scratch root, or this user's private default (not checked here)."""
+    return Path(os.path.abspath(conf.scratch_root)) if conf.scratch_root else default_scratch_root()
 
-    The lock dies with the process, so a dir whose lock is free belongs to
-    a crashed pool and :func:`sweep_stale_dirs` may delete it.
+
+def make_sandbox_dir(root: Path, sandbox_id: str) -> tuple[int, int]:
+    """Create ``<root>/<id>/scratch`` (0700) under a checked private root; returns (lock fd, scratch fd).
+
+    ``<root>/<id>/.lock`` (outside the scratch the sandbox sees) stays locked
+    for the sandbox's life: the lock dies with the process, so a dir whose
+    lock is free belongs to a crashed pool and :func:`sweep_stale_dirs` may
+    delete it.
     """
-    fd = os.open(sandbox_dir / ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    root_fd = open_dir(ensure_private_dir(root))
+    try:
+        shutil.rmtree(sandbox_id, dir_fd=root_fd, ignore_errors=True)  # a leftover of a reused id
+        dir_fd = make_private_subdir(root_fd, sandbox_id)
+    finally:
+        os.close(root_fd)
+    try:
+        lock_fd = open_lock_file(dir_fd, ".lock")
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        return lock_fd, make_private_subdir(dir_fd, "scratch")
+    finally:
+        os.close(dir_fd)
 
 
-def sweep_stale_dirs(scratch_root: str) -> int:
-    """Delete sandbox dirs left by crashed processes on this node; returns how many."""
-    root = Path(scratch_root)
-    if not root.is_dir():
-        return 0
-    swept = 0
-    for entry in root.iterdir():
-        lock = entry / ".lock"
-        if entry.name.startswith(".") or not lock.exists():
-            continue
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+def remove_sandbox_dir(root: Path, sandbox_id: str) -> None:
+    """Delete ``<root>/<id>``; rmtree with a dir fd never follows the links that code inside left."""
+    with contextlib.suppress(OSError):
+        root_fd = open_dir(root)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # alive
+            shutil.rmtree(sandbox_id, dir_fd=root_fd, ignore_errors=True)
         finally:
-            os.close(fd)
-        shutil.rmtree(entry, ignore_errors=True)
-        parents = cgroup_parents("auto", None)
-        if parents is not None:
-            remove_cgroup(parents, entry.name)
-        swept += 1
-    return swept
+            os.close(root_fd)
+
+
+def sweep_stale_dirs(root: str | os.PathLike[str]) -> int:
+    """Delete sandbox dirs left by crashed processes under ``root`` (a checked private dir); returns how many."""
+    root_fd = open_dir(ensure_private_dir(root))
+    try:
+        stale = [name for name in os.listdir(root_fd) if not name.startswith(".") and _is_stale(root_fd, name)]
+        for name in stale:
+            shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
+    finally:
+        os.close(root_fd)
+    parents = cgroup_parents("auto", None) if stale else None
+    for name in stale if parents is not None else []:
+        remove_cgroup(parents, name)
+    return len(stale)
+
+
+def _is_stale(root_fd: int, name: str) -> bool:
+    """A sandbox dir whose ``.lock`` no live process holds."""
+    try:
+        dir_fd = open_dir_at(root_fd, name)
+    except OSError:
+        return False  # not a dir of ours (or gone): leave it alone
+    try:
+        lock_fd = os.open(".lock", os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    finally:
+        os.close(dir_fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False  # alive
+    finally:
+        os.close(lock_fd)
 
 
 def create_sandbox(conf: SandboxConf, sandbox_id: str) -> Sandbox:
@@ -369,6 +442,6 @@ def create_sandbox(conf: SandboxConf, sandbox_id: str) -> Sandbox:
         from matrix_hpc.services.sandbox.apptainer import ApptainerSandbox
 
         return ApptainerSandbox(conf, sandbox_id)
-    from matrix_hpc.services.sandbox.subprocess_backend import SubprocessSandbox
+    from matrix_hpc.services.sandbox.trusted_subprocess import TrustedSubprocessSandbox
 
-    return SubprocessSandbox(conf, sandbox_id)
+    return TrustedSubprocessSandbox(conf, sandbox_id)

@@ -7,15 +7,23 @@ the scratch dir as the only writable host path, no capabilities, no nested
 user namespaces, ``--die-with-parent`` so a dead pool kills its sandboxes.
 As root each sandbox runs as its own unprivileged host uid (see
 :mod:`limits`). Files in scratch persist between execs of one sandbox.
+
+The environment inside (``sandbox.env`` may hold secrets) never appears in a
+command line, where every user of the node can read it
+(``/proc/<pid>/cmdline``): its ``--setenv`` options reach bwrap through an
+inherited memfd (``bwrap --args FD``), and the host-side processes keep a
+fixed minimal environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from matrix_hpc.services.sandbox.base import (
@@ -107,8 +115,37 @@ def isolation_args(host_uid: int | None, limits_nproc: int) -> tuple[list[str], 
     return flags, ["prlimit", f"--nproc={limits_nproc}", "--"]
 
 
-def bwrap_argv(conf: SandboxConf, scratch: Path, env: dict[str, str], cwd: str, *, host_uid: int | None) -> list[str]:
-    """The full ``bwrap`` invocation (without the outer limits prefix and the command)."""
+@contextlib.contextmanager
+def env_args_fd(env: dict[str, str]) -> Iterator[int]:
+    """An fd holding ``--setenv K V ...`` (NUL-separated) for ``bwrap --args FD``; closed on exit.
+
+    Pass it to the child (``pass_fds``); the values never enter an argv.
+    """
+    fd = os.memfd_create("matrix-hpc-sandbox-env", os.MFD_CLOEXEC)
+    try:
+        payload = memoryview(b"".join(_nul_args(env)))
+        while payload:
+            payload = payload[os.write(fd, payload):]
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _nul_args(env: dict[str, str]) -> Iterator[bytes]:
+    for key, value in env.items():
+        if "\0" in key or "\0" in value or "=" in key or not key:
+            raise SandboxError(f"sandbox env variable {key!r}: names must be non-empty without '=' or NUL, "
+                               "values without NUL")
+        for part in ("--setenv", key, value):
+            yield part.encode() + b"\0"
+
+
+def bwrap_argv(conf: SandboxConf, scratch: Path, env_fd: int, cwd: str, *, host_uid: int | None) -> list[str]:
+    """The full ``bwrap`` invocation (without the outer limits prefix and the command).
+
+    ``env_fd``: from :func:`env_args_fd`, holding the environment inside.
+    """
     binds = (python_binds() if conf.bind_python else []) + [parse_bind(s) for s in conf.binds]
     flags, prefix = isolation_args(host_uid, conf.limits.max_procs)
     tmp_bytes = str(conf.limits.tmp_mb * 1024 * 1024)
@@ -116,9 +153,8 @@ def bwrap_argv(conf: SandboxConf, scratch: Path, env: dict[str, str], cwd: str, 
             "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/tmp",
             "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm",  # multiprocessing needs it
             "--bind", str(scratch), SCRATCH_IN_SANDBOX, *mount_parent_args(binds), *bind_args(binds),
-            *flags, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]
-    for key, value in env.items():
-        argv += ["--setenv", key, value]
+            *flags, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
+            "--args", str(env_fd)]
     return argv + ["--chdir", cwd, "--", *prefix]
 
 
@@ -144,7 +180,7 @@ def check_bwrap() -> None:
 class BwrapSandbox(Sandbox):
     def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
         super().__init__(conf, sandbox_id)
-        self.root = running_as_root()
+        self.as_root = running_as_root()
         self.uid_claim: UidClaim | None = None
 
     @property
@@ -159,28 +195,34 @@ class BwrapSandbox(Sandbox):
         for spec in self.conf.binds:
             if not os.path.exists(parse_bind(spec).host):
                 raise SandboxError(f"sandbox bind {spec!r}: host path does not exist")
-        if self.root:
-            self.uid_claim = claim_uid(self.conf.limits, Path(self.conf.scratch_root) / ".uids")
-            os.chown(self.scratch, self.uid_claim.uid, self.uid_claim.uid)
-        os.chmod(self.scratch, 0o700)
+        if self.as_root:
+            self.uid_claim = await asyncio.to_thread(claim_uid, self.conf.limits)
+            os.fchown(self._scratch_fd, self.uid_claim.uid, self.uid_claim.uid)
+        os.fchmod(self._scratch_fd, 0o700)
 
-    def _command(self, argv: list[str], env: dict[str, str], cwd: str) -> list[str]:
-        limits = prlimit_argv(self.conf.limits, nproc=self.root)
-        inner = bwrap_argv(self.conf, self.scratch, sandbox_env(self.conf, env), cwd, host_uid=self.host_uid)
+    def scratch_owner(self) -> tuple[int, int] | None:
+        return (self.uid_claim.uid, self.uid_claim.uid) if self.uid_claim is not None else None
+
+    def _command(self, argv: list[str], env_fd: int, cwd: str) -> list[str]:
+        limits = prlimit_argv(self.conf.limits, nproc=self.as_root)
+        inner = bwrap_argv(self.conf, self.scratch, env_fd, cwd, host_uid=self.host_uid)
         return self.cgroup_prefix() + limits + inner + argv
 
     async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
                     env: dict[str, str], cwd: str) -> ExecResult:
-        return await run_capped(self._command(argv, env, cwd), stdin=stdin, timeout_s=timeout_s,
-                                max_output_bytes=max_output_bytes, env=_HOST_ENV)
+        with env_args_fd(sandbox_env(self.conf, env)) as env_fd:
+            return await run_capped(self._command(argv, env_fd, cwd), stdin=stdin, timeout_s=timeout_s,
+                                    max_output_bytes=max_output_bytes, env=_HOST_ENV, pass_fds=(env_fd,))
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
         log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
         try:
-            return await asyncio.create_subprocess_exec(
-                *self._command(argv, env, SCRATCH_IN_SANDBOX), stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=log, env=_HOST_ENV, start_new_session=True,
-            )
+            with env_args_fd(sandbox_env(self.conf, env)) as env_fd:
+                return await asyncio.create_subprocess_exec(
+                    *self._command(argv, env_fd, SCRATCH_IN_SANDBOX), stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, stderr=log, env=_HOST_ENV, start_new_session=True,
+                    pass_fds=(env_fd,),
+                )
         finally:
             log.close()
 
@@ -188,11 +230,3 @@ class BwrapSandbox(Sandbox):
         if self.uid_claim is not None:
             await asyncio.to_thread(self.uid_claim.release)  # kills whatever still runs as this uid
             self.uid_claim = None
-
-    def _chown_scratch_file(self, target: Path) -> None:
-        if self.uid_claim is None:
-            return
-        path, stop = target, self.scratch.resolve()
-        while path != stop and stop in path.parents:
-            os.chown(path, self.uid_claim.uid, self.uid_claim.uid)
-            path = path.parent

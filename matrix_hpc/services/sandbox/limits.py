@@ -9,8 +9,9 @@ every process of a uid. When we run as root, each sandbox therefore runs as
 its own unprivileged host uid taken from a configured range, so a fork bomb
 hits the sandbox's own process limit and nothing else, and "kill every
 process of this uid" removes whatever a sandbox left behind. Uids are
-claimed with ``flock`` on a lock file, so pools in several processes on one
-node never share one and a dead holder's uid frees itself.
+claimed with ``flock`` on a lock file in one node-wide dir that only root can
+write (``uid_lock_dir``), so pools in several processes on one node never
+share one, whatever their scratch roots, and a dead holder's uid frees itself.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from matrix_hpc.services.sandbox.safe_path import ensure_private_dir, open_dir, open_lock_file
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SandboxLimitsConf:
     max_output_bytes: int = 1_000_000  # cap per stream (stdout, stderr) of one exec; the exec is killed past it
     uid_base: int = 200_000  # first host uid handed to sandboxes when running as root
     uid_count: int = 4096  # size of that uid range (max sandboxes alive on one node)
+    uid_lock_dir: str = "/run/matrix_hpc/sandbox_uids"  # node-wide locks of claimed uids (root only; must be private)
 
     def __post_init__(self) -> None:
         for name in ("mem_mb", "cpu_time_s", "max_procs", "max_file_mb", "max_open_files", "tmp_mb",
@@ -91,13 +95,25 @@ class UidClaim:
             self._fd = -1
 
 
-def claim_uid(limits: SandboxLimitsConf, lock_dir: Path) -> UidClaim:
-    """Take a free uid from the range; raise with advice when none is free."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
+def claim_uid(limits: SandboxLimitsConf, lock_dir: Path | None = None) -> UidClaim:
+    """Take a free uid from the range; raise with advice when none is free.
+
+    Lock files are opened relative to the checked private ``lock_dir``
+    (default ``limits.uid_lock_dir``) without following links, so no one
+    can point them at a file of theirs (or of root's) to have it written.
+    """
+    dir_fd = open_dir(ensure_private_dir(lock_dir or limits.uid_lock_dir))
+    try:
+        return _claim_free_uid(limits, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _claim_free_uid(limits: SandboxLimitsConf, dir_fd: int) -> UidClaim:
     start = os.getpid() % limits.uid_count  # spread processes over the range
     for i in range(limits.uid_count):
         uid = limits.uid_base + (start + i) % limits.uid_count
-        fd = os.open(lock_dir / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = open_lock_file(dir_fd, f"{uid}.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -43,6 +43,7 @@ from matrix_hpc.services.sandbox.base import (
     SandboxConf,
     SandboxError,
     create_sandbox,
+    scratch_root_path,
     sweep_stale_dirs,
 )
 from matrix_hpc.services.sandbox.process import ExecResult
@@ -103,9 +104,10 @@ class SandboxHost:
     def __init__(self, conf: SandboxConf) -> None:
         self.conf = conf
         self.sandboxes: dict[str, Sandbox] = {}
-        swept = sweep_stale_dirs(conf.scratch_root)
+        root = scratch_root_path(conf)
+        swept = sweep_stale_dirs(root)  # also checks that the root is private to us, before any sandbox starts
         if swept:
-            log.warning("removed %d sandbox dirs left by a crashed pool under %s", swept, conf.scratch_root)
+            log.warning("removed %d sandbox dirs left by a crashed pool under %s", swept, root)
 
     def node_id(self) -> str:
         try:

@@ -12,7 +12,7 @@ class SandboxPoolConf:
     """How sandboxes are leased: capacity, placement, waiting, expiry."""
 
     mode: str = "auto"  # ray = pool actor + host actors; local = in this process; auto = ray if Ray is initialised
-    name: str = "default"  # pool name; the Ray actor is matrix_hpc/sandbox-pool-<name>
+    name: str = "default"  # pool name; the Ray actor is matrix_hpc/sandbox-pool-<name>-<config digest>
     size: int = 16  # most sandboxes alive at once in the whole pool
     max_per_node: int = 16  # most sandboxes alive at once on one node
     num_hosts: int = 1  # Ray actors that run sandboxes (spread over nodes)

@@ -78,8 +78,9 @@ async def run_capped(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     user: int | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ExecResult:
-    """Run ``argv``; never raises for the command's own failures."""
+    """Run ``argv``; never raises for the command's own failures. ``pass_fds`` stay open in the child."""
     t0 = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -89,6 +90,7 @@ async def run_capped(
         env=env,
         cwd=cwd,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
         **_as_user(user),
     )
     assert proc.stdout is not None and proc.stderr is not None

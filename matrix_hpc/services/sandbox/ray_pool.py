@@ -4,20 +4,29 @@
   resources (``sandbox.pool.host_resources``, e.g. ``{sandbox: 1}`` to keep
   them on CPU workers that advertise it) and spread over nodes. Sandboxes
   die with their host (bubblewrap's ``--die-with-parent``).
-- The pool actor (``matrix_hpc/sandbox-pool-<name>``, detached so that no
-  single agent owns it) holds the :class:`PoolCore`: capacity, waiting,
+- The pool actor (``matrix_hpc/sandbox-pool-<name>-<digest>``, detached so
+  that no single agent owns it) holds the :class:`PoolCore`: capacity, waiting,
   leases, and a reaper that ends leases that expired (no heartbeat for
   ``lease_ttl_s``) or whose owner actor is dead or restarted.
 - Clients (:class:`RayPoolBackend`) ask the pool actor for a lease and then
   call the host actor directly: one Ray call per sandbox operation.
+
+The actor's name carries a digest of the pool's config, so two runs on one
+cluster that ask for different pools (limits, binds, image) get different
+actors; one that finds an actor of its name still checks that its config is
+the one asked for (``env`` values, left out of the digest because actor
+names are visible to the cluster's users, are compared there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 from typing import Any
 
-from matrix_hpc.services.sandbox.base import SandboxConf
+from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError
 from matrix_hpc.services.sandbox.pool import (
     LeaseGrant,
     LeaseOwner,
@@ -31,8 +40,43 @@ NAMESPACE = "matrix_hpc"
 _DEAD_STATES = ("DEAD", "RESTARTING")
 
 
-def pool_actor_name(name: str) -> str:
-    return f"sandbox-pool-{name}"
+_PREFIX = "sandbox-pool-"
+
+
+def pool_identity(conf: SandboxConf) -> dict[str, Any]:
+    """The config that makes a pool what it is, secrets left out: ``env`` by its names, not its values.
+
+    ``pool.mode`` is left out too: ``auto`` and ``ray`` reach the same pool.
+    """
+    identity = dataclasses.asdict(conf)
+    identity["env"] = sorted(conf.env)
+    identity["pool"].pop("mode", None)
+    return identity
+
+
+def pool_actor_name(conf: SandboxConf) -> str:
+    """``sandbox-pool-<name>-<12 hex digits of the config>``."""
+    blob = json.dumps(pool_identity(conf), sort_keys=True, default=str).encode()
+    return f"{_PREFIX}{conf.pool.name}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def config_differences(have: SandboxConf, want: SandboxConf) -> list[str]:
+    """Dotted names of the settings that differ (``env`` by name only: its values are secrets)."""
+    a, b = _flat(dataclasses.asdict(have)), _flat(dataclasses.asdict(want))
+    a.pop("pool.mode", None)
+    b.pop("pool.mode", None)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "host_resources":
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
 class RayHostRef:
@@ -121,6 +165,15 @@ class SandboxPoolActor:
     async def stats(self) -> PoolStats:
         return (await self._ready()).snapshot()
 
+    def check_config(self, want: SandboxConf) -> None:
+        """Refuse a client that asked for another pool under this name (a digest collision or other env)."""
+        differ = config_differences(self.conf, want)
+        if differ:
+            raise SandboxError(
+                f"sandbox pool actor {pool_actor_name(want)!r} already runs with other settings "
+                f"({', '.join(differ)}); stop it with shutdown_pool, or give this run another sandbox.pool.name"
+            )
+
     async def live_sandboxes(self) -> list[str]:
         """Sandboxes actually running on the hosts (not just what the bookkeeping says)."""
         lists = await asyncio.gather(*(h.live.remote() for h in self.handles))
@@ -133,29 +186,57 @@ class SandboxPoolActor:
 
 
 def get_or_create_pool(conf: SandboxConf) -> Any:  # Any: Ray actor handle
-    """The cluster's named pool actor; created (detached) by the first caller."""
+    """The cluster's pool actor for ``conf``; created (detached) by the first caller.
+
+    Call ``check_config`` on it before use (:func:`checked_pool` does, blocking).
+    """
     import ray
 
     actor_cls = ray.remote(SandboxPoolActor)
     return actor_cls.options(
-        name=pool_actor_name(conf.pool.name), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        name=pool_actor_name(conf), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
         num_cpus=0, max_concurrency=10_000, max_restarts=-1,  # a restart starts with fresh hosts, no leases
     ).remote(conf)
 
 
-def shutdown_pool(name: str = "default") -> bool:
-    """Stop every sandbox of pool ``name`` and remove its actors; False if there was none."""
+def checked_pool(conf: SandboxConf, timeout_s: float = 120.0) -> Any:  # Any: Ray actor handle
+    """:func:`get_or_create_pool`, refused when the actor found runs with other settings."""
     import ray
 
-    try:
-        actor = ray.get_actor(pool_actor_name(name), namespace=NAMESPACE)
-    except ValueError:
-        return False
-    try:
-        ray.get(actor.shutdown.remote(), timeout=60)
-    finally:
-        ray.kill(actor)
-    return True
+    actor = get_or_create_pool(conf)
+    ray.get(actor.check_config.remote(conf), timeout=timeout_s)
+    return actor
+
+
+def shutdown_pool(pool: SandboxConf | str = "default") -> int:
+    """Stop every sandbox of the pool and remove its actors; returns how many pool actors there were.
+
+    Given a config, the one pool of that config; given a name, every pool
+    of that ``sandbox.pool.name`` (whatever their configs).
+    """
+    import ray
+
+    names = [pool_actor_name(pool)] if isinstance(pool, SandboxConf) else _pools_named(pool)
+    stopped = 0
+    for name in names:
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            continue
+        try:
+            ray.get(actor.shutdown.remote(), timeout=60)
+        finally:
+            ray.kill(actor)
+        stopped += 1
+    return stopped
+
+
+def _pools_named(name: str) -> list[str]:
+    from ray.util import list_named_actors
+
+    prefix = f"{_PREFIX}{name}-"
+    found = [a["name"] for a in list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE]
+    return [n for n in found if n.startswith(prefix) and len(n) == len(prefix) + 12]
 
 
 class RayPoolBackend:
@@ -164,6 +245,7 @@ class RayPoolBackend:
     def __init__(self, conf: SandboxConf) -> None:
         self.conf = conf
         self._actor: Any = None
+        self._checked = False
 
     @property
     def actor(self) -> Any:
@@ -172,6 +254,9 @@ class RayPoolBackend:
         return self._actor
 
     async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
+        if not self._checked:
+            await self.actor.check_config.remote(self.conf)  # a pool of other settings is never used
+            self._checked = True
         grant: LeaseGrant = await self.actor.acquire.remote(owner, wait_s, shared)
         return grant
 

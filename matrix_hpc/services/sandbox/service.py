@@ -43,7 +43,7 @@ class SandboxService:
         if self.uses_ray:
             from matrix_hpc.services.sandbox.ray_pool import shutdown_pool
 
-            shutdown_pool(self.conf.pool.name)
+            shutdown_pool(self.conf)
 
 
 def start_service(conf: SandboxConf, plan: Any = None) -> SandboxService:  # Any: runtime RunPlan (unused)
@@ -56,9 +56,9 @@ def start_service(conf: SandboxConf, plan: Any = None) -> SandboxService:  # Any
         if conf.pool.mode == "ray":
             raise RuntimeError("sandbox.pool.mode=ray but Ray is not initialised; start the cluster first")
         return SandboxService(conf, uses_ray=False)
-    from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool
+    from matrix_hpc.services.sandbox.ray_pool import checked_pool
 
-    actor = get_or_create_pool(conf)
+    actor = checked_pool(conf)
     stats = ray.get(actor.stats.remote(), timeout=120)  # waits until the host actors are placed
     log.info("sandbox pool %r ready: %s", conf.pool.name, stats)
     return SandboxService(conf, uses_ray=True)

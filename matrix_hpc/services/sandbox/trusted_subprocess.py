@@ -1,7 +1,9 @@
-"""The ``subprocess`` backend: a plain subprocess with the same limits. TRUSTED CODE ONLY.
+"""The ``trusted_subprocess`` backend: an unsandboxed subprocess with the same limits. TRUSTED CODE ONLY.
 
 There is no isolation at all: the command sees the host filesystem and
-network as the pool's own user. Limits (memory, CPU time, file size, wall
+network as the pool's own user. It starts with a minimal environment
+(``PATH``, ``HOME`` = its scratch dir, ``LANG``, plus ``sandbox.env``), so
+the host's API keys and tokens are not handed to it by accident. Limits (memory, CPU time, file size, wall
 time, output cap, and the per-sandbox cgroup where one can be made) still
 apply, and the exec's process group is killed when it returns; a process
 that starts its own session escapes that kill (the cgroup, when there is
@@ -15,12 +17,19 @@ from __future__ import annotations
 import asyncio
 import os
 
-from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox
+from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox, python_path_dirs
 from matrix_hpc.services.sandbox.limits import prlimit_argv
 from matrix_hpc.services.sandbox.process import ExecResult, run_capped
 
 
-class SubprocessSandbox(Sandbox):
+def minimal_env(scratch: str) -> dict[str, str]:
+    """What a trusted subprocess gets from us before ``sandbox.env``: nothing of the host's own environment."""
+    path = python_path_dirs() + ["/usr/local/bin", "/usr/bin", "/bin"]
+    return {"PATH": ":".join(dict.fromkeys(path)), "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8",
+            "SANDBOX_SCRATCH": scratch, "PYTHONUNBUFFERED": "1"}
+
+
+class TrustedSubprocessSandbox(Sandbox):
     async def _start(self) -> None:
         pass
 
@@ -28,8 +37,7 @@ class SubprocessSandbox(Sandbox):
         pass
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({"HOME": str(self.scratch), "SANDBOX_SCRATCH": str(self.scratch), "PYTHONUNBUFFERED": "1"})
+        env = minimal_env(str(self.scratch))
         env.update(self.conf.env)
         env.update(extra)
         return env
@@ -42,8 +50,9 @@ class SubprocessSandbox(Sandbox):
 
     async def _exec(self, argv: list[str], stdin: bytes | None, timeout_s: float, max_output_bytes: int,
                     env: dict[str, str], cwd: str) -> ExecResult:
-        return await run_capped(self.cgroup_prefix() + prlimit_argv(self.conf.limits) + argv, stdin=stdin, timeout_s=timeout_s,
-                                max_output_bytes=max_output_bytes, env=self._env(env), cwd=self._host_cwd(cwd))
+        return await run_capped(self.cgroup_prefix() + prlimit_argv(self.conf.limits) + argv, stdin=stdin,
+                                timeout_s=timeout_s, max_output_bytes=max_output_bytes, env=self._env(env),
+                                cwd=self._host_cwd(cwd))
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
         env = {**env, "MATRIX_SANDBOX_SOCKET": str(self.scratch / os.path.basename(env["MATRIX_SANDBOX_SOCKET"]))}
