@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from matrix_hpc.cluster.auth import create_token, ensure_private_dir, use_cluster_token
 from matrix_hpc.cluster.config import ClusterConf, JobShapeConf, as_cluster_conf
 from matrix_hpc.cluster.errors import ClusterError, JobFailedError, tail
 from matrix_hpc.cluster.local import LocalBackend
@@ -64,7 +65,8 @@ def _spec(conf: ClusterConf, role: str, shape: JobShapeConf) -> NodeSpec:
         partition = getattr(getattr(conf, "slurm", None), "partition", None) or conf.backend
         resources = {f"partition:{partition}": 1.0, **conf.worker_resources}
     return NodeSpec(role=role, num_cpus=shape.cpus_per_task, num_gpus=shape.gpus_per_node, resources=resources,
-                    include_dashboard=conf.include_dashboard and role == "head", tmp_root=conf.node_tmp_dir)
+                    include_dashboard=conf.include_dashboard and role == "head", dashboard_host=conf.dashboard_host,
+                    tmp_root=conf.node_tmp_dir)
 
 
 def _record(job: Any, role: str, conf: ClusterConf) -> JobRecord:
@@ -147,6 +149,7 @@ def _live_head(conf: ClusterConf, state: ClusterState, backend: Backend) -> JobR
 
 def _submit_head(conf: ClusterConf, state: ClusterState) -> JobRecord:
     state.head_file.unlink(missing_ok=True)
+    create_token(state.token_file)  # before any node starts: each reads it through RAY_AUTH_TOKEN_PATH
     executor = make_executor(conf, conf.head, f"matrix-head-{conf.name}")
     executor.update_parameters(nodes=1)
     with backend_of(conf).submitting(state.root / "logs" / "submit.log"):
@@ -290,9 +293,11 @@ def stray_processes(conf: Any) -> list[int]:
 
 def ray_address_for(conf: Any) -> str | None:
     """The Ray address of the cluster's running head, or None when none is
-    up (the run then starts its own Ray inside its allocation)."""
+    up (the run then starts its own Ray inside its allocation). With a head,
+    this process's Ray is set to the cluster's token (call before `import ray`)."""
     conf = as_cluster_conf(conf)
-    head = ClusterState(conf.cluster_dir).head()
+    state = ClusterState(conf.cluster_dir)
+    head = state.head()
     if head is None:
         if conf.backend == "slurm":  # with cluster=local an in-process Ray is the normal case
             log.warning("no matrix cluster running at %s: the run starts its own Ray on this node "
@@ -302,16 +307,8 @@ def ray_address_for(conf: Any) -> str | None:
         raise ClusterError(f"the Ray head in {ClusterState(conf.cluster_dir).head_file} ({head.address}, job "
                            f"{head.job_id}) does not answer; run `matrix-hpc cluster status` and "
                            "`matrix-hpc cluster down`, then `up` again")
-    import os
-    import sys
-
-    from matrix_hpc.cluster.ray_node import RAY_ENV
-
-    if "ray" in sys.modules and any(os.environ.get(k) != v for k, v in RAY_ENV.items()):
-        log.warning("ray was imported before joining the cluster: its auth mode (RAY_AUTH_MODE=%s) is already "
-                    "fixed and may not match the cluster's (disabled); set RAY_AUTH_MODE=disabled before "
-                    "importing ray", os.environ.get("RAY_AUTH_MODE", "unset"))
-    os.environ.update(RAY_ENV)  # our heads run without token auth; the driver must match (read at `import ray`)
+    ensure_private_dir(state.root)  # a head.json others could write might point us (and our token) elsewhere
+    use_cluster_token(state.token_file)
     return head.address
 
 

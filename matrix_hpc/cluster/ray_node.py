@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc.cluster.auth import check_token, create_token, node_env, use_cluster_token
 from matrix_hpc.cluster.errors import ClusterError, tail
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, write_json_atomic
 
 #: ray start prints this once its node has registered with the head.
 READY_LINE = "Ray runtime started"
-#: Our Ray clusters run without token auth: Slurm jobs are on a private network
-#: and every job, worker and driver would otherwise need the token file.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def ignore_preempt_signals() -> None:
@@ -95,6 +93,7 @@ class NodeSpec:
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     object_store_gb: float | None = None  # None: Ray's default share of memory
     include_dashboard: bool = False  # head only
+    dashboard_host: str = "127.0.0.1"  # head only: the dashboard's bind address (token-authenticated)
     tmp_root: str = "/tmp"  # node-local root of Ray's temp dir
 
 
@@ -119,7 +118,7 @@ class RayNode:
             cmd += ["--head", "--port", str(gcs_port), "--node-ip-address", node_ip()]
             cmd += ["--include-dashboard", "true" if self.spec.include_dashboard else "false"]
             if dashboard_port:
-                cmd += ["--dashboard-port", str(dashboard_port), "--dashboard-host", "0.0.0.0"]
+                cmd += ["--dashboard-port", str(dashboard_port), "--dashboard-host", self.spec.dashboard_host]
         else:
             cmd += ["--address", head_address]
         return cmd
@@ -142,6 +141,7 @@ class RayNode:
                       flush=True)
 
     def _start_once(self, head_address: str | None, timeout_s: float) -> None:
+        check_token(self.state.token_file)  # a clear error here rather than Ray's own further down
         gcs_port = free_port() if head_address is None else None
         dash_port = free_port() if head_address is None and self.spec.include_dashboard else None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ class RayNode:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # earlier attempts' output
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(head_address, gcs_port, dash_port), stdout=log,
-                                         stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
+                                         stderr=subprocess.STDOUT, env=node_env(self.state.token_file),
                                          preexec_fn=ignore_preempt_signals)
         self._wait_ready(timeout_s, offset)
         self._write_node_file()
@@ -279,8 +279,9 @@ class RayHead:
 
     def __call__(self) -> int:
         job_id, rank = job_identity()
-        node = RayNode(self.spec, ClusterState(Path(self.cluster_dir)), job_id, rank)
-        return _run_node(node, head_address=None)
+        state = ClusterState(Path(self.cluster_dir))
+        create_token(state.token_file)  # `cluster up` made it already; an sbatch script's head makes it here
+        return _run_node(RayNode(self.spec, state, job_id, rank), head_address=None)
 
 
 @dataclass
@@ -319,9 +320,9 @@ def _run_node(node: RayNode, head_address: str | None) -> int:
     return code
 
 
-def probe(address: str) -> dict[str, Any]:
+def probe(address: str, token_file: Path) -> dict[str, Any]:
     """Nodes, resources and named actors (services) of a running cluster."""
-    os.environ.update(RAY_ENV)
+    use_cluster_token(token_file)
     import ray
 
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         head = ClusterState(Path(args.cluster_dir)).head()
         if head is None:
             raise ClusterError(f"no head.json in {args.cluster_dir}")
-        print(json.dumps(probe(head.address)))
+        print(json.dumps(probe(head.address, ClusterState(Path(args.cluster_dir)).token_file)))
         return 0
     spec = NodeSpec(role=args.role, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                     resources=json.loads(args.resources))

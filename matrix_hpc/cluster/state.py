@@ -4,6 +4,7 @@ Layout (on a filesystem every node sees)::
 
     <dir>/jobs.json            jobs started by `up` (id, role, backend, log paths)
     <dir>/head.json            the Ray head's address and ports, written by the head job
+    <dir>/ray_auth_token       Ray's token (0600; see auth.py), made by `up` or the head
     <dir>/nodes/<role>-<job>-<rank>.json   one per running Ray node (host, pids, tmp dir)
     <dir>/logs/<job>/          submitit's logs (<job>_<rank>_log.out/.err) and ray-<rank>.log
 """
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from matrix_hpc.cluster.auth import TOKEN_FILE, ensure_private_dir
 
 
 @dataclass
@@ -77,6 +80,10 @@ class ClusterState:
         return self.root / "head.json"
 
     @property
+    def token_file(self) -> Path:
+        return self.root / TOKEN_FILE
+
+    @property
     def jobs_file(self) -> Path:
         return self.root / "jobs.json"
 
@@ -90,8 +97,8 @@ class ClusterState:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise `up` / `down` on one cluster dir."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Serialise `up` / `down` on one cluster dir (created private, see auth.py)."""
+        ensure_private_dir(self.root)
         with open(self.root / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -132,7 +139,9 @@ class ClusterState:
         return out
 
     def clear_runtime_files(self) -> None:
-        """Forget the head and nodes (after `down`); logs stay for post-mortems."""
+        """Forget the head, nodes and token (after `down`; the next `up` makes a new
+        token); logs stay for post-mortems."""
         self.head_file.unlink(missing_ok=True)
+        self.token_file.unlink(missing_ok=True)
         for path in self.nodes_dir.glob("*.json"):
             path.unlink(missing_ok=True)
