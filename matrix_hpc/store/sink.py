@@ -1,29 +1,59 @@
 """Sink: owns a set of shards, buffers finished tasks, commits them as
 Parquet files and acknowledges each committed id to the driver.
 
-Run as an async Ray actor (see :func:`start_sinks`); the class itself has no
+Run as an async Ray actor (see the runtime's driver); the class itself has no
 Ray dependency so its commit logic is unit-testable.
+
+The commit protocol (docs/output.md):
+
+- every file name carries this sink's incarnation (a fresh random id each
+  time the actor starts), so a restarted sink never reuses a name;
+- a file is written under a temp name unique to the incarnation, fsynced and
+  published with ``os.link``, which cannot replace an existing file;
+- ids count as committed only after their file is published; a restarted
+  sink rebuilds the ids this run committed in its shards from the files;
+- a commit that fails keeps its rows buffered and is retried with capped
+  exponential backoff, loudly; the driver's credits stay out meanwhile;
+- a row that cannot be encoded becomes a ``failed`` row naming the column.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from matrix_hpc.runtime.message import TaskState
-from matrix_hpc.store.layout import REJECTED_DIR, compact_files, shard_dir, shard_of, write_table_atomic
-from matrix_hpc.store.rows import tasks_to_table
+from matrix_hpc.background import supervise
+from matrix_hpc.store.ids import GrowingHashSet, hash_ids
+from matrix_hpc.store.layout import (
+    REJECTED_DIR, compact_files, parse_part_name, part_file_name, shard_dir, shard_of,
+    write_table_atomic,
+)
+from matrix_hpc.store.rows import TaskLike, encode_rows
+
+log = logging.getLogger(__name__)
 
 #: What the driver learns of each committed row: (id, status, error_type, error, tokens).
 #: A task written twice in one run (re-admitted) is acknowledged as "duplicate".
 Ack = tuple[str, str, str | None, str | None, int]
 DUPLICATE = "duplicate"
+
+#: Test hook (read once when a sink starts): the first N commit attempts of the
+#: sink raise OSError(ENOSPC), as on a full disk. With FAULT_SINK_ENV set, only
+#: the sink of that index fails. Never set it outside tests.
+FAULT_COMMIT_FAIL_ENV = "MATRIX_HPC_FAULT_COMMIT_FAIL_N"
+FAULT_SINK_ENV = "MATRIX_HPC_FAULT_COMMIT_FAIL_SINK"
 
 
 @dataclass
@@ -37,6 +67,16 @@ class SinkSettings:
     keep: str = "all"  # "ok": filtered / failed rows go to _rejected/ (still counted for resume)
     compact_min_files: int = 64  # merge a shard's small files of this run once it has this many
     compact_max_rows: int = 200_000  # files this big are left alone by compaction
+    retry_backoff_max_s: float = 30.0  # a failing commit is retried after flush_interval_s, doubling up to this
+
+
+class CommitFailed(RuntimeError):
+    """A shard's commit failed; its rows stay buffered for the next attempt."""
+
+    def __init__(self, shard: int, error: BaseException) -> None:
+        super().__init__(f"shard {shard}: {type(error).__name__}: {error}")
+        self.shard = shard
+        self.error = error
 
 
 class ShardSink:
@@ -47,108 +87,211 @@ class ShardSink:
         self.schema = schema
         self.out_dir = Path(settings.out_dir)
         self.index = index
-        self._buffers: dict[int, list[TaskState]] = {}
-        self._buffered = 0
-        # ids written by this run: a re-admitted task is written once (also after a restart of this sink)
-        self._seen: set[str] = self._ids_already_written()
+        self.incarnation = uuid.uuid4().hex[:8]
+        self._seq = itertools.count()
+        self._buffers: dict[int, list[TaskLike]] = {}
+        self._buffered_ids: set[str] = set()  # bounded by max_buffered_rows: a second copy waits for the first
+        self._committed = GrowingHashSet(self._hashes_committed_by_this_run())
+        self._confirmed: tuple[int, set[str]] | None = None  # one shard's exact committed ids (rare path)
         self._acks: list[Ack] = []
         self._acks_ready: asyncio.Event | None = None
-        self._seq = itertools.count()
-        self._small_files: dict[Path, list[tuple[Path, int]]] = {}  # shard dir -> (file, rows) of this run
         self._flush_lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._small_files: dict[Path, list[tuple[Path, int]]] = {}  # shard dir -> (file, rows) of this incarnation
+        self._fault_commits_left = _injected_commit_failures(index)
+        self.commit_failures = 0  # consecutive
+        self.last_error: str | None = None
+        self._retry_at = 0.0
         self.rows_written = 0
+        self.rows_unencodable = 0
         self.files_written = 0
         self.duplicates_dropped = 0
         self.files_compacted = 0
 
-    def _ids_already_written(self) -> set[str]:
-        import pyarrow.parquet as pq
+    # -- what this run already committed (a restarted sink) -------------------
+    def _my_files(self, shard: int | None = None) -> list[Path]:
+        pattern = "shard=*" if shard is None else shard_dir(Path("."), shard).name
+        files = [*self.out_dir.glob(f"{pattern}/part-*.parquet"),
+                 *self.out_dir.glob(f"{REJECTED_DIR}/{pattern}/part-*.parquet")]
+        mine = []
+        for f in files:
+            name = parse_part_name(f.name)
+            if name is not None and name.run_id == self.s.run_id and name.sink == self.index:
+                mine.append(f)
+        return sorted(mine)
 
-        mine = f"part-{self.s.run_id}-{self.index:03d}-*.parquet"
-        files = [*self.out_dir.glob(f"shard=*/{mine}"), *self.out_dir.glob(f"{REJECTED_DIR}/shard=*/{mine}")]
-        return {i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
+    def _hashes_committed_by_this_run(self) -> Any:
+        import numpy as np
 
+        parts = [hash_ids(ids) for ids in (_read_ids(f) for f in self._my_files()) if ids is not None]
+        if parts:
+            log.info("sink %d (incarnation %s): %d ids of run %s already committed in its shards",
+                     self.index, self.incarnation, sum(len(p) for p in parts), self.s.run_id)
+        return np.concatenate(parts) if parts else None
+
+    def _is_committed(self, task_id: str) -> bool:
+        if not self._committed.maybe_contains(task_id):
+            return False
+        shard = shard_of(task_id, self.s.num_shards)  # a hash hit: confirm against the shard's real ids
+        if self._confirmed is None or self._confirmed[0] != shard:
+            ids: set[str] = set()
+            for f in self._my_files(shard):
+                column = _read_ids(f)
+                ids.update(column.to_pylist() if column is not None else [])
+            self._confirmed = (shard, ids)
+        return task_id in self._confirmed[1]
+
+    # -- the actor's methods -----------------------------------------------
     def _ensure_loop_state(self) -> None:
         if self._flush_lock is None:
             self._flush_lock = asyncio.Lock()
             self._acks_ready = asyncio.Event()
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_periodically())
+            self._flusher = supervise(self._flush_periodically, f"sink {self.index} flusher")
 
-    async def write(self, tasks: list[TaskState]) -> None:
+    async def incarnation_id(self) -> str:
+        """Changes whenever the sink process restarts (the driver compares)."""
+        return self.incarnation
+
+    async def health(self) -> dict[str, Any]:
+        """For the driver's watch: a sink stuck failing shows commit_failures > 0."""
+        return {"sink": self.index, "incarnation": self.incarnation, "rows_buffered": len(self._buffered_ids),
+                "commit_failures": self.commit_failures, "last_error": self.last_error,
+                "rows_written": self.rows_written, "rows_unencodable": self.rows_unencodable}
+
+    async def write(self, tasks: list[TaskLike]) -> None:
         self._ensure_loop_state()
         for task in tasks:
-            if task.id in self._seen:
+            if task.id in self._buffered_ids:
+                continue  # the first copy's ack (after its commit) answers for both
+            if self._is_committed(task.id):
                 self.duplicates_dropped += 1
                 self._acks.append((task.id, DUPLICATE, None, None, 0))
                 continue
-            self._seen.add(task.id)
+            self._buffered_ids.add(task.id)
             self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
-            self._buffered += 1
-        if self._buffered >= self.s.max_buffered_rows:
+        if len(self._buffered_ids) >= self.s.max_buffered_rows and time.monotonic() >= self._retry_at:
             await self.flush()
         elif self._acks and self._acks_ready is not None:
             self._acks_ready.set()
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.s.flush_interval_s)
+            await asyncio.sleep(max(self.s.flush_interval_s, self._retry_at - time.monotonic()))
             await self.flush()
 
     async def flush(self) -> None:
-        """Commit everything buffered, then acknowledge it."""
+        """Commit everything buffered, then acknowledge it. A failed commit
+        keeps its rows buffered and schedules a retry (it does not raise)."""
         self._ensure_loop_state()
         assert self._flush_lock is not None and self._acks_ready is not None
         async with self._flush_lock:  # one commit at a time keeps file names and acks in order
             if not self._buffers:
                 return
-            buffers, self._buffers, self._buffered = self._buffers, {}, 0
-            acks = await asyncio.to_thread(self._commit, buffers)
+            batch = {shard: list(tasks) for shard, tasks in self._buffers.items()}
+            acks, failure = await asyncio.to_thread(self._commit, batch)
+            self._forget_committed({a[0] for a in acks})
             self._acks.extend(acks)
-            self._acks_ready.set()
+            if acks:
+                self._acks_ready.set()
+            self._note_outcome(failure)
 
-    def _commit(self, buffers: dict[int, list[TaskState]]) -> list[Ack]:
+    def _forget_committed(self, ids: set[str]) -> None:
+        """Drop committed rows from the buffers (by id: with keep=ok one file of
+        a shard may be published and the other not)."""
+        if not ids:
+            return
+        for shard in list(self._buffers):
+            rest = [t for t in self._buffers[shard] if t.id not in ids]
+            if rest:
+                self._buffers[shard] = rest
+            else:
+                del self._buffers[shard]
+        self._buffered_ids.difference_update(ids)
+        self._committed.add_many(ids)
+        if self._confirmed is not None:
+            shard = self._confirmed[0]
+            self._confirmed[1].update(i for i in ids if shard_of(i, self.s.num_shards) == shard)
+
+    def _note_outcome(self, failure: CommitFailed | None) -> None:
+        if failure is None:
+            if self.commit_failures:
+                log.warning("sink %d: commit succeeded again after %d failed attempts", self.index,
+                            self.commit_failures)
+            self.commit_failures, self.last_error, self._retry_at = 0, None, 0.0
+            return
+        self.commit_failures += 1
+        self.last_error = str(failure)
+        delay_s = min(self.s.retry_backoff_max_s, self.s.flush_interval_s * 2 ** self.commit_failures)
+        self._retry_at = time.monotonic() + delay_s
+        log.error("sink %d: commit failed (%s) with %d rows buffered under %s; keeping them and retrying in "
+                  "%.1f s (attempt %d). Free space or fix the error; nothing is lost while the run lives.",
+                  self.index, failure, len(self._buffered_ids), self.out_dir, delay_s, self.commit_failures,
+                  exc_info=not isinstance(failure.error, OSError))
+
+    def _commit(self, batch: dict[int, list[TaskLike]]) -> tuple[list[Ack], CommitFailed | None]:
+        """Runs in a thread: commit shard by shard, stop at the first failure.
+        The acks name exactly the rows whose file was published."""
         acks: list[Ack] = []
-        for shard, tasks in sorted(buffers.items()):
-            for base, rows in self._split(tasks):
-                path = shard_dir(base, shard) / self._file_name()
-                table = tasks_to_table(rows, self.s.run_id, self.schema)
-                write_table_atomic(table, path, self.s.compression)
-                self.files_written += 1
-                self.rows_written += len(rows)
-                self._note_file(path, len(rows))
-                acks.extend(_acks_of(table))
-        return acks
+        for shard, tasks in sorted(batch.items()):
+            try:
+                self._commit_shard(shard, tasks, acks)
+            except Exception as e:  # kept buffered and retried: a failed commit must never drop rows
+                return acks, CommitFailed(shard, e)
+        return acks, None
+
+    def _commit_shard(self, shard: int, tasks: list[TaskLike], acks: list[Ack]) -> None:
+        self._maybe_inject_failure(shard)
+        table, unencodable = encode_rows(tasks, self.s.run_id, self.schema)
+        if unencodable:
+            log.error("sink %d: %d row(s) of shard %d could not be encoded; writing them as failed rows "
+                      "(error_type=OutputEncodingError, the error names the column)", self.index, unencodable, shard)
+        for base, part in self._split(table):
+            path = shard_dir(base, shard) / self._file_name()
+            write_table_atomic(part, path, self.s.compression, self.incarnation)
+            self.files_written += 1
+            self.rows_written += part.num_rows
+            self.rows_unencodable += _count_unencodable(part) if unencodable else 0
+            acks.extend(_acks_of(part))
+            self._note_file(path, part.num_rows)
+
+    def _maybe_inject_failure(self, shard: int) -> None:
+        if self._fault_commits_left > 0:
+            self._fault_commits_left -= 1
+            raise OSError(errno.ENOSPC, f"injected by {FAULT_COMMIT_FAIL_ENV} (test hook)", str(shard_dir(
+                self.out_dir, shard)))
 
     def _file_name(self, compacted: bool = False) -> str:
-        kind = "c" if compacted else ""
-        return f"part-{self.s.run_id}-{self.index:03d}-{kind}{next(self._seq):06d}.parquet"
+        return part_file_name(self.s.run_id, self.index, self.incarnation, next(self._seq), compacted)
 
     def _note_file(self, path: Path, rows: int) -> None:
         files = self._small_files.setdefault(path.parent, [])
         files.append((path, rows))
         if len(files) >= self.s.compact_min_files:
-            self._compact(path.parent)
+            try:
+                self._compact(path.parent)
+            except Exception:  # the small files are committed; merging them can wait for the next try
+                log.exception("sink %d: compaction of %s failed; its files stay as they are", self.index,
+                              path.parent)
 
     def _compact(self, directory: Path) -> None:
-        """Merge this run's small files of one shard into one (see compaction in layout)."""
+        """Merge this incarnation's small files of one shard into one (see compaction in layout)."""
         files = [(p, n) for p, n in self._small_files.get(directory, []) if n < self.s.compact_max_rows]
         if len(files) < 2:
             return
         merged = compact_files([p for p, _ in files], directory / self._file_name(compacted=True),
-                               self.s.compression)
+                               self.s.compression, self.incarnation)
         rows = sum(n for _, n in files)
         keep = [(p, n) for p, n in self._small_files[directory] if (p, n) not in files]
         self._small_files[directory] = keep + [(merged, rows)]
         self.files_compacted += len(files)
 
-    def _split(self, tasks: list[TaskState]) -> list[tuple[Path, list[TaskState]]]:
+    def _split(self, table: pa.Table) -> list[tuple[Path, pa.Table]]:
         """Where rows go: all in the dataset, or with keep=ok the others in _rejected/."""
         if self.s.keep != "ok":
-            return [(self.out_dir, tasks)]
-        ok = [t for t in tasks if t.status == "ok"]
-        rest = [t for t in tasks if t.status != "ok"]
-        return [(d, rows) for d, rows in ((self.out_dir, ok), (self.out_dir / REJECTED_DIR, rest)) if rows]
+            return [(self.out_dir, table)]
+        is_ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+        parts = ((self.out_dir, table.filter(is_ok)), (self.out_dir / REJECTED_DIR, table.filter(pc.invert(is_ok))))
+        return [(d, t) for d, t in parts if t.num_rows]
 
     async def wait_commits(self, timeout_s: float = 1.0) -> list[Ack]:
         """Long poll: the acks of rows committed since the last call."""
@@ -165,12 +308,41 @@ class ShardSink:
 
     async def close(self) -> dict[str, Any]:
         await self.flush()
+        if self._buffers:
+            log.error("sink %d: closing with %d rows not committed (%s); rerun the same command to write them",
+                      self.index, len(self._buffered_ids), self.last_error)
         for directory in list(self._small_files):
-            await asyncio.to_thread(self._compact, directory)
+            try:
+                await asyncio.to_thread(self._compact, directory)
+            except Exception:
+                log.exception("sink %d: final compaction of %s failed; its files stay as they are", self.index,
+                              directory)
         if self._flusher is not None:
             self._flusher.cancel()
         return {"rows": self.rows_written, "files": self.files_written, "files_compacted": self.files_compacted,
-                "duplicates_dropped": self.duplicates_dropped, "t": time.time()}
+                "duplicates_dropped": self.duplicates_dropped, "rows_unencodable": self.rows_unencodable,
+                "rows_not_committed": len(self._buffered_ids), "incarnation": self.incarnation, "t": time.time()}
+
+
+def _read_ids(path: Path) -> pa.Array | None:
+    try:
+        return pq.read_table(path, columns=["id"]).column("id").combine_chunks()
+    except (OSError, pa.ArrowException) as e:  # quarantined by the next scan_output; its ids re-run
+        log.error("cannot read the ids of %s (%s); its rows count as not written", path, e)
+        return None
+
+
+def _count_unencodable(table: pa.Table) -> int:
+    from matrix_hpc.store.rows import ENCODING_ERROR
+
+    return int(pc.sum(pc.equal(table.column("error_type"), ENCODING_ERROR)).as_py() or 0)
+
+
+def _injected_commit_failures(index: int) -> int:
+    only = os.environ.get(FAULT_SINK_ENV)
+    if only not in (None, "") and int(only) != index:
+        return 0
+    return int(os.environ.get(FAULT_COMMIT_FAIL_ENV, "0") or 0)
 
 
 def _acks_of(table: pa.Table) -> list[Ack]:
@@ -179,3 +351,5 @@ def _acks_of(table: pa.Table) -> list[Ack]:
     return [(i, st or "failed", et, (err or why or "")[:300], (pt or 0) + (ct or 0))
             for i, st, et, err, why, pt, ct in zip(c["id"], c["status"], c["error_type"], c["error"], c["reason"],
                                                    c["prompt_tokens"], c["completion_tokens"])]
+
+
