@@ -1,6 +1,14 @@
 """Input: JSONL (optionally .zst) and Parquet files matched by a glob, streamed
 row by row. A row that cannot be read becomes an :class:`InputItem` with an
-error (naming file and line) instead of stopping the run."""
+error (naming file and line) instead of stopping the run; so does a row whose
+id is null or empty, and a file that cannot be read at all (truncated Parquet,
+bad compression, a non-data file matched by the glob): its rows read before
+the damage stay, and one failed item with the id ``__input_error__:<path>``
+stands for the rest. Duplicate ids are marked (``duplicate_of``).
+
+Path mistakes (no such file, a glob matching nothing, a plain directory) are
+config errors: :func:`check_input` raises :class:`InputPathError` for them
+before anything starts."""
 
 from __future__ import annotations
 
@@ -30,31 +38,95 @@ class InputItem:
     error: str | None = None  # what was wrong and where (file:line)
     raw: str | None = None  # the unparseable text, kept in the failed row
     where: str = ""  # file:line (or file:row N) for error messages
+    duplicate_of: str | None = None  # this id was seen before, at this file:line (the driver reports it)
+
+
+INPUT_ERROR_ID_PREFIX = "__input_error__:"  # id of the failed item that stands for an unreadable file
+FORMATS = ("auto", "jsonl", "parquet")
 
 
 class InputError(ValueError):
     """The dataset config points at nothing usable."""
 
 
+class InputPathError(InputError):
+    """dataset.path names no file, a glob matching nothing, or a plain directory."""
+
+
+def check_input(conf: DatasetConf) -> None:
+    """Raise :class:`InputPathError` (one line, names the setting) when
+    ``dataset.path`` cannot be read; cheap, so a run calls it before Ray starts.
+
+    >>> check_input(DatasetConf(path="/nowhere/*.jsonl"))  # doctest: +SKIP
+    InputPathError: dataset.path='/nowhere/*.jsonl' matches no file
+    """
+    if conf.format not in FORMATS:
+        raise InputPathError(f"dataset.format={conf.format!r}; valid choices: {', '.join(FORMATS)}")
+    input_files(conf)
+
+
 def input_files(conf: DatasetConf) -> list[Path]:
     from matrix_hpc.store.hf_input import is_hf_dataset_dir
 
-    paths = sorted(Path(p) for p in glob.glob(str(Path(conf.path).expanduser()), recursive=True))
+    pattern = str(Path(conf.path).expanduser())
+    if not glob.has_magic(pattern):
+        path = Path(pattern)
+        if not path.exists():
+            raise InputPathError(f"dataset.path={conf.path!r}: no such file")
+        if path.is_dir() and not is_hf_dataset_dir(path):
+            raise InputPathError(f"dataset.path={conf.path!r} is a directory; give a file or a glob such as "
+                                 f"'{conf.path.rstrip('/')}/*.jsonl' (or a dir written by save_to_disk)")
+        return [path]
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
     files = [f for f in paths if f.is_file() or is_hf_dataset_dir(f)]
     if not files:
-        raise InputError(f"dataset.path={conf.path!r} matches no file")
+        dirs = f" (only directories: {', '.join(map(str, paths[:3]))})" if paths else ""
+        raise InputPathError(f"dataset.path={conf.path!r} matches no file{dirs}")
     return files
 
 
 def iter_input(conf: DatasetConf) -> Iterator[InputItem]:
-    """Every input row of every file, in order, each with its task id."""
+    """Every input row of every file, in order, each with its task id.
+
+    A second row with an id already seen gets ``duplicate_of`` = where the
+    first was. (The seen ids are kept exactly: about 100 bytes an input id.)
+    """
     count = 0
+    seen: dict[str, str] = {}
     for path in input_files(conf):
-        for item in _iter_file(path, conf):
+        for item in _iter_file_safely(path, conf):
+            if item.row is not None:
+                first = seen.get(item.id)
+                if first is None:
+                    seen[item.id] = item.where
+                else:
+                    item.duplicate_of = first
             yield item
             count += 1
             if conf.limit is not None and count >= conf.limit:
                 return
+
+
+def _iter_file_safely(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
+    """The rows of one file; if the file breaks off, the rows read so far and
+    one failed item naming the file and the point where reading stopped."""
+    rows = 0
+    try:
+        for item in _iter_file(path, conf):
+            rows += 1
+            yield item
+    except InputPathError:
+        raise
+    except Exception as e:  # any reader error: the rest of the input goes on
+        yield unreadable_file_item(path, rows, e)
+
+
+def unreadable_file_item(path: Path, rows_read: int, error: BaseException) -> InputItem:
+    where = f"{path}" if rows_read == 0 else f"{path} after {rows_read} row(s)"
+    message = (f"{where}: input file unreadable ({type(error).__name__}: {str(error)[:300]}); "
+               f"{'no row' if rows_read == 0 else 'no further row'} of it was read. Fix or remove the file and "
+               "rerun with run.retry=failed.")
+    return InputItem(f"{INPUT_ERROR_ID_PREFIX}{path}", None, message, None, str(path))
 
 
 def _iter_file(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
@@ -67,7 +139,7 @@ def _iter_file(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
     elif fmt == "parquet":
         yield from _iter_parquet(path, conf)
     else:
-        raise InputError(f"dataset.format={fmt!r} for {path}; valid choices: auto, jsonl, parquet")
+        raise InputPathError(f"dataset.format={fmt!r} for {path}; valid choices: {', '.join(FORMATS)}")
 
 
 def _format_of(path: Path) -> str:
@@ -76,7 +148,8 @@ def _format_of(path: Path) -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
-    raise InputError(f"cannot tell the format of {path}; set dataset.format=jsonl or parquet")
+    raise ValueError(f"cannot tell the format of {path.name} by its extension (not .jsonl, .jsonl.zst, .json, "
+                     ".ndjson or .parquet); narrow dataset.path's glob or set dataset.format")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -132,8 +205,15 @@ def _item(row: dict[str, Any], conf: DatasetConf, where: str, fallback_id: str) 
     if missing:
         return InputItem(fallback_id, None, f"{where}: missing required column(s) {missing}",
                          json.dumps(row, default=str)[:4096], where)
-    task_id = str(row[conf.id_column]) if conf.id_column else stable_row_hash(row)
-    return InputItem(task_id, row, where=where)
+    if not conf.id_column:
+        return InputItem(stable_row_hash(row), row, where=where)
+    raw_id = row[conf.id_column]
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        what = "null" if raw_id is None else "empty"
+        return InputItem(fallback_id, None, f"{where}: the id column {conf.id_column!r} is {what}; give every row "
+                         "an id, or set dataset.id_column=null to use a hash of the row",
+                         json.dumps(row, default=str)[:4096], where)
+    return InputItem(str(raw_id), row, where=where)
 
 
 def stable_row_hash(row: dict[str, Any]) -> str:
@@ -146,15 +226,21 @@ def count_input_rows(conf: DatasetConf) -> int:
     """Rows in the input (for the ETA): lines of JSONL, metadata of Parquet."""
     total = 0
     for path in input_files(conf):
-        if path.is_dir():
-            from matrix_hpc.store.hf_input import load_hf_dataset_dir
-
-            total += load_hf_dataset_dir(path, conf.split).num_rows
-        elif (conf.format if conf.format != "auto" else _format_of(path)) == "parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            with _open_text(path) as f:
-                total += sum(1 for line in f if line.strip())
+        try:
+            total += _count_rows(path, conf)
+        except Exception:  # an unreadable file ends as one failed item
+            total += 1
     return min(total, conf.limit) if conf.limit is not None else total
+
+
+def _count_rows(path: Path, conf: DatasetConf) -> int:
+    if path.is_dir():
+        from matrix_hpc.store.hf_input import load_hf_dataset_dir
+
+        return int(load_hf_dataset_dir(path, conf.split).num_rows)
+    if (conf.format if conf.format != "auto" else _format_of(path)) == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with _open_text(path) as f:
+        return sum(1 for line in f if line.strip())

@@ -12,7 +12,7 @@ import pytest
 from matrix_hpc.runtime.message import FAILED, OK, TaskState
 from matrix_hpc.store.input import DatasetConf, iter_input, stable_row_hash
 from matrix_hpc.store.layout import TMP_PREFIX, data_files, shard_dir, shard_of
-from matrix_hpc.store.resume import ResumeRefused, check_and_record_config, completed_ids
+from matrix_hpc.store.resume import ResumeRefused, check_and_record_config, completed_ids, scan_output
 from matrix_hpc.store.rows import output_schema
 from matrix_hpc.store.sink import DUPLICATE, ShardSink, SinkSettings
 
@@ -90,21 +90,25 @@ def test_row_carries_status_error_history_and_tokens(tmp_path: Path) -> None:
     assert row["prompt_tokens"] == 3 and row["attempts"] == 1
 
 
-def test_completed_ids_ignores_and_removes_temp_files(tmp_path: Path) -> None:
+def test_scan_output_ignores_and_removes_temp_files(tmp_path: Path) -> None:
     d = shard_dir(tmp_path, 0)
     d.mkdir(parents=True)
     (d / f"{TMP_PREFIX}part-x.parquet").write_bytes(b"half a file")
-    assert completed_ids(tmp_path) == set()
+    assert len(scan_output(tmp_path).done) == 0
     assert list(d.iterdir()) == []
 
 
 def test_resume_with_a_different_workflow_config_is_refused_unless_forced(tmp_path: Path) -> None:
-    assert check_and_record_config(tmp_path, "name: a\nx: 1\n", "full", force=False) is False
-    assert check_and_record_config(tmp_path, "name: a\nx: 1\n", "full", force=False) is True
+    def ident(x: int) -> dict:
+        return {"workflow": {"name": "a", "x": x}, "dataset": {"path": "in.jsonl", "id_column": "id"}}
+
+    defaults = {"workflow": {"x": 0}, "dataset": {"id_column": "id"}}
+    assert check_and_record_config(tmp_path, ident(1), defaults, "full", force=False) is False
+    assert check_and_record_config(tmp_path, ident(1), defaults, "full", force=False) is True
     with pytest.raises(ResumeRefused, match=r"run.resume=force") as e:
-        check_and_record_config(tmp_path, "name: a\nx: 2\n", "full", force=False)
-    assert "-x: 1" in str(e.value) and "+x: 2" in str(e.value)
-    assert check_and_record_config(tmp_path, "name: a\nx: 2\n", "full", force=True) is True
+        check_and_record_config(tmp_path, ident(2), defaults, "full", force=False)
+    assert "workflow.x: recorded 1 -> now 2" in str(e.value)
+    assert check_and_record_config(tmp_path, ident(2), defaults, "full", force=True) is True
 
 
 def test_input_bad_lines_become_errors_naming_file_and_line(tmp_path: Path) -> None:
@@ -172,7 +176,8 @@ def test_a_crash_between_compaction_rename_and_delete_is_repaired(tmp_path: Path
     compact_files(sources, d / "part-r1-000-c000009.parquet", "zstd")
     for p in sources[:2]:  # as if the process died before deleting these two
         shutil.copy(backup / p.name, p)
-    assert completed_ids(tmp_path) == {"t0", "t1", "t2"}
+    scan = scan_output(tmp_path)
+    assert len(scan.done) == 3 and all(f"t{i}" in scan.done for i in range(3)) and scan.duplicates == 0
     ids = [i for f in data_files(tmp_path) for i in pq.read_table(f).column("id").to_pylist()]
     assert sorted(ids) == ["t0", "t1", "t2"]
 

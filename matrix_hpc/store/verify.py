@@ -1,0 +1,101 @@
+"""What an output directory holds, read from the disk (not from acks): the
+end-of-run summary and ``inspect`` both come from here.
+
+    s = summarize_output(Path("out/run1"), run_id="20261129-101500-ab12cd")
+    s.by_status, s.tokens, s.rows, s.distinct_ids, s.duplicate_ids
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from matrix_hpc.store.ids import hash_ids
+from matrix_hpc.store.layout import data_files
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("id", "status", "run_id", "prompt_tokens", "completion_tokens")
+MAX_EXAMPLES = 10
+
+
+@dataclass
+class OutputSummary:
+    by_status: dict[str, int]  # rows of run_id (or all rows when run_id is None), by status
+    tokens: int  # prompt+completion tokens of those rows
+    rows: int  # whole dataset (incl. _rejected/)
+    distinct_ids: int
+    duplicate_ids: int  # ids present more than once (should be 0)
+    duplicate_examples: list[str] = field(default_factory=list)
+    unreadable: list[Path] = field(default_factory=list)  # part files that could not be read (not counted)
+
+
+def summarize_output(out_dir: Path, run_id: str | None = None) -> OutputSummary:
+    """Counts of ``out_dir`` read from its files. Read-only: an unreadable file
+    is listed in ``unreadable`` (``scan_output`` quarantines it)."""
+    by_status: Counter[str] = Counter()
+    tokens, rows = 0, 0
+    hashes: list[np.ndarray] = []
+    readable: list[Path] = []
+    unreadable: list[Path] = []
+    for f in data_files(Path(out_dir)):
+        try:
+            t = _read_summary_columns(f)
+        except (OSError, pa.ArrowException) as e:
+            log.error("cannot read %s (%s); not counted", f, e)
+            unreadable.append(f)
+            continue
+        readable.append(f)
+        rows += t.num_rows
+        hashes.append(hash_ids(t.column("id").fill_null("")))
+        mine = t if run_id is None else t.filter(pc.fill_null(pc.equal(t.column("run_id"), run_id), False))
+        by_status.update(_status_counts(mine))
+        tokens += _sum(mine, "prompt_tokens") + _sum(mine, "completion_tokens")
+    all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+    duplicate_ids, examples = _duplicates(readable, all_hashes)
+    distinct = rows - duplicate_ids
+    return OutputSummary(dict(by_status), tokens, rows, distinct, duplicate_ids, examples, unreadable)
+
+
+def _read_summary_columns(path: Path) -> pa.Table:
+    names = set(pq.read_schema(path).names)
+    t = pq.read_table(path, columns=[c for c in SUMMARY_COLUMNS if c in names])
+    for c in SUMMARY_COLUMNS:
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.int64() if c.endswith("tokens") else pa.string()))
+    return t
+
+
+def _status_counts(t: pa.Table) -> dict[str, int]:
+    counts = pc.value_counts(t.column("status").fill_null("failed"))
+    return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
+
+
+def _sum(t: pa.Table, column: str) -> int:
+    return int(pc.sum(t.column(column)).as_py() or 0)
+
+
+def _duplicates(files: list[Path], hashes: np.ndarray) -> tuple[int, list[str]]:
+    """Extra copies of ids, confirmed on the ids themselves (hashes only pick
+    the candidates, so a hash collision is never counted as a duplicate)."""
+    if len(hashes) < 2:
+        return 0, []
+    ordered = np.sort(hashes)
+    candidates = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if len(candidates) == 0:
+        return 0, []
+    counts: Counter[str] = Counter()
+    for f in files:
+        ids = pq.read_table(f, columns=["id"]).column("id").fill_null("")
+        hit = np.isin(hash_ids(ids), candidates)
+        if hit.any():
+            counts.update(ids.filter(pa.array(hit)).to_pylist())
+    extra = {i: n - 1 for i, n in counts.items() if n > 1}
+    return sum(extra.values()), sorted(extra)[:MAX_EXAMPLES]
