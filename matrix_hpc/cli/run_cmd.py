@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from matrix_hpc.cli.config_check import ConfigError, compose
 from matrix_hpc.cli.main import conf_dir, fail
 
 #: Exit code of a run that stopped before finishing (signal, drain): rerun to resume.
 EXIT_INTERRUPTED = 75
+#: Exit code of a run that ended without a verified output: input ids missing
+#: or written twice, or an error that stopped it (the summary names which).
+EXIT_INCOMPLETE = 3
+#: Exit code when another run holds the output directory.
+EXIT_LOCKED = 1
 
 _result: dict[str, int] = {}
 
@@ -59,7 +63,10 @@ def _submit_to_slurm(cfg: DictConfig) -> int | None:
 
 def run_from_config(cfg: DictConfig) -> int:
     """Run one job from a composed config; returns the process exit code."""
+    from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
     from matrix_hpc.runtime.run import execute
+    from matrix_hpc.store.input import InputPathError
+    from matrix_hpc.store.lock import OutputLocked
     from matrix_hpc.store.resume import ResumeRefused
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,6 +75,11 @@ def run_from_config(cfg: DictConfig) -> int:
         return submitted
     try:
         result = execute(cfg)
-    except ResumeRefused as e:
+    except (ResumeRefused, InputPathError) as e:
         return fail(str(e))
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    except OutputLocked as e:  # its message names the holder and what to do
+        fail(str(e))
+        return EXIT_LOCKED
+    if result.outcome == FINISHED:
+        return 0
+    return EXIT_INTERRUPTED if result.outcome == INTERRUPTED else EXIT_INCOMPLETE

@@ -24,6 +24,10 @@ class ResumeMode(Enum):
     force = "force"  # resume even if the workflow config changed
 
 
+#: Values of ``run.retry``.
+RETRY_CHOICES = ("none", "failed")
+
+
 @dataclass
 class RunConf:
     max_concurrent_tasks: int = 1000  # tasks in flight; a credit returns when the row is committed
@@ -45,10 +49,22 @@ class RunConf:
     task_timeout_s: float = 3600.0  # re-admit a task not committed after this long (0: never); a late copy is dropped
     num_cpus: int | None = None  # CPUs of the local Ray (default: all)
     summary: bool = True  # print the one-screen summary at the end
+    retry: str = "none"  # none | failed: failed: ids whose row is `failed` run again (the new row supersedes it)
+    verify_rounds: int = 2  # after the last commit: re-admit ids missing from the output at most this many times
+    peer_check_interval_s: float = 2.0  # how often the driver checks workers and sinks for restarts and lost sends
+    commit_stall_timeout_s: float = 600.0  # a sink whose every commit fails this long stops the run (exit 3); 0: never
 
     def __post_init__(self) -> None:
         if self.max_concurrent_tasks < 1:
             raise ValueError("run.max_concurrent_tasks must be >= 1")
+        if self.retry not in RETRY_CHOICES:
+            raise ValueError(f"run.retry={self.retry!r}; valid choices: {', '.join(RETRY_CHOICES)} "
+                             "(failed: re-run the ids whose row is `failed`)")
+        if self.verify_rounds < 0:
+            raise ValueError(f"run.verify_rounds={self.verify_rounds} must be >= 0 "
+                             "(0: report missing ids, re-admit none)")
+        if self.peer_check_interval_s <= 0:
+            raise ValueError(f"run.peer_check_interval_s={self.peer_check_interval_s} must be > 0")
         if self.max_attempts < 1:
             raise ValueError("run.max_attempts must be >= 1")
         if self.num_workers < 1:

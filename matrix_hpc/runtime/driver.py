@@ -4,34 +4,49 @@ It streams input rows, skips ids the output already holds, keeps at most
 ``max_concurrent_tasks`` in flight, and returns a credit when a sink
 acknowledges a committed row. Task state never comes back here: it travels
 worker to worker and ends in a sink.
+
+It also keeps the run honest: lost peers and failed sends lead to
+re-admission within seconds (see :mod:`matrix_hpc.runtime.peers`), and the
+run ends by reading the output back (:mod:`matrix_hpc.runtime.verify`):
+only an output holding every input id once is "finished".
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from matrix_hpc.background import supervise
 from matrix_hpc.config.schema import OutputConf, RunConf
 from matrix_hpc.runtime.message import FAILED, TaskState
 from matrix_hpc.runtime.outbox import Outbox
+from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey
 from matrix_hpc.runtime.placement import Group, plan_groups
-from matrix_hpc.runtime.progress import ProgressPrinter, RunStats
+from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, ProgressPrinter, RunStats
+from matrix_hpc.runtime.verify import MissingIds, is_input_duplicate, missing_input
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
 from matrix_hpc.store.layout import META_DIR, sink_of
-from matrix_hpc.store.resume import check_and_record_config, completed_ids
+from matrix_hpc.store.resume import scan_output
 from matrix_hpc.store.rows import output_schema
 from matrix_hpc.store.sink import DUPLICATE, ShardSink, SinkSettings
+from matrix_hpc.store.verify import OutputSummary, summarize_output
 
 log = logging.getLogger(__name__)
+
+#: Dispatches of one task (first admission included) after which it fails as
+#: ``TaskLost`` whatever the causes (a guard against endless re-admission).
+MAX_DISPATCHES = 20
 
 
 @dataclass
@@ -42,7 +57,7 @@ class RunPlan:
     dataset: DatasetConf
     output: OutputConf
     run: RunConf
-    workflow_yaml: str = ""  # the workflow config as recorded for resume checks
+    workflow_yaml: str = ""  # the workflow config as text (for people; resume compares values)
     full_yaml: str = ""  # the whole resolved config, stored with the output
     services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # per-process service factories
 
@@ -54,43 +69,56 @@ class RunResult:
     stats: RunStats
     interrupted: bool
     worker_stats: list[dict[str, Any]]
+    outcome: str = FINISHED  # finished | interrupted | incomplete (see progress)
+    disk: OutputSummary | None = None  # this run's rows as read back from the output
+    missing: MissingIds | None = None  # input ids without a row; None when not checked (interrupted)
+    problems: list[str] = field(default_factory=list)  # why the run could not complete
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
 class Driver:
-    def __init__(self, plan: RunPlan) -> None:
+    def __init__(self, plan: RunPlan, run_id: str | None = None) -> None:
         self.plan = plan
-        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.run_id = run_id or new_run_id()
         self.out_dir = Path(plan.output.dir).expanduser().resolve()
         self.workflow = build_workflow(plan.workflow)
         self.stats = RunStats()
         self.inflight: dict[str, InputItem] = {}
         self.credits = plan.run.max_concurrent_tasks
+        self.problems: list[str] = []
         self._credit_event: asyncio.Event | None = None
         self._stopping = False
+        self._aborting = False  # stop without the drain wait: what is in flight cannot be committed
         self._actors: list[Any] = []
         self._created: list[Any] = []  # actors of the current start attempt (killed if it fails)
-        self._admitted_at: dict[str, float] = {}  # for the task timeout
-        self._admissions: dict[str, int] = {}  # re-admitted ids -> admissions so far
+        self._admitted_at: dict[str, float] = {}  # last dispatch, for the task timeout
+        self._dispatches: dict[str, int] = {}  # re-dispatched ids -> dispatches so far
+        self._losses: dict[str, int] = {}  # ids lost with a worker or timed out -> times
+        self._lost_sends: set[str] = set()  # ids of failed sends, re-admitted at the next peer check
 
     # -- the run loop -----------------------------------------------------
     async def run(self) -> RunResult:
+        """Admit every input row not yet in the output, complete what is
+        missing, close, and report what the output holds."""
         self._credit_event = asyncio.Event()
-        done_ids = self._prepare_output()
+        self._loop = asyncio.get_running_loop()
+        done = self._prepare_output()
         self._start_counting_input()
         await self._start_actors()
-        pollers = [asyncio.ensure_future(self._poll_commits(s)) for s in self.sinks]
-        progress = asyncio.ensure_future(self._show_progress())
-        pollers.append(asyncio.ensure_future(self._watch_peers()))
+        background = self._start_background()
         try:
-            await self._admit_all(done_ids)
+            await self._admit_all(done)
             await self._wait_in_flight()
+            await self._complete_missing()
         finally:
             interrupted = self._stopping or bool(self.inflight)
             self.stats.t_end = time.time()
-            await self._close_sinks(pollers)
-            progress.cancel()
+            await self._close_sinks(background)
             worker_stats = await self._stop_actors()
-        return RunResult(str(self.out_dir), self.run_id, self.stats, interrupted, worker_stats)
+        return self._result(interrupted, worker_stats)
 
     def request_stop(self) -> None:
         """Stop admitting; in-flight tasks get ``drain_timeout_s`` to finish.
@@ -98,21 +126,36 @@ class Driver:
         self._stopping = True
         log.warning("stop requested: no new tasks; draining in-flight tasks for up to %.0f s",
                     self.plan.run.drain_timeout_s)
+        self._wake_admission()
+
+    def _fail(self, problem: str) -> None:
+        """Stop at once: something the run cannot recover from (it exits non-zero)."""
+        log.error("%s; stopping the run (rerun the same command once it is fixed: it resumes)", problem)
+        self.problems.append(problem)
+        self._stopping = self._aborting = True
+        self._wake_admission()
+
+    def _wake_admission(self) -> None:
         if self._credit_event is not None:
             self._loop.call_soon_threadsafe(self._credit_event.set)
 
     # -- steps ------------------------------------------------------------
-    def _prepare_output(self) -> set[str]:
+    def _prepare_output(self) -> Any:  # Any: the store's IdSet
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        check_and_record_config(self.out_dir, self.plan.workflow_yaml, self.plan.full_yaml,
-                                force=self.plan.run.resume.value == "force")
         run_dir = self.out_dir / META_DIR / "runs" / self.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(self.plan.full_yaml)
-        done = completed_ids(self.out_dir)
-        if done:
-            log.info("resuming: %d ids already in %s", len(done), self.out_dir)
-        return done
+        scan = scan_output(self.out_dir, retry_failed=self.plan.run.retry == "failed")
+        for path in scan.quarantined:
+            log.warning("unreadable output file %s moved to quarantine; its ids run again", path)
+        if scan.duplicates:
+            log.warning("%s holds %d duplicate id(s) from earlier runs; see `matrix-hpc inspect %s`",
+                        self.out_dir, scan.duplicates, self.out_dir)
+        if len(scan.done) or scan.retried:
+            log.info("resuming: %d ids already in %s%s", len(scan.done), self.out_dir,
+                     f"; {scan.retried} failed rows run again (run.retry=failed)" if scan.retried else "")
+        self.stats.retried_failed = scan.retried
+        return scan.done
 
     def _start_counting_input(self) -> None:
         def count() -> None:
@@ -126,7 +169,6 @@ class Driver:
     async def _start_actors(self, tries: int = 3) -> None:
         """Sinks and workers, connected. A node lost while they are being placed
         (seen on busy multi-node clusters) fails the start: try again, afresh."""
-        self._loop = asyncio.get_running_loop()
         for attempt in range(1, tries + 1):
             self._created = []
             try:
@@ -152,11 +194,20 @@ class Driver:
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
         handles = await self._start_workers(groups, attempt)
         router = Router({r: g.name for g in groups for r in g.roles}, {g.name: g.instances for g in groups})
-        self._incarnations = await asyncio.gather(*[h.connect.remote(router, handles, self.sinks)
-                                                    for hs in handles.values() for h in hs])
+        keys = [(g, i) for g, hs in handles.items() for i in range(len(hs))]
+        incarnations = await asyncio.gather(*[handles[g][i].connect.remote(router, handles, self.sinks)
+                                              for g, i in keys])
+        sink_incarnations = await asyncio.gather(*[s.incarnation_id.remote() for s in self.sinks])
         self._actors = [h for hs in handles.values() for h in hs] + self.sinks
         self.router, self.handles = router, handles
-        self._sink_boxes = [self._outbox(s.write.remote) for s in self.sinks]
+        events = PeerEvents(self._on_lost_sends, self._on_worker_restarted, self._on_sink_restarted,
+                            self._on_sink_stalled)
+        self._watch = PeerWatch(handles, self.sinks, (router, handles, self.sinks), events,
+                                dict(zip(keys, incarnations, strict=True)), [str(i) for i in sink_incarnations],
+                                commit_stall_timeout_s=run.commit_stall_timeout_s)
+        self._sink_boxes = [self._outbox(s.write.remote, f"sink {n}") for n, s in enumerate(self.sinks)]
+        self._first_boxes = {(g, i): self._outbox(h.deliver.remote, f"worker {g}/{i}")
+                             for g, hs in handles.items() for i, h in enumerate(hs)}
 
     async def _start_workers(self, groups: list[Group], attempt: int = 1) -> dict[str, list[Any]]:
         """Worker actors, started and their places logged. ``run.spread_workers``
@@ -185,135 +236,194 @@ class Driver:
             handles[g.name].append(w)
         return handles
 
-    def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:
-        return Outbox(send, self.plan.run.batch_size, self.plan.run.batch_delay_ms / 1000)
+    def _outbox(self, send: Callable[[list[Any]], Any], name: str) -> Outbox:
+        return Outbox(send, self.plan.run.batch_size, self.plan.run.batch_delay_ms / 1000,
+                      on_failed=lambda batch, _e: self._on_lost_sends([t.id for t in batch]), name=name)
 
-    async def _admit_all(self, done_ids: set[str]) -> None:
-        assert self._credit_event is not None
-        first = self.workflow.first_role
+    def _start_background(self) -> list[asyncio.Task[None]]:
+        """The driver's loops, each supervised: an unexpected exception is
+        logged and the loop restarted; one that keeps failing stops the run."""
+        interval_s = self.plan.run.peer_check_interval_s
+        loops: list[tuple[Callable[[], Awaitable[None]], str]] = [
+            (functools.partial(self._poll_commits, sink), f"commit poller of sink {n}")
+            for n, sink in enumerate(self.sinks)]
+        loops += [(functools.partial(self._watch.watch_workers, interval_s, self._after_peer_check), "worker watch"),
+                  (functools.partial(self._watch.watch_sinks, interval_s, self._after_peer_check), "sink watch"),
+                  (self._show_progress, "progress line")]
+        return [supervise(fn, name, max_restarts=5, on_fatal=functools.partial(self._on_loop_fatal, name))
+                for fn, name in loops]
+
+    def _on_loop_fatal(self, name: str, error: BaseException) -> None:
+        self._fail(f"the driver's {name} keeps failing ({type(error).__name__}: {error})")
+
+    async def _show_progress(self) -> None:
+        interval_s = self.plan.run.progress_interval_s
+        if interval_s <= 0:
+            return
+        printer = ProgressPrinter()
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                printer.show(self.stats)
+        finally:
+            printer.end()
+
+    # -- admission --------------------------------------------------------
+    async def _admit_all(self, done: Any) -> None:
         self.stats.t_admit_start = time.time()
-        boxes = self._first_boxes = {(g, i): self._outbox(h.deliver.remote)
-                                     for g, hs in self.handles.items() for i, h in enumerate(hs)}
         for n, item in enumerate(iter_input(self.plan.dataset)):
-            if item.id in done_ids:
+            if item.id in done:
                 self.stats.skipped_done += 1
                 continue
-            if item.id in self.inflight:
-                self.stats.duplicates += 1
+            if self._skip_duplicate(item):
                 continue
-            while self.credits <= 0 and not self._stopping:
-                for box in boxes.values():
-                    box.flush()
-                self._credit_event.clear()
-                await self._credit_event.wait()
-            if self._stopping:
+            if not await self._take_credit():
                 break
-            self.credits -= 1
-            self.inflight[item.id] = item
-            self._admitted_at[item.id] = time.time()
-            self.stats.in_flight = len(self.inflight)
-            if item.row is None:
-                self._sink_box(item.id).put(_failed_input(item))
-                continue
-            task = TaskState(item.id, item.row, first)
-            try:
-                self.workflow.validate_input(item.row)
-            except ValueError as e:
-                task.finish(FAILED, error_type="InputError", error=f"{item.where}: {e}")
-                self._sink_box(item.id).put(task)
-                continue
-            boxes[self.router.route(first, item.id)].put(task)
+            self._admit(item)
             if n % 512 == 0:
                 await asyncio.sleep(0)  # let the commit pollers run
-        for box in boxes.values():
-            box.flush()
-        for box in self._sink_boxes:
+        self._flush_boxes()
+
+    def _skip_duplicate(self, item: InputItem) -> bool:
+        """A repeated input id runs once; the repeat is reported with where it is."""
+        first = getattr(item, "duplicate_of", None)
+        if first is None and item.id in self.inflight:
+            first = self.inflight[item.id].where
+        if first is None and not is_input_duplicate(item):
+            return False
+        self.stats.note_duplicate(item.id, item.where, str(first))
+        return True
+
+    async def _take_credit(self) -> bool:
+        assert self._credit_event is not None
+        while self.credits <= 0 and not self._stopping:
+            self._flush_boxes(sinks=False)
+            self._credit_event.clear()
+            await self._credit_event.wait()
+        if self._stopping:
+            return False
+        self.credits -= 1
+        return True
+
+    def _admit(self, item: InputItem) -> None:
+        self.inflight[item.id] = item
+        self.stats.in_flight = len(self.inflight)
+        self._dispatch(item, attempt=1)
+
+    def _dispatch(self, item: InputItem, attempt: int) -> None:
+        """Send a task on its way: to the first role, or (unreadable or invalid
+        input) straight to its sink as a ``failed`` row."""
+        self._admitted_at[item.id] = time.time()
+        if item.row is None:
+            self._sink_box(item.id).put(_failed_input(item, attempt))
+            return
+        first = self.workflow.first_role
+        task = TaskState(item.id, item.row, first, attempt=attempt)
+        try:
+            self.workflow.validate_input(item.row)
+        except ValueError as e:
+            task.finish(FAILED, error_type="InputError", error=f"{item.where}: {e}")
+            self._sink_box(item.id).put(task)
+            return
+        self._first_boxes[self.router.route(first, item.id)].put(task)
+
+    def _flush_boxes(self, sinks: bool = True) -> None:
+        for box in [*self._first_boxes.values(), *(self._sink_boxes if sinks else [])]:
             box.flush()
 
     def _sink_box(self, task_id: str) -> Outbox:
         return self._sink_boxes[sink_of(task_id, self.plan.output.num_shards, len(self._sink_boxes))]
 
+    # -- commits ----------------------------------------------------------
     async def _poll_commits(self, sink: Any) -> None:
         assert self._credit_event is not None
         while True:
             try:
                 acks = await sink.wait_commits.remote(1.0)
-            except Exception as e:  # the sink is restarting; its buffered tasks time out and come back
-                log.warning("sink unreachable (%s); retrying", e)
+            except Exception as e:  # the sink is restarting: the sink watch re-admits its tasks
+                log.warning("sink unreachable (%s); checking it now", str(e).splitlines()[0][:200])
+                self._watch.wake()
                 await asyncio.sleep(1.0)
                 continue
-            for task_id, status, error_type, error, tokens in acks:
-                if self.inflight.pop(task_id, None) is None:
-                    continue
-                self._admitted_at.pop(task_id, None)
-                self.credits += 1
-                if status == DUPLICATE:
-                    self.stats.duplicates += 1
-                else:
-                    self.stats.record(status, error_type, error, tokens)
+            for ack in acks:
+                self._on_ack(*ack)
             if acks:
                 self.stats.in_flight = len(self.inflight)
                 self._credit_event.set()
 
-    async def _watch_peers(self, interval_s: float = 2.0) -> None:
-        """Re-admit tasks lost with a worker (Ray restarts it; we reconnect it)
-        or stuck past ``run.task_timeout_s``. Sinks drop a second copy.
-
-        A slow ping is not a loss: a worker busy with thousands of tasks on a
-        loaded node answers late. Only a new incarnation (a restart) is."""
-        keys = [(g, i) for g, hs in self.handles.items() for i in range(len(hs))]
-        while True:
-            await asyncio.sleep(interval_s)
-            flags = await asyncio.gather(*[self._restarted(n, key) for n, key in enumerate(keys)])
-            restarted = [key for key, flag in zip(keys, flags, strict=True) if flag]  # one slow worker delays none
-            timeout = self.plan.run.task_timeout_s
-            now = time.time()
-            for task_id, t0 in list(self._admitted_at.items()):
-                if (timeout > 0 and now - t0 > timeout) or self._was_on(task_id, restarted):
-                    self._readmit(task_id)
-
-    async def _restarted(self, n: int, key: tuple[str, int]) -> bool:
-        worker = self.handles[key[0]][key[1]]
-        try:
-            incarnation = await asyncio.wait_for(worker.ping.remote(), 60)
-        except Exception:  # busy, or dead and restarting: judged by the next ping
-            return False
-        if incarnation == self._incarnations[n]:
-            return False
-        self._incarnations[n] = await worker.connect.remote(self.router, self.handles, self.sinks)
-        log.warning("worker %s/%d restarted; re-admitting the tasks it may have held", *key)
-        return True
-
-    def _was_on(self, task_id: str, restarted: list[tuple[str, int]]) -> bool:
-        """Could the task have been on a restarted worker? Co-located, a task
-        lives on one worker only; across role groups it could be anywhere."""
-        if not restarted:
-            return False
-        if len(self.handles) == 1:
-            return self.router.route(self.workflow.first_role, task_id) in restarted
-        return True
-
-    def _readmit(self, task_id: str) -> None:
-        item = self.inflight.get(task_id)
-        if item is None or item.row is None:
+    def _on_ack(self, task_id: str, status: str, error_type: str | None, error: str | None, tokens: int) -> None:
+        item = self.inflight.pop(task_id, None)
+        if item is None:  # a late copy of a task already acknowledged
             return
-        n = self._admissions[task_id] = self._admissions.get(task_id, 1) + 1
-        self._admitted_at[task_id] = time.time()
-        task = TaskState(task_id, item.row, self.workflow.first_role, attempt=n)
-        if n > self.plan.run.max_attempts:
-            task.finish(FAILED, error_type="TaskLost",
-                        error=f"lost {n - 1} times (worker died or run.task_timeout_s passed)")
-            self._sink_box(task_id).put(task)
-        else:
-            self.stats.readmitted += 1
-            self._first_boxes[self.router.route(task.role, task_id)].put(task)
+        self._admitted_at.pop(task_id, None)
+        self.credits += 1
+        if status != DUPLICATE:
+            self.stats.record(status, error_type, error, tokens)
+        elif task_id not in self._dispatches:  # an input id seen again after its row was written
+            self.stats.note_duplicate(task_id, item.where, "an earlier row of this run")
+
+    # -- lost peers and tasks -----------------------------------------------
+    def _after_peer_check(self) -> None:
+        """Re-admit the tasks of failed sends, and tasks past ``run.task_timeout_s``."""
+        lost, self._lost_sends = self._lost_sends, set()
+        for task_id in lost:
+            self._readmit(task_id, loss=False)
+        timeout_s = self.plan.run.task_timeout_s
+        if timeout_s > 0:
+            now = time.time()
+            for task_id in [t for t, t0 in self._admitted_at.items() if now - t0 > timeout_s]:
+                self._readmit(task_id, loss=True)
+        if lost or timeout_s > 0:
+            self._flush_boxes()
+
+    def _on_lost_sends(self, task_ids: list[str]) -> None:
+        """Sends that failed (here or between workers): re-admitted at the next
+        peer check, by when a restarted peer is reconnected."""
+        self._lost_sends.update(task_ids)
+        self.stats.lost_sends += len(task_ids)
+
+    def _on_worker_restarted(self, key: WorkerKey) -> None:
+        """Co-located, a task lives on the worker its id routes to; across role
+        groups it could be on any worker."""
+        colocated = len(self.handles) == 1
+        first = self.workflow.first_role
+        for task_id in list(self.inflight):
+            if not colocated or self.router.route(first, task_id) == key:
+                self._readmit(task_id, loss=True)
+        self._flush_boxes()
+
+    def _on_sink_restarted(self, n: int) -> None:
+        """Tasks routed to the sink and not acknowledged may have been in its buffer."""
+        shards, sinks = self.plan.output.num_shards, len(self.sinks)
+        for task_id in [t for t in self.inflight if sink_of(t, shards, sinks) == n]:
+            self._readmit(task_id, loss=False)
+        self._flush_boxes()
+
+    def _on_sink_stalled(self, n: int, message: str) -> None:
+        if not self._aborting:  # reported once; the run is stopping
+            self._fail(f"sink {n} cannot commit: {message}")
+
+    def _readmit(self, task_id: str, loss: bool) -> None:
+        """Send an in-flight task again. ``loss``: its worker died or it timed
+        out (a task that keeps doing that fails after ``run.max_attempts``);
+        a failed send or a lost sink is not the task's doing."""
+        item = self.inflight.get(task_id)
+        if item is None:
+            return
+        n = self._dispatches[task_id] = self._dispatches.get(task_id, 1) + 1
+        losses = self._losses[task_id] = self._losses.get(task_id, 0) + int(loss)
+        if losses >= self.plan.run.max_attempts or n > MAX_DISPATCHES:
+            self._admitted_at[task_id] = time.time()
+            self._sink_box(task_id).put(_lost_task(item, n, losses))
+            return
+        self.stats.readmitted += 1
+        self._dispatch(item, n)
 
     async def _wait_in_flight(self) -> None:
         assert self._credit_event is not None
         deadline: float | None = None
-        while self.inflight:
-            for box in self._sink_boxes:
-                box.flush()
+        while self.inflight and not self._aborting:
+            self._flush_boxes()
             if self._stopping:
                 deadline = deadline or time.time() + self.plan.run.drain_timeout_s
                 if time.time() >= deadline:
@@ -322,41 +432,86 @@ class Driver:
             self._credit_event.clear()
             try:
                 await asyncio.wait_for(self._credit_event.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
-    async def _show_progress(self) -> None:
-        interval = self.plan.run.progress_interval_s
-        if interval <= 0:
-            return
-        printer = ProgressPrinter()
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                printer.show(self.stats)
-        finally:
-            printer.end()
+    # -- the end: verify, close, report -----------------------------------
+    async def _complete_missing(self) -> None:
+        """Read the output back; admit again the input ids it lacks (at most
+        ``run.verify_rounds`` times)."""
+        for round_no in range(1, self.plan.run.verify_rounds + 1):
+            if self._stopping:
+                return
+            await self._flush_sinks()
+            missing = await asyncio.to_thread(missing_input, self.out_dir, self.plan.dataset)
+            if not missing:
+                return
+            log.warning("verify round %d/%d: %d input id(s) have no row in %s (e.g. %s); admitting them again",
+                        round_no, self.plan.run.verify_rounds, len(missing), self.out_dir,
+                        ", ".join(missing.examples()))
+            self.stats.verify_readmitted += len(missing)
+            for item in missing.items:
+                if not await self._take_credit():
+                    return
+                self._admit(item)
+            self._flush_boxes()
+            await self._wait_in_flight()
 
-    async def _close_sinks(self, pollers: list[asyncio.Task[None]]) -> None:
+    async def _flush_sinks(self) -> None:
+        results = await asyncio.gather(*[s.flush.remote() for s in self.sinks], return_exceptions=True)
+        for n, r in enumerate(results):
+            if isinstance(r, Exception):
+                log.warning("sink %d could not flush before the output check: %s", n, str(r).splitlines()[0][:300])
+
+    async def _close_sinks(self, background: list[asyncio.Task[None]]) -> None:
         # A final flush commits what is buffered; the pollers (still running) collect its acks.
-        await asyncio.gather(*[s.close.remote() for s in self.sinks], return_exceptions=True)
-        deadline = time.time() + 5.0
-        while self.inflight and time.time() < deadline and not self._stopping:
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2 if self._stopping else 0)
-        for p in pollers:
-            p.cancel()
+        close_timeout_s = max(60.0, self.plan.run.drain_timeout_s)
+        closing = [asyncio.wait_for(asyncio.wrap_future(s.close.remote().future()), close_timeout_s)
+                   for s in self.sinks]
+        for n, r in enumerate(await asyncio.gather(*closing, return_exceptions=True)):
+            if isinstance(r, BaseException):
+                log.error("sink %d did not close cleanly (%s: %s); the output check below tells what is missing",
+                          n, type(r).__name__, str(r).splitlines()[0][:300] if str(r) else "")
+        await self._collect_last_acks(5.0 if not self._stopping else 0.2)
+        for task in background:
+            task.cancel()
         self.stats.in_flight = len(self.inflight)
+
+    async def _collect_last_acks(self, timeout_s: float) -> None:
+        """The pollers (still running) collect the acks of the final commits (for the live counts only)."""
+        assert self._credit_event is not None
+        deadline = time.time() + timeout_s
+        while self.inflight and time.time() < deadline:
+            self._credit_event.clear()
+            try:
+                await asyncio.wait_for(self._credit_event.wait(), max(0.0, deadline - time.time()))
+            except asyncio.TimeoutError:
+                return
 
     async def _stop_actors(self) -> list[dict[str, Any]]:
         workers = [h for hs in self.handles.values() for h in hs]
-        stats = []
+        stats: list[dict[str, Any]] = []
         try:
-            stats = list(await asyncio.gather(*[w.stats.remote() for w in workers]))
+            results = await asyncio.gather(*[w.stats.remote() for w in workers], return_exceptions=True)
+            stats = [r for r in results if isinstance(r, dict)]
             await asyncio.gather(*[w.close.remote() for w in workers], return_exceptions=True)
         finally:
             self._kill(self._actors)
         return stats
+
+    def _result(self, interrupted: bool, worker_stats: list[dict[str, Any]]) -> RunResult:
+        """What the output holds, read from disk: the run's only report."""
+        missing = None if interrupted or self.problems else missing_input(self.out_dir, self.plan.dataset)
+        disk = summarize_output(self.out_dir, self.run_id)
+        if disk.unreadable:
+            self.problems.append(f"{len(disk.unreadable)} output file(s) cannot be read, e.g. {disk.unreadable[0]}; "
+                                 "rerun the same command: it quarantines them and runs their ids again")
+        if self.problems or (missing is not None and (len(missing) or disk.duplicate_ids)):
+            outcome = INCOMPLETE
+        else:
+            outcome = INTERRUPTED if interrupted else FINISHED
+        return RunResult(str(self.out_dir), self.run_id, self.stats, interrupted, worker_stats, outcome, disk,
+                         missing, list(self.problems))
 
     @staticmethod
     def _kill(actors: list[Any]) -> None:
@@ -377,9 +532,17 @@ def _actor_class(cls: type) -> Any:  # Any: a Ray ActorClass
     return ray.remote(**options)(cls)
 
 
-def _failed_input(item: InputItem) -> TaskState:
-    task = TaskState(item.id, item.raw if item.raw is not None else {}, "")  # type: ignore[arg-type]
+def _failed_input(item: InputItem, attempt: int = 1) -> TaskState:
+    task = TaskState(item.id, item.raw if item.raw is not None else {}, "", attempt)  # type: ignore[arg-type]
     task.finish(FAILED, error_type="InputError", error=item.error)
+    return task
+
+
+def _lost_task(item: InputItem, dispatches: int, losses: int) -> TaskState:
+    task = TaskState(item.id, item.row if item.row is not None else {}, "", dispatches)
+    task.finish(FAILED, error_type="TaskLost",
+                error=f"sent {dispatches} times and never committed ({losses} lost with a worker that died or "
+                      "past run.task_timeout_s); rerun with run.retry=failed to try it again")
     return task
 
 

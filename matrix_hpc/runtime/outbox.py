@@ -4,27 +4,39 @@ One Ray actor call costs about as much as a thousand in-process hops, so
 messages for the same destination are gathered and sent together: at
 ``batch_size`` messages, or ``delay_s`` after the first one, whichever comes
 first.
+
+A batch whose send fails (the peer died, is restarting, or refused it) is
+handed to ``on_failed`` with the error, so its owner can re-admit the tasks
+at once instead of waiting for ``run.task_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: Called with a batch that could not be delivered and the error.
+OnFailed = Callable[[list[Any], BaseException], None]
+
 
 class Outbox:
-    def __init__(self, send: Callable[[list[Any]], Any], batch_size: int, delay_s: float) -> None:
+    def __init__(self, send: Callable[[list[Any]], Any], batch_size: int, delay_s: float,
+                 on_failed: OnFailed | None = None, name: str = "peer") -> None:
         self._send = send
         self._batch_size = batch_size
         self._delay_s = delay_s
+        self._on_failed = on_failed
+        self.name = name  # for log lines: which destination a failed batch was for
         self._buf: list[Any] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._pending: list[Any] = []  # ObjectRefs of recent sends, checked for failures
+        self._pending: set[asyncio.Future[None]] = set()  # recent sends, checked for failures
         self.messages_sent = 0
         self.batches_sent = 0
+        self.batches_failed = 0
 
     def put(self, item: Any) -> None:
         self._buf.append(item)
@@ -40,22 +52,37 @@ class Outbox:
         if not self._buf:
             return
         batch, self._buf = self._buf, []
-        ref = self._send(batch)
         self.messages_sent += len(batch)
         self.batches_sent += 1
+        try:
+            ref = self._send(batch)
+        except Exception as e:  # e.g. the handle cannot submit: same as a failed send
+            self._failed(batch, e)
+            return
         if ref is not None:
-            self._track(ref)
+            self._track(ref, batch)
 
-    def _track(self, ref: Any) -> None:
-        """Log a failed send (a dead peer); the driver re-admits its tasks."""
-        fut = asyncio.ensure_future(_await_quietly(ref))
-        self._pending.append(fut)
-        if len(self._pending) > 256:
-            self._pending = [f for f in self._pending if not f.done()]
+    def _track(self, ref: Any, batch: list[Any]) -> None:
+        fut = asyncio.ensure_future(self._await(ref, batch))
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
 
+    async def _await(self, ref: Any, batch: list[Any]) -> None:
+        try:
+            await ref
+        except Exception as e:
+            self._failed(batch, e)
 
-async def _await_quietly(ref: Any) -> None:
-    try:
-        await ref
-    except Exception as e:
-        log.warning("a batch to a peer failed: %s", e)
+    def _failed(self, batch: list[Any], error: BaseException) -> None:
+        self.batches_failed += 1
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        log.warning("a batch of %d message(s) to %s failed (%s: %s)%s", len(batch), self.name,
+                    type(error).__name__, first_line, "; re-admitting them" if self._on_failed else "")
+        if self._on_failed is not None:
+            self._on_failed(batch, error)
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Send what is buffered and wait (at most ``timeout_s``) for every send to settle."""
+        self.flush()
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout_s)

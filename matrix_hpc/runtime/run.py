@@ -7,12 +7,18 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from matrix_hpc.config.secrets import redacted_yaml
-from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers
+from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
+from matrix_hpc.runtime.identity import resume_identity
+from matrix_hpc.runtime.progress import render_summary
+from matrix_hpc.store.input import check_input
+from matrix_hpc.store.lock import OutputLock
+from matrix_hpc.store.resume import check_and_record_config
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +37,38 @@ def plan_from_config(cfg: DictConfig) -> RunPlan:
 
 def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
     """Run the job described by ``cfg``. ``driver_hook(driver)`` is called
-    once the driver exists (e.g. to wire a preemption handler)."""
+    once the driver exists (e.g. to wire a preemption handler).
+
+    Before Ray starts: the input path is checked, the output directory is
+    locked for this run (a second run on it is refused) and the resume
+    check compares the workflow and dataset with what the output holds.
+    """
     plan = plan_from_config(cfg)
+    check_input(plan.dataset)
+    run_id = new_run_id()
+    out_dir = Path(plan.output.dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out_dir, run_id)
+    lock.acquire()
+    try:
+        identity, defaults = resume_identity(plan.workflow, plan.dataset)
+        check_and_record_config(out_dir, identity, defaults, plan.full_yaml, force=plan.run.resume.value == "force")
+        result = _run_with_ray(cfg, plan, run_id, driver_hook)
+    finally:
+        lock.release()
+    if plan.run.summary:
+        print(render_summary(result), file=sys.stderr)
+    return result
+
+
+def _run_with_ray(cfg: DictConfig, plan: RunPlan, run_id: str, driver_hook: Any) -> RunResult:
     owns_ray = init_ray(cfg)
     services = start_services(cfg, plan)
     try:
-        driver = Driver(plan)
+        driver = Driver(plan, run_id)
         if driver_hook is not None:
             driver_hook(driver)
-        result = asyncio.run(_run_driver(driver))
+        return asyncio.run(_run_driver(driver))
     finally:
         for svc in services:
             svc.stop()
@@ -47,9 +76,6 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
             import ray
 
             ray.shutdown()
-    if plan.run.summary:
-        print(result.stats.summary(result.out_dir, result.interrupted), file=sys.stderr)
-    return result
 
 
 async def _run_driver(driver: Driver) -> RunResult:
@@ -111,8 +137,6 @@ def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
 
 
 def _start_service(group: str, conf: Any, plan: RunPlan) -> Any:
-    from pathlib import Path
-
     from matrix_hpc.store.layout import META_DIR
 
     if group == "llm":

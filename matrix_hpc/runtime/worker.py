@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.outbox import Outbox
@@ -61,6 +62,10 @@ def _tune_gc() -> None:
 TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
 
 
+class NotConnected(RuntimeError):
+    """A restarted worker got tasks before the driver reconnected it."""
+
+
 class Router:
     """Maps (role, task id) to the peer that runs it. Stable per task id, so a
     task keeps meeting the same instance of each role."""
@@ -87,26 +92,35 @@ class Worker:
         self._peers: dict[tuple[str, int], Outbox] = {}
         self._sinks: list[Outbox] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._lost: list[str] = []  # ids of tasks whose batch to a peer or sink failed, not yet reported
         self.steps = 0
         self.local_hops = 0
         self.remote_hops = 0
 
     async def connect(self, router: Router, peers: dict[str, list[Any]], sinks: list[Any]) -> str:
-        """Learn the peers' handles (Ray actors) and build per-process services."""
+        """Learn the peers' handles (Ray actors) and build per-process services.
+        Called again after a restart of this worker (Ray handles of restarted
+        peers stay valid, so a peer's restart needs no reconnection here)."""
         self.router = router
         me = (self.spec.group, self.spec.index)
         for group, handles in peers.items():
             for i, h in enumerate(handles):
                 if (group, i) != me:
-                    self._peers[(group, i)] = self._outbox(h.deliver.remote)
-        self._sinks = [self._outbox(s.write.remote) for s in sinks]
+                    self._peers[(group, i)] = self._outbox(h.deliver.remote, f"worker {group}/{i}")
+        self._sinks = [self._outbox(s.write.remote, f"sink {n}") for n, s in enumerate(sinks)]
         for name, factory in self.spec.services.items():
-            self.ctx.services[name] = factory()
+            if name not in self.ctx.services:
+                self.ctx.services[name] = factory()
         _tune_gc()
         return self.incarnation
 
-    def _outbox(self, send: Callable[[list[Any]], Any]) -> Outbox:
-        return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s)
+    def _outbox(self, send: Callable[[list[Any]], Any], name: str) -> Outbox:
+        return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s, on_failed=self._note_lost, name=name)
+
+    def _note_lost(self, batch: list[TaskState], error: BaseException) -> None:
+        """Tasks of a batch that no peer took: the driver collects their ids
+        (``heartbeat``) and re-admits them."""
+        self._lost.extend(task.id for task in batch)
 
     def where(self) -> dict[str, Any]:
         """The Ray node, host and pid this worker runs on (for the driver's placement log)."""
@@ -117,9 +131,9 @@ class Worker:
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
 
     async def deliver(self, tasks: list[TaskState]) -> None:
-        if self.router is None:  # restarted and not yet reconnected: the driver re-admits these
-            log.warning("worker %s/%d not connected yet; dropping %d tasks", self.spec.group, self.spec.index, len(tasks))
-            return
+        if self.router is None:  # restarted and not yet reconnected: the sender's failed send re-admits these
+            raise NotConnected(f"worker {self.spec.group}/{self.spec.index} (incarnation {self.incarnation}) "
+                               f"restarted and is not connected yet; {len(tasks)} task(s) refused")
         for task in tasks:
             t = asyncio.ensure_future(self._drive(task))
             self._running.add(t)
@@ -199,6 +213,11 @@ class Worker:
 
     async def ping(self) -> str:
         return self.incarnation
+
+    async def heartbeat(self) -> tuple[str, list[str]]:
+        """This incarnation, and the ids of tasks lost in failed sends since the last call."""
+        lost, self._lost = self._lost, []
+        return self.incarnation, lost
 
     async def close(self) -> None:
         for t in list(self._running):

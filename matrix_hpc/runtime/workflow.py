@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, ClassVar
+from typing import Any, ClassVar
 
 from matrix_hpc.runtime.message import FILTERED, TaskState
 
@@ -174,8 +175,9 @@ def _import_builtin_workflows() -> None:
             raise
 
 
-BUILTIN_WORKFLOW_MODULES = ["matrix_hpc.workflows.overhead", "matrix_hpc.workflows.generate", "matrix_hpc.workflows.coral",
-                            "matrix_hpc.workflows.natural_reasoning", "matrix_hpc.workflows.retail.workflow"]
+BUILTIN_WORKFLOW_MODULES = ["matrix_hpc.workflows.overhead", "matrix_hpc.workflows.generate",
+                            "matrix_hpc.workflows.coral", "matrix_hpc.workflows.natural_reasoning",
+                            "matrix_hpc.workflows.retail.workflow"]
 
 __all__ = ["AgentContext", "Filtered", "FILTERED", "NonRetryableError", "Workflow", "WorkflowConf",
            "register_workflow", "build_workflow", "workflow_names"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,8 @@ def test_colocated_places_every_role_in_each_worker() -> None:
 
 def test_per_role_gives_each_role_its_own_workers() -> None:
     groups = plan_groups(ROLES, Placement.per_role, 1, {"teacher": 2})
-    assert {g.name: g.instances for g in groups} == {"teacher": 2, "answer_extractor": 1, "answer_matcher": 1, "student": 1}
+    assert {g.name: g.instances for g in groups} == {"teacher": 2, "answer_extractor": 1, "answer_matcher": 1,
+                                                     "student": 1}
 
 
 def test_role_workers_naming_an_unknown_role_is_refused() -> None:
@@ -58,3 +60,96 @@ def test_outbox_sends_full_batches_at_once_and_partial_ones_after_the_delay() ->
         assert sent[-1] == [6]
 
     asyncio.run(go())
+
+
+def test_outbox_hands_a_failed_batch_to_its_owner() -> None:
+    failed: list[tuple[list[int], str]] = []
+
+    async def refuse(batch: list[int]) -> None:
+        raise ConnectionError("peer gone")
+
+    async def go() -> None:
+        box = Outbox(lambda b: asyncio.ensure_future(refuse(b)), batch_size=2, delay_s=10,
+                     on_failed=lambda batch, e: failed.append((batch, str(e))), name="worker all/0")
+        box.put(1)
+        box.put(2)
+        box.put(3)
+        await box.drain()
+
+    asyncio.run(go())
+    assert failed == [([1, 2], "peer gone"), ([3], "peer gone")]
+
+
+def test_outbox_treats_a_send_that_raises_at_once_as_failed() -> None:
+    failed: list[list[int]] = []
+
+    def broken(batch: list[int]) -> None:
+        raise RuntimeError("handle unusable")
+
+    async def go() -> None:
+        box = Outbox(broken, batch_size=1, delay_s=10, on_failed=lambda batch, e: failed.append(batch))
+        box.put(7)
+
+    asyncio.run(go())
+    assert failed == [[7]]
+
+
+def test_run_retry_names_its_valid_choices() -> None:
+    from matrix_hpc.config.schema import RunConf
+
+    assert RunConf(retry="failed").retry == "failed"
+    with pytest.raises(ValueError, match=r"run.retry='all'; valid choices: none, failed"):
+        RunConf(retry="all")
+    with pytest.raises(ValueError, match=r"run.verify_rounds=-1"):
+        RunConf(verify_rounds=-1)
+
+
+def test_resume_identity_holds_resolved_values_and_the_dataclass_defaults() -> None:
+    from matrix_hpc.runtime.identity import resume_identity
+    from matrix_hpc.store.input import DatasetConf
+    from matrix_hpc.workflows.overhead import OverheadConf
+
+    identity, defaults = resume_identity(OverheadConf(agree_prob=0.9), DatasetConf(path="data/in.jsonl", limit=5))
+    assert identity["workflow"]["agree_prob"] == 0.9 and defaults["workflow"]["agree_prob"] == 0.45
+    assert set(identity["workflow"]) == set(defaults["workflow"])  # every key has a default to compare with
+    assert identity["dataset"]["path"].endswith("/data/in.jsonl") and identity["dataset"]["path"].startswith("/")
+    assert identity["dataset"]["id_column"] == "id" and "limit" not in identity["dataset"]
+
+
+class _FakeSink:
+    """A sink actor's handle, as far as the watch uses it (``health.remote()``)."""
+
+    def __init__(self, incarnation: str, failures: int = 0) -> None:
+        self.state = {"incarnation": incarnation, "commit_failures": failures, "last_error": None}
+        self.health = self
+
+    def remote(self) -> Any:
+        async def answer() -> dict[str, Any]:
+            return dict(self.state)
+
+        return answer()
+
+
+def test_the_watch_reports_a_restarted_sink_once_and_a_sink_that_cannot_commit() -> None:
+    from matrix_hpc.runtime.peers import PeerEvents, PeerWatch
+
+    restarted: list[int] = []
+    stalled: list[tuple[int, str]] = []
+    sinks = [_FakeSink("a"), _FakeSink("b")]
+
+    async def go() -> None:
+        events = PeerEvents(lambda ids: None, lambda key: None, restarted.append,
+                            lambda n, why: stalled.append((n, why)))
+        watch = PeerWatch({}, sinks, (), events, {}, ["a", "b"], commit_stall_timeout_s=0.05)
+        await watch._check_sink(0)
+        sinks[1].state["incarnation"] = "b2"
+        await watch._check_sink(1)
+        await watch._check_sink(1)
+        sinks[0].state.update(commit_failures=3, last_error="[Errno 28] No space left on device")
+        await watch._check_sink(0)
+        await asyncio.sleep(0.1)
+        await watch._check_sink(0)
+
+    asyncio.run(go())
+    assert restarted == [1]
+    assert len(stalled) == 1 and stalled[0][0] == 0 and "No space left on device" in stalled[0][1]

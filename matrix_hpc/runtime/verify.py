@@ -1,0 +1,48 @@
+"""The end-of-run check: every input id is in the output on disk.
+
+Acknowledgements say what a sink believes it committed; only the files say
+what a reader will get. After the last commit the driver reads the output's
+ids back and walks the input again; an input id with no row is *missing*
+and is admitted again (a bounded number of rounds), and a run that still
+misses ids does not call itself finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matrix_hpc.store.input import DatasetConf, InputItem, iter_input
+from matrix_hpc.store.resume import scan_output
+
+MISSING_EXAMPLES = 5  # ids named in the summary
+
+
+@dataclass
+class MissingIds:
+    items: list[InputItem] = field(default_factory=list)  # the first occurrence of each missing id
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def examples(self) -> list[str]:
+        return [f"{item.id} ({item.where})" if item.where else item.id for item in self.items[:MISSING_EXAMPLES]]
+
+
+def missing_input(out_dir: Path, dataset: DatasetConf) -> MissingIds:
+    """Input rows whose id has no row in ``out_dir`` (a repeated input id counts once)."""
+    done = scan_output(out_dir).done
+    missing = MissingIds()
+    seen: set[str] = set()  # only missing ids: small unless the run lost much
+    for item in iter_input(dataset):
+        if item.id in done or item.id in seen or is_input_duplicate(item):
+            continue
+        seen.add(item.id)
+        missing.items.append(item)
+    return missing
+
+
+def is_input_duplicate(item: InputItem) -> bool:
+    """A later occurrence of an id the input already had (the store marks it)."""
+    return getattr(item, "duplicate_of", None) is not None
+
