@@ -1,4 +1,9 @@
-"""``matrix-hpc inspect OUTPUT_DIR``: what an output directory holds."""
+"""``matrix-hpc inspect OUTPUT_DIR``: what an output directory holds.
+
+When no run holds the output lock, inspect also repairs what crashes left:
+temp files, interrupted compactions, unreadable part files (moved to
+``_matrix/quarantine/``). Exit status: 0 clean, 1 when ids are present more
+than once or files were unreadable, 2 on usage errors."""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import pyarrow.parquet as pq
 
 from matrix_hpc.cli.main import fail
 from matrix_hpc.store.layout import META_DIR, data_files
+from matrix_hpc.store.lock import OutputLock, OutputLocked
+from matrix_hpc.store.resume import scan_output
+from matrix_hpc.store.verify import OutputSummary, summarize_output
 
 COLUMNS = ["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens", "attempts"]
 
@@ -22,11 +30,41 @@ def inspect_command(args: list[str]) -> int:
     out = Path(args[0])
     if not out.is_dir():
         return fail(f"{out} is not a directory")
-    files = data_files(out)
+    notes = repair(out)
+    summary = summarize_output(out)
+    files = [f for f in data_files(out) if f not in summary.unreadable]
+    for note in notes:
+        print(note)
     if not files:
-        return fail(f"{out} holds no committed rows (no shard=*/part-*.parquet files)")
+        return fail(f"{out} holds no readable committed rows (no shard=*/part-*.parquet files)")
     print(render(out, files))
-    return 0
+    problems = problem_lines(out, summary)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def repair(out: Path) -> list[str]:
+    """Tidy what crashes left, unless a live run holds the output (then its
+    temp files are its own and nothing is touched)."""
+    try:
+        with OutputLock(out, "inspect"):
+            scan = scan_output(out)
+    except OutputLocked as e:
+        return [f"  (not repaired: {e})"]
+    return [f"  quarantined unreadable part file -> {p} (its ids run again on the next run)"
+            for p in scan.quarantined]
+
+
+def problem_lines(out: Path, summary: OutputSummary) -> list[str]:
+    lines = []
+    if summary.duplicate_ids:
+        lines.append(f"DUPLICATE IDS: {summary.duplicate_ids} id(s) of {out} are present more than once "
+                     f"({summary.rows} rows, {summary.distinct_ids} distinct ids), e.g. "
+                     f"{', '.join(summary.duplicate_examples)}. Readers will count these rows twice.")
+    for f in summary.unreadable:
+        lines.append(f"UNREADABLE: {f} (a run holds the output; the next run quarantines it)")
+    return lines
 
 
 def load_summary_table(files: list[Path]) -> pa.Table:

@@ -175,7 +175,7 @@ def repair_compactions(out_dir: Path) -> list[Path]:
         for name in names:
             leftover = merged.parent / name
             if leftover.exists():
-                leftover.unlink()
+                leftover.unlink(missing_ok=True)  # the live compactor may delete it at the same moment
                 removed.append(leftover)
     if removed:
         for directory in {p.parent for p in removed}:
