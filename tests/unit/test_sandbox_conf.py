@@ -149,3 +149,35 @@ def test_required_cgroup_without_one_says_what_to_do(monkeypatch: pytest.MonkeyP
         assert cgroups.cgroup_parents("auto", None) is None
     finally:
         cgroups.cgroup_parents.cache_clear()
+
+
+@pytest.mark.parametrize("old", ["none", "subprocess"])
+def test_the_old_unsandboxed_names_fail_saying_what_they_are_now(old: str) -> None:
+    with pytest.raises(ValueError, match=r"was renamed: .*no isolation.* now sandbox=trusted_subprocess.*sandbox=disabled"):
+        SandboxConf(backend=old)
+
+
+@pytest.mark.parametrize("group_option", ["none", "subprocess"])
+def test_sandbox_none_on_the_command_line_names_the_new_option(group_option: str) -> None:
+    from matrix_hpc.cli.config_check import ConfigError, compose
+
+    with pytest.raises(ConfigError, match="now sandbox=trusted_subprocess"):
+        compose([f"sandbox={group_option}", "dataset.path=x", "output.dir=y"], str(REPO / "conf"))
+
+
+def test_pool_actor_names_follow_the_config_but_not_the_secrets() -> None:
+    from matrix_hpc.services.sandbox.ray_pool import config_differences, pool_actor_name
+
+    base = SandboxConf(env={"HF_TOKEN": "canary-1"})
+    name = pool_actor_name(base)
+    assert name.startswith("sandbox-pool-default-") and "canary" not in name
+    assert pool_actor_name(SandboxConf(env={"HF_TOKEN": "canary-2"})) == name  # same pool; values compared later
+    assert pool_actor_name(SandboxConf(pool=SandboxPoolConf(mode="ray"), env={"HF_TOKEN": "x"})) == name
+    other = SandboxConf(env={"HF_TOKEN": "canary-1"}, limits=SandboxLimitsConf(mem_mb=64), binds=["/data"])
+    assert pool_actor_name(other) != name
+    assert config_differences(base, other) == ["binds", "limits.mem_mb"]
+    assert config_differences(base, SandboxConf(env={"HF_TOKEN": "canary-2"})) == ["env.HF_TOKEN"]
+
+
+def test_env_values_stay_out_of_the_repr() -> None:
+    assert "canary" not in repr(SandboxConf(env={"HF_TOKEN": "canary"}))

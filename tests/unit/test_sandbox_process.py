@@ -117,3 +117,22 @@ def test_a_crashed_holders_uid_is_cleaned_before_reuse(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="raise sandbox.limits.uid_count"):
         claim_uid(limits, tmp_path)  # the only uid is taken
     again.release()
+
+
+async def test_trusted_subprocess_gets_a_minimal_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "canary-host-key")
+    monkeypatch.setenv("LD_PRELOAD", "/nonexistent.so")
+    conf = SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path), env={"MINE": "configured"})
+    sb = create_sandbox(conf, "env")
+    await sb.start()
+    try:
+        r = await sb.exec("env")
+        env = dict(line.split("=", 1) for line in r.stdout.splitlines())
+        assert "OPENAI_API_KEY" not in env and "LD_PRELOAD" not in env and "canary-host-key" not in r.stdout
+        assert env["MINE"] == "configured" and env["HOME"] == str(sb.scratch)
+        assert set(env) <= {"PATH", "HOME", "TMPDIR", "LANG", "SANDBOX_SCRATCH", "PYTHONUNBUFFERED", "MINE", "PWD",
+                            "SHLVL", "_"}
+        r = await sb.exec(["python3", "-c", "import pyarrow, sys; print(sys.prefix)"])  # this venv's python is on PATH
+        assert r.ok, r
+    finally:
+        await sb.stop()

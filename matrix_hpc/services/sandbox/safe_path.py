@@ -217,7 +217,7 @@ def _open_for_write(parent_fd: int, name: str, mode: int) -> int:
     except FileExistsError:
         fd = os.open(name, flags, dir_fd=parent_fd)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # 0 links: removed meanwhile, harmless to write
         os.close(fd)
         raise UnsafePathError(f"refusing to overwrite {name!r}: not a regular file with a single link")
     os.ftruncate(fd, 0)
