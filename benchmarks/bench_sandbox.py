@@ -134,7 +134,7 @@ async def bench_ray_pool(args: argparse.Namespace, root: str) -> dict[str, Any]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="bwrap", choices=["bwrap", "subprocess"])
+    parser.add_argument("--backend", default="bwrap", choices=["bwrap", "trusted_subprocess"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--execs", type=int, default=20, help="execs per sandbox")
     parser.add_argument("--leases", type=int, default=300)

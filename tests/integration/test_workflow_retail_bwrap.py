@@ -11,6 +11,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import pytest
 from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, default_data_dir
 from matrix_hpc.workflows.retail.tasks import iter_task_rows
 from tests.conftest import require_component
-from tests.integration.runs import read_rows, run_cli, write_jsonl
+from tests.integration.runs import REPO, cli, read_rows, run_cli, write_jsonl
 from tests.integration.sandbox_support import processes_matching, require_bwrap
 
 pytestmark = [pytest.mark.integration, pytest.mark.bwrap, pytest.mark.timeout(600)]
@@ -65,6 +70,66 @@ def test_run_on_bwrap_sandboxes_writes_every_row_and_leaves_nothing(tmp_path: Pa
     assert not scratch.exists() or [p.name for p in scratch.iterdir() if not p.name.startswith(".")] == []
     assert processes_matching(str(scratch)) == []
     assert processes_matching("matrix_hpc.workflows.retail.tool_server --db /scratch/db.json") == []
+
+
+def test_a_sandbox_env_secret_stays_out_of_command_lines_logs_stored_config_and_rows(tmp_path: Path) -> None:
+    """The secret goes in as ``${oc.env:...}``, so not even the run's own command line holds it."""
+    secret = f"canary-{uuid.uuid4().hex}"
+    rows = [r for _, r in zip(range(4), iter_task_rows(split="test"))]
+    data = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    scratch, out, logs = tmp_path / "sandboxes", tmp_path / "out", tmp_path / "logs"
+    logs.mkdir()
+    started = time.time()
+    with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
+        proc = subprocess.Popen(cli(
+            "workflow=retail_tool_use", "llm=sim", "sandbox=bwrap", "dataset=tau2_retail", f"dataset.path={data}",
+            f"output.dir={out}", f"sandbox.scratch_root={scratch}", "sandbox.pool.size=4", "workflow.max_steps=6",
+            "workflow.require_sandbox=true", "+sandbox.env.HF_TOKEN=${oc.env:MHPC_TEST_SANDBOX_SECRET}",
+        ), cwd=REPO, env={**os.environ, "MHPC_TEST_SANDBOX_SECRET": secret}, stdout=stdout, stderr=stderr)
+        leaks, scans_with_sandboxes = _scan_cmdlines_while(proc, secret, str(scratch))
+    assert proc.returncode == 0, (logs / "stderr").read_text()[-3000:]
+    assert leaks == [] and scans_with_sandboxes > 0  # scanned while sandboxes ran; never in any argv
+    assert {r["status"] for r in read_rows(out)} == {"ok"}
+    assert secret not in json.dumps(read_rows(out), default=str)  # rows, decoded (Parquet is compressed)
+    searched = _files_holding(secret, [out, logs, *_ray_logs_since(started)])
+    assert searched["holding"] == [] and searched["files"] > 3, searched
+    stored = (out / "_matrix" / "config.yaml").read_text()
+    assert re.search(r"HF_TOKEN: '?\*\*\*'?", stored), stored  # the key is kept, its value redacted
+
+
+def _scan_cmdlines_while(proc: subprocess.Popen[bytes], secret: str, marker: str) -> tuple[list[str], int]:
+    """Read every process's /proc/<pid>/cmdline (world-readable) until ``proc`` exits."""
+    leaks: list[str] = []
+    with_sandboxes = 0
+    while proc.poll() is None:
+        for path in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                cmdline = path.read_bytes()
+            except OSError:
+                continue  # exited meanwhile
+            leaks += [path.parent.name] if secret.encode() in cmdline else []
+            with_sandboxes += marker.encode() in cmdline and b"bwrap" in cmdline
+        time.sleep(0.05)
+    return leaks, with_sandboxes
+
+
+def _ray_logs_since(started: float) -> list[Path]:
+    """Ray session dirs (its own logs) written by runs since ``started``."""
+    return [d for d in Path("/tmp/ray").glob("session_2*") if d.is_dir() and d.stat().st_mtime >= started - 5]
+
+
+def _files_holding(secret: str, roots: list[Path]) -> dict[str, Any]:
+    holding, files = [], 0
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                files += 1
+                try:
+                    if secret.encode() in path.read_bytes():
+                        holding.append(str(path))
+                except OSError:
+                    pass  # a socket or a file gone meanwhile
+    return {"holding": holding, "files": files}
 
 
 def _malformed(result: dict[str, Any]) -> int:

@@ -1,4 +1,4 @@
-"""Sandboxes: isolated environments leased per task (bubblewrap, Apptainer, plain subprocess).
+"""Sandboxes: isolated environments leased per task (bubblewrap, Apptainer; trusted_subprocess: no isolation).
 
 Public API (everything else is internal)::
 
@@ -27,6 +27,7 @@ _EXPORTS = {
     "CodeExecResult": "code_exec", "run_code_with_tests": "code_exec", "code_exec_step": "code_exec",
     "extract_code": "code_exec",
     "start_service": "service", "SandboxService": "service", "SandboxPoolFactory": "service",
+    "UnsafePathError": "safe_path",
 }
 
 __all__ = sorted(_EXPORTS)
