@@ -154,11 +154,54 @@ def _format_of(path: Path) -> str:
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".zst"):
+        return io.TextIOWrapper(io.BufferedReader(_ZstdFrames(path)), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a .zst file (any number of frames). Unlike
+    zstandard's stream_reader it raises at the end of a truncated file
+    instead of ending quietly, so a cut-off input is reported."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard  # lazy: only for compressed input
 
-        stream = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        self._path = path
+        self._zstd = zstandard
+        self._file = open(path, "rb")
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError(f"{self._path}: compressed data ends inside a frame (file truncated?)")
+                return 0
+            self._decompress(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> None:
+        while data:
+            self._in_frame = True
+            self._pending += self._frame.decompress(data)
+            if not self._frame.eof:
+                return
+            self._in_frame = False
+            data = self._frame.unused_data
+            self._frame = self._zstd.ZstdDecompressor().decompressobj()
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _iter_jsonl(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
