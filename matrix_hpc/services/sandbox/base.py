@@ -35,6 +35,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -344,11 +345,17 @@ class ServerProcess:
         return reply.decode("utf-8", errors="replace").rstrip("\n")
 
     async def wait_socket(self, timeout_s: float = 10.0) -> Path:
-        """Wait until the server has created its unix socket."""
+        """Wait until the server has created its unix socket (a socket itself, not a symlink to one).
+
+        Code inside owns the scratch dir: a host process that connects to
+        this path later follows whatever link it may plant meanwhile, so
+        talk to untrusted servers with :meth:`request` (stdio) instead.
+        """
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while not self.socket_path.exists():
+        while not _is_socket(self.socket_path):
             if not self.running or asyncio.get_running_loop().time() > deadline:
-                raise SandboxError(f"server {self.name!r} did not create {self.socket_path} within {timeout_s}s")
+                raise SandboxError(f"server {self.name!r} did not create the socket {self.socket_path} "
+                                   f"within {timeout_s}s")
             await asyncio.sleep(0.02)
         return self.socket_path
 
@@ -357,6 +364,13 @@ class ServerProcess:
 
         kill_group(self.proc.pid)
         await self.proc.wait()
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def scratch_root_path(conf: SandboxConf) -> Path:
