@@ -255,7 +255,8 @@ async def test_trusted_subprocess_backend_still_bounds_processes_with_a_cgroup(t
     if not cgroups_here():
         pytest.skip("no writable cgroup here")
     limits = SandboxLimitsConf(max_procs=16, exec_timeout_s=20)
-    sb = create_sandbox(SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path / "sb"), limits=limits), "cgpids")
+    conf = SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path / "sb"), limits=limits)
+    sb = create_sandbox(conf, "cgpids")
     await sb.start()
     try:
         code = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(5)\n"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -75,7 +76,7 @@ def test_run_on_bwrap_sandboxes_writes_every_row_and_leaves_nothing(tmp_path: Pa
 def test_a_sandbox_env_secret_stays_out_of_command_lines_logs_stored_config_and_rows(tmp_path: Path) -> None:
     """The secret goes in as ``${oc.env:...}``, so not even the run's own command line holds it."""
     secret = f"canary-{uuid.uuid4().hex}"
-    rows = [r for _, r in zip(range(4), iter_task_rows(split="test"))]
+    rows = list(itertools.islice(iter_task_rows(split="test"), 4))
     data = write_jsonl(tmp_path / "tasks.jsonl", rows)
     scratch, out, logs = tmp_path / "sandboxes", tmp_path / "out", tmp_path / "logs"
     logs.mkdir()

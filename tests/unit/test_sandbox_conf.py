@@ -153,7 +153,8 @@ def test_required_cgroup_without_one_says_what_to_do(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("old", ["none", "subprocess"])
 def test_the_old_unsandboxed_names_fail_saying_what_they_are_now(old: str) -> None:
-    with pytest.raises(ValueError, match=r"was renamed: .*no isolation.* now sandbox=trusted_subprocess.*sandbox=disabled"):
+    renamed = r"was renamed: .*no isolation.* now sandbox=trusted_subprocess.*sandbox=disabled"
+    with pytest.raises(ValueError, match=renamed):
         SandboxConf(backend=old)
 
 

@@ -88,7 +88,7 @@ class SandboxConf:
     # command line, a log or a repr, and stored as *** in the run's config.
     env: dict[str, str] = field(default_factory=dict, repr=False)
     bind_python: bool = True  # mount the host Python (and its venv) read-only so `python3` runs inside
-    scratch_root: str | None = None  # host dir of the sandboxes' scratch dirs; None = $TMPDIR/matrix_hpc-<uid>/sandboxes
+    scratch_root: str | None = None  # host dir holding the scratch dirs; None = $TMPDIR/matrix_hpc-<uid>/sandboxes
     server_argv: list[str] = field(default_factory=list)  # optional long-lived process started with the sandbox
     gpus: int = 0  # GPUs visible inside (apptainer --nv); 0 = none
     limits: SandboxLimitsConf = field(default_factory=SandboxLimitsConf)  # memory / CPU / process / output limits
@@ -420,8 +420,9 @@ def sweep_stale_dirs(root: str | os.PathLike[str]) -> int:
     finally:
         os.close(root_fd)
     parents = cgroup_parents("auto", None) if stale else None
-    for name in stale if parents is not None else []:
-        remove_cgroup(parents, name)
+    for name in stale:
+        if parents is not None:
+            remove_cgroup(parents, name)
     return len(stale)
 
 

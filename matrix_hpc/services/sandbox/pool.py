@@ -39,9 +39,9 @@ from typing import Any, Protocol
 from matrix_hpc.services.sandbox.base import (
     Command,
     Sandbox,
-    ServerProcess,
     SandboxConf,
     SandboxError,
+    ServerProcess,
     create_sandbox,
     scratch_root_path,
     sweep_stale_dirs,
@@ -223,7 +223,7 @@ class PoolCore:
 
     # -- capacity
     def _node_live(self, node_id: str) -> int:
-        return sum(n for n, h in zip(self.live_per_host, self.hosts) if h.node_id == node_id)
+        return sum(n for n, h in zip(self.live_per_host, self.hosts, strict=True) if h.node_id == node_id)
 
     def _pick_host(self) -> int | None:
         if sum(self.live_per_host) >= self.pool.size:
@@ -285,8 +285,8 @@ class PoolCore:
                 self._task_locks.pop(owner.task_id, None)
 
     async def _acquire_new(self, owner: LeaseOwner, wait_s: float | None, shared: bool) -> Lease:
-        for old in [l for l in self.leases.values() if l.owner.task_id == owner.task_id
-                    and l.owner.attempt < owner.attempt]:
+        for old in [lease for lease in self.leases.values() if lease.owner.task_id == owner.task_id
+                    and lease.owner.attempt < owner.attempt]:
             await self._end(old, reaped=True)
         index = await self._reserve(self.pool.lease_wait_s if wait_s is None else wait_s)
         sandbox_id = f"{_safe(owner.task_id)[:40]}-{uuid.uuid4().hex[:10]}"
@@ -328,7 +328,7 @@ class PoolCore:
 
     async def release_task(self, task_id: str) -> int:
         """Release every lease held for ``task_id`` (the task ended or failed)."""
-        mine = [l for l in self.leases.values() if l.owner.task_id == task_id]
+        mine = [lease for lease in self.leases.values() if lease.owner.task_id == task_id]
         for lease in mine:
             await self._end(lease, reaped=False)
         return len(mine)
@@ -350,11 +350,11 @@ class PoolCore:
     async def reap(self, dead_owner: Callable[[list[LeaseOwner]], Awaitable[set[LeaseOwner]]] | None = None) -> int:
         """End expired leases and leases whose owner ``dead_owner`` reports dead."""
         now = time.time()
-        doomed = [l for l in self.leases.values() if l.expires_at <= now]
+        doomed = [lease for lease in self.leases.values() if lease.expires_at <= now]
         if dead_owner is not None:
-            owners = list({l.owner for l in self.leases.values() if l.expires_at > now})
+            owners = list({lease.owner for lease in self.leases.values() if lease.expires_at > now})
             dead = await dead_owner(owners) if owners else set()
-            doomed += [l for l in self.leases.values() if l.owner in dead and l not in doomed]
+            doomed += [lease for lease in self.leases.values() if lease.owner in dead and lease not in doomed]
         for lease in doomed:
             log.info("reaping sandbox %s of task %s (owner %s)", lease.sandbox_id, lease.owner.task_id,
                      lease.owner.process)
@@ -363,7 +363,7 @@ class PoolCore:
 
     def snapshot(self) -> PoolStats:
         per_node: dict[str, int] = {}
-        for n, h in zip(self.live_per_host, self.hosts):
+        for n, h in zip(self.live_per_host, self.hosts, strict=True):
             per_node[h.node_id] = per_node.get(h.node_id, 0) + n
         return PoolStats(live=sum(self.live_per_host), waiting=self.stats.waiting, granted=self.stats.granted,
                          released=self.stats.released, reaped=self.stats.reaped, per_node=per_node)

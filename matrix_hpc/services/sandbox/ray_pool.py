@@ -131,7 +131,7 @@ class SandboxPoolActor:
         async with self._init_lock:
             if self.core is None:
                 node_ids = await asyncio.gather(*(h.node_id.remote() for h in self.handles))
-                refs = [RayHostRef(h, n) for h, n in zip(self.handles, node_ids)]
+                refs = [RayHostRef(h, n) for h, n in zip(self.handles, node_ids, strict=True)]
                 self.core = PoolCore(self.conf, refs)  # type: ignore[arg-type]
                 self._reaper = asyncio.ensure_future(run_reaper(self.core, self._dead_owners))
         return self.core

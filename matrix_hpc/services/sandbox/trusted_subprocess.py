@@ -8,8 +8,9 @@ time, output cap, and the per-sandbox cgroup where one can be made) still
 apply, and the exec's process group is killed when it returns; a process
 that starts its own session escapes that kill (the cgroup, when there is
 one, still ends it at release). Without a cgroup the process-count limit is
-not enforced when running as root (Linux exempts root from RLIMIT_NPROC). Use it for code you wrote yourself, on machines
-without bubblewrap or Apptainer.
+not enforced when running as root (Linux exempts root from RLIMIT_NPROC).
+Use it for code you wrote yourself, on machines without bubblewrap or
+Apptainer.
 """
 
 from __future__ import annotations
