@@ -17,22 +17,24 @@ import pytest
 from matrix_hpc.services.llm.client import LLMClient, LLMRequestError, LLMUnavailableError
 from matrix_hpc.services.llm.config import ClientConf, SimConf
 from matrix_hpc.services.llm.endpoints import StaticEndpoints
-from matrix_hpc.services.llm.sim_server import SimServerProcess
+from matrix_hpc.services.llm.sim_server import SimServerProcess, new_api_key
 
 pytestmark = pytest.mark.integration
 
 FAST = {"ttft_s": 0.005, "time_per_output_token_s": 0.0001, "output_tokens": 16, "output_tokens_jitter": 8}
 QUICK_RETRY = ClientConf(max_attempts=8, backoff_base_s=0.01, backoff_max_s=0.05, timeout_s=10.0)
+KEY = new_api_key()  # every server of this module asks for it (several serve one client)
 
 
 @contextmanager
 def sim(**overrides: Any) -> Iterator[SimServerProcess]:
-    with SimServerProcess(SimConf(**{**FAST, **overrides})) as server:
+    with SimServerProcess(SimConf(**{**FAST, **overrides}), api_key=KEY) as server:
         yield server
 
 
 async def stats(server: SimServerProcess) -> dict[str, int]:
-    async with aiohttp.ClientSession() as session, session.get(server.url + "/sim/stats") as resp:
+    headers = {"Authorization": f"Bearer {KEY.get()}"}
+    async with aiohttp.ClientSession(headers=headers) as session, session.get(server.url + "/sim/stats") as resp:
         return dict(await resp.json())
 
 
@@ -42,7 +44,7 @@ def ask(i: int) -> list[dict[str, str]]:
 
 async def test_retryable_faults_are_retried_until_success() -> None:
     with sim(error_rate=0.25, reset_rate=0.1, seed=3) as server:
-        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY) as client:
             results = await asyncio.gather(*(client.chat(ask(i), max_tokens=8) for i in range(200)))
         served = await stats(server)
     assert all(r.content and r.usage.completion_tokens > 0 for r in results)
@@ -53,7 +55,7 @@ async def test_retryable_faults_are_retried_until_success() -> None:
 
 async def test_non_retryable_error_fails_at_once_with_the_server_message() -> None:
     with sim(max_model_len=64) as server:
-        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY) as client:
             ok = await client.chat(ask(0), max_tokens=8)
             with pytest.raises(LLMRequestError) as info:
                 await client.chat([{"role": "user", "content": "long " * 200}], max_tokens=8)
@@ -66,7 +68,7 @@ async def test_non_retryable_error_fails_at_once_with_the_server_message() -> No
 
 async def test_injected_bad_requests_are_not_retried() -> None:
     with sim(bad_request_rate=1.0) as server:
-        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY) as client:
             outcomes = await asyncio.gather(*(client.chat(ask(i)) for i in range(5)), return_exceptions=True)
         served = await stats(server)
     assert all(isinstance(o, LLMRequestError) and "context length" in o.server_message for o in outcomes)
@@ -76,7 +78,7 @@ async def test_injected_bad_requests_are_not_retried() -> None:
 async def test_hang_is_cut_by_the_timeout() -> None:
     conf = ClientConf(max_attempts=2, backoff_base_s=0.01, timeout_s=0.4)
     with sim(hang_rate=1.0) as server:
-        async with LLMClient(StaticEndpoints([server.url]), conf) as client:
+        async with LLMClient(StaticEndpoints([server.url]), conf, api_key=KEY) as client:
             started = time.monotonic()
             with pytest.raises(LLMUnavailableError, match="no answer within 0.4 s"):
                 await client.chat(ask(0))
@@ -91,7 +93,7 @@ async def test_hang_is_cut_by_the_timeout() -> None:
 
 async def test_capacity_makes_requests_queue() -> None:
     with sim(capacity=2, ttft_s=0.3, time_per_output_token_s=0.0) as server:
-        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY) as client:
             await client.chat(ask(-1))  # connect first
             started = time.monotonic()
             await asyncio.gather(*(client.chat(ask(i)) for i in range(6)))
@@ -108,8 +110,8 @@ async def test_structured_outputs_are_honoured() -> None:
         "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer", "maximum": 5}},
         "required": ["query", "limit"]}}}
     with sim() as server:
-        vllm_style = LLMClient(StaticEndpoints([server.url]), QUICK_RETRY)
-        openai_style = LLMClient(StaticEndpoints([server.url]), ClientConf(dialect="openai"))
+        vllm_style = LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY)
+        openai_style = LLMClient(StaticEndpoints([server.url]), ClientConf(dialect="openai"), api_key=KEY)
         try:
             choices = await asyncio.gather(*(vllm_style.chat(ask(i), choice=["A", "B", "C"]) for i in range(30)))
             wrapped = await asyncio.gather(*(openai_style.chat(ask(i), choice=["yes", "no"]) for i in range(10)))
@@ -131,7 +133,7 @@ async def test_structured_outputs_are_honoured() -> None:
 
 async def test_same_seed_same_answers() -> None:
     with sim(seed=11) as a, sim(seed=11) as b:
-        async with LLMClient(StaticEndpoints([a.url]), QUICK_RETRY) as ca, LLMClient(StaticEndpoints([b.url]), QUICK_RETRY) as cb:
+        async with LLMClient(StaticEndpoints([a.url]), QUICK_RETRY, api_key=KEY) as ca, LLMClient(StaticEndpoints([b.url]), QUICK_RETRY, api_key=KEY) as cb:
             ra = [await ca.chat(ask(i), temperature=0.7) for i in range(5)]
             rb = [await cb.chat(ask(i), temperature=0.7) for i in range(5)]
     assert [r.content for r in ra] == [r.content for r in rb]
@@ -140,7 +142,7 @@ async def test_same_seed_same_answers() -> None:
 async def test_a_dead_replica_is_avoided_and_no_call_is_lost() -> None:
     conf = ClientConf(max_attempts=8, backoff_base_s=0.01, backoff_max_s=0.05, health_probe_interval_s=0.2)
     with sim(ttft_s=0.05) as a, sim(ttft_s=0.05) as b:
-        async with LLMClient(StaticEndpoints([a.url, b.url]), conf) as client:
+        async with LLMClient(StaticEndpoints([a.url, b.url]), conf, api_key=KEY) as client:
 
             async def dialogue(task: int) -> list[str]:
                 return [(await client.chat(ask(turn), sticky_key=f"task-{task}")).replica for turn in range(6)]
@@ -177,7 +179,8 @@ async def test_openai_backend_sends_the_env_key_and_never_writes_it(tmp_path: An
     from matrix_hpc.services.llm.config import LLMConf, OpenAIConf
     from matrix_hpc.services.llm.service import start_llm_service
 
-    key = "sk-live-DO-NOT-LEAK-42"
+    key = KEY.get()
+    assert key
     monkeypatch.setenv("MATRIX_TEST_OPENAI_KEY", key)
     with sim() as server:
         conf = LLMConf(backend="openai", openai=OpenAIConf(base_url=server.url + "/v1", model="sim",
@@ -199,7 +202,7 @@ async def test_max_connections_queues_outside_the_timeout() -> None:
     # 3 connections, 12 calls of 0.3 s: 4 waves, 1.2 s, although each call's timeout is 0.5 s.
     conf = ClientConf(max_connections=3, timeout_s=0.5, max_attempts=1)
     with sim(ttft_s=0.3, time_per_output_token_s=0.0) as server:
-        async with LLMClient(StaticEndpoints([server.url]), conf) as client:
+        async with LLMClient(StaticEndpoints([server.url]), conf, api_key=KEY) as client:
             started = time.monotonic()
             results = await asyncio.gather(*(client.chat(ask(i)) for i in range(12)))
             elapsed = time.monotonic() - started
@@ -211,11 +214,11 @@ async def test_max_connections_queues_outside_the_timeout() -> None:
 async def test_server_processes_share_one_port_and_stop_together() -> None:
     import psutil
 
-    with SimServerProcess(SimConf(**FAST), workers=2) as server:
+    with SimServerProcess(SimConf(**FAST), workers=2, api_key=KEY) as server:
         assert server.proc is not None
         workers = psutil.Process(server.proc.pid).children()
         assert len(workers) == 1  # the parent serves too
-        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY) as client:
+        async with LLMClient(StaticEndpoints([server.url]), QUICK_RETRY, api_key=KEY) as client:
             results = await asyncio.gather(*(client.chat(ask(i)) for i in range(100)))
     assert all(r.content for r in results)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)

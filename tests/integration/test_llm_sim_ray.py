@@ -19,7 +19,7 @@ from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.config import ClientConf, LLMConf, SimConf
 from matrix_hpc.services.llm.endpoints import RegistryEndpoints
 from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry
-from matrix_hpc.services.llm.service import LLMService, sim_actor_name, start_llm_service
+from matrix_hpc.services.llm.service import LLMService, sim_actor_name, sim_service_ref, start_llm_service
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -41,14 +41,14 @@ def local_ray() -> Iterator[None]:
 @pytest.fixture
 def service(local_ray: None, tmp_path: Path) -> Iterator[LLMService]:
     name = f"test-{uuid.uuid4().hex[:8]}"
-    # A crashed earlier run of this service left a replica in the detached registry.
-    ray.get(get_or_create_registry(name).register.remote("sim-7", "http://127.0.0.1:9"))
     conf = LLMConf(
         backend="sim",
         service=name,
         client=CLIENT,
         sim=SimConf(num_replicas=2, ttft_s=0.05, time_per_output_token_s=0.0005, output_tokens=20),
     )
+    # Something registered in this service's registry before its replicas: dropped at start.
+    ray.get(get_or_create_registry(sim_service_ref(conf)).register.remote("sim-7", "http://127.0.0.1:9"))
     svc = start_llm_service(conf, tmp_path)
     yield svc
     svc.stop()
@@ -96,7 +96,7 @@ async def test_a_worker_process_builds_its_client_from_the_factory(service: LLMS
 async def test_killed_replica_loses_nothing_and_comes_back(service: LLMService) -> None:
     registry_source = service.endpoint_source()
     _, before = await registry_source.fetch()
-    victim = ray.get_actor(sim_actor_name(service.conf.service, 0), namespace=NAMESPACE)
+    victim = ray.get_actor(sim_actor_name(sim_service_ref(service.conf), 0), namespace=NAMESPACE)
     factory = service.client_factory()
     assert factory is not None
     async with factory() as client:
@@ -123,3 +123,45 @@ async def wait_for_new_url(source: Any, replica_id: str, old_url: str, timeout_s
             return dict(table)
         await asyncio.sleep(0.2)
     raise AssertionError(f"{replica_id} did not re-register within {timeout_s} s")
+
+
+async def test_replicas_refuse_requests_without_the_service_key(service: LLMService) -> None:
+    import aiohttp
+
+    _, table = await service.endpoint_source().fetch()
+    factory = service.client_factory()
+    assert factory is not None and factory.api_key
+    body = {"model": "sim", "messages": ask(0)}
+    async with aiohttp.ClientSession() as session:
+        for url in table.values():
+            root = url.removesuffix("/v1")
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                async with session.post(url + "/chat/completions", json=body, headers=headers) as resp:
+                    assert resp.status == 401, await resp.text()
+                async with session.get(root + "/sim/stats", headers=headers) as resp:
+                    assert resp.status == 401
+            async with session.get(root + "/health") as resp:  # liveness stays open and says nothing
+                assert resp.status == 200 and await resp.read() == b""
+            good = {"Authorization": f"Bearer {factory.api_key.get()}"}
+            async with session.post(url + "/chat/completions", json=body, headers=good) as resp:
+                assert resp.status == 200
+
+
+def test_a_second_run_asking_for_the_same_service_is_refused(service: LLMService) -> None:
+    """Another Ray job (another run's driver) must not share or take over this run's registry."""
+    import subprocess
+    import sys
+
+    ref = sim_service_ref(service.conf)
+    code = ("import sys, ray\n"
+            "from matrix_hpc.services.llm.registry import RegistryConflictError, ServiceRef, get_or_create_registry\n"
+            "ray.init(address=sys.argv[1], namespace='matrix_hpc', log_to_driver=False)\n"
+            "try:\n"
+            "    get_or_create_registry(ServiceRef(sys.argv[2], sys.argv[3]))\n"
+            "except RegistryConflictError as e:\n"
+            "    print('REFUSED', e)\n")
+    address = ray.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-c", code, address, ref.name, ref.digest], capture_output=True,
+                          text=True, timeout=120)
+    assert "REFUSED" in proc.stdout, proc.stderr[-2000:]
+    assert f"LLM service {ref.name!r}" in proc.stdout and "set another llm.service name" in proc.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol, runtime_checkable
 
-from matrix_hpc.services.llm.registry import NAMESPACE, registry_name
+from matrix_hpc.services.llm.registry import NAMESPACE, ServiceRef
 
 
 @runtime_checkable
@@ -61,15 +61,15 @@ class StaticEndpoints:
 
 
 class RegistryEndpoints:
-    """The replicas registered under ``service`` in the registry actor (needs Ray initialised).
+    """The replicas registered in the registry actor of ``service`` (needs Ray initialised).
 
     Example::
 
-        source = RegistryEndpoints("default")
+        source = RegistryEndpoints(service_handle.ref)
         version, table = await source.fetch()
     """
 
-    def __init__(self, service: str, refresh_interval_s: float = 1.0, namespace: str = NAMESPACE):
+    def __init__(self, service: ServiceRef, refresh_interval_s: float = 1.0, namespace: str = NAMESPACE):
         self.service = service
         self.refresh_interval_s = refresh_interval_s
         self.namespace = namespace
@@ -83,7 +83,7 @@ class RegistryEndpoints:
 
         if self._actor is None:
             try:
-                self._actor = ray.get_actor(registry_name(self.service), namespace=self.namespace)
+                self._actor = ray.get_actor(self.service.registry, namespace=self.namespace)
             except ValueError:
                 return -1, {}  # not created yet: no replicas
         try:
@@ -94,7 +94,7 @@ class RegistryEndpoints:
         return version, {rid: normalize_base_url(url) for rid, url in table.items()}
 
     def __repr__(self) -> str:
-        return f"RegistryEndpoints(service={self.service!r})"
+        return f"RegistryEndpoints(service={self.service.name!r}, registry={self.service.registry!r})"
 
 
 async def wait_for_replicas(source: EndpointSource, count: int, timeout_s: float) -> dict[str, str]:

@@ -150,6 +150,10 @@ def cascade_env(env: Mapping[str, str], hook_dir: Path, sig: int = signal.SIGTER
     return out
 
 
+#: Subdir (next to the server's log) of the hooks on the server's PYTHONPATH.
+HOOK_DIR = ".python-hooks"
+
+
 def spawn_supervised(
     cmd: Sequence[str], env: Mapping[str, str], log_path: Path, grace_s: float = 10.0, cwd: str | None = None
 ) -> subprocess.Popen[bytes]:
@@ -160,7 +164,7 @@ def spawn_supervised(
     the caller owns for its whole life qualifies, a pool thread does not.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    server_env = cascade_env(env, log_path.parent / ".python-hooks")
+    server_env = cascade_env(env, log_path.parent / HOOK_DIR)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             # -I: the script's folder must not shadow stdlib modules on sys.path (and no hook here).

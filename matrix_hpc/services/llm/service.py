@@ -4,6 +4,11 @@
 :class:`LLMService` gives a picklable :class:`LLMClientFactory` that each
 worker process calls once to build its single :class:`LLMClient`.
 
+Every server this starts (sim or vLLM) asks for a key made for it here
+(``new_api_key``); the factory carries it to the workers (pickled by Ray,
+inside the token-authenticated cluster), the replicas get it through their
+environment or actor arguments, never a command line or a log.
+
 - ``sim``: simulated replicas. Under Ray, each is a Ray actor serving HTTP
   from a thread and registered in the replica registry (an actor that dies
   is restarted, serves on a new port and re-registers). Without Ray, child
@@ -19,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,7 @@ from typing import Any
 from matrix_hpc.services.llm.client import LLMClient, Secret
 from matrix_hpc.services.llm.config import ClientConf, LLMConf, SimConf
 from matrix_hpc.services.llm.endpoints import EndpointSource, RegistryEndpoints, StaticEndpoints
-from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry, registry_name
+from matrix_hpc.services.llm.registry import NAMESPACE, ServiceRef, config_digest, get_or_create_registry
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +127,9 @@ def read_api_key(env_var: str) -> Secret:
     """The API key from ``env_var`` ('' = no key); a missing variable is an error that names it."""
     if not env_var:
         return Secret(None)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env_var):  # a key pasted here must not reach a log
+        raise RuntimeError("llm.openai.api_key_env must be the NAME of an environment variable holding the key "
+                           "(e.g. OPENAI_API_KEY), not the key itself; export the key and name its variable")
     value = os.environ.get(env_var)
     if not value:
         raise RuntimeError(
@@ -152,31 +161,33 @@ def _replica_conf(conf: SimConf, index: int) -> SimConf:
 
 
 def _start_sim_processes(conf: LLMConf, log_dir: Path) -> LLMService:
-    from matrix_hpc.services.llm.sim_server import SimServerProcess
+    from matrix_hpc.services.llm.sim_server import SimServerProcess, new_api_key
 
+    api_key = new_api_key()
     servers = []
     try:
         for i in range(conf.sim.num_replicas):
-            servers.append(SimServerProcess(_replica_conf(conf.sim, i), log_path=log_dir / f"sim-{i}.log").start())
+            servers.append(SimServerProcess(_replica_conf(conf.sim, i), log_path=log_dir / f"sim-{i}.log",
+                                            api_key=api_key).start())
     except Exception:
         for server in servers:
             server.stop()
         raise
     endpoints = StaticEndpoints([s.url for s in servers])
-    return LLMService(conf, endpoints, conf.sim.model, stoppers=[s.stop for s in servers])
+    return LLMService(conf, endpoints, conf.sim.model, api_key=api_key, stoppers=[s.stop for s in servers])
 
 
 class SimReplicaActor:
     """A sim replica inside a Ray actor: serves from a thread, registers itself on (re)start."""
 
-    def __init__(self, conf: SimConf, service: str, replica_id: str):
+    def __init__(self, conf: SimConf, service: ServiceRef, replica_id: str, api_key: Secret):
         import ray
 
         from matrix_hpc.services.llm.sim_server import SimServerThread
 
         node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         advertise = node_ip if conf.host in ("0.0.0.0", "::") else conf.host
-        self.server = SimServerThread(conf, advertise_host=advertise)
+        self.server = SimServerThread(conf, advertise_host=advertise, api_key=api_key)
         self.replica_id = replica_id
         self.registry = get_or_create_registry(service)
         ray.get(self.registry.register.remote(replica_id, self.server.url, {"backend": "sim", "pid": os.getpid()}))
@@ -197,23 +208,32 @@ class SimReplicaActor:
         self.server.stop()
 
 
-def sim_actor_name(service: str, index: int) -> str:
-    return f"llm-sim-{service}-{index}"
+def sim_service_ref(conf: LLMConf) -> ServiceRef:
+    """The sim service's name and config digest (names its registry and actors)."""
+    return ServiceRef(conf.service, config_digest({"backend": "sim", "sim": dataclasses.asdict(conf.sim)}))
+
+
+def sim_actor_name(service: ServiceRef, index: int) -> str:
+    return service.actor("sim", index)
 
 
 def _start_sim_actors(conf: LLMConf) -> LLMService:
     import ray
 
+    from matrix_hpc.services.llm.sim_server import new_api_key
+
+    ref, api_key = sim_service_ref(conf), new_api_key()
+    registry = get_or_create_registry(ref)  # here first: the registry is this driver's, and a conflict stops us now
     # num_cpus=0: the sim is light and must not take CPU slots from agents on small machines.
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(SimReplicaActor)  # type: ignore[call-overload]
     actors = [
-        actor_cls.options(name=sim_actor_name(conf.service, i), namespace=NAMESPACE).remote(
-            _replica_conf(conf.sim, i), conf.service, f"sim-{i}"
+        actor_cls.options(name=sim_actor_name(ref, i), namespace=NAMESPACE).remote(
+            _replica_conf(conf.sim, i), ref, f"sim-{i}", api_key
         )
         for i in range(conf.sim.num_replicas)
     ]
     ray.get([a.url.remote() for a in actors])  # raises here if a replica cannot start
-    _drop_stale_replicas(conf.service, {f"sim-{i}" for i in range(conf.sim.num_replicas)})
+    _drop_stale_replicas(registry, {f"sim-{i}" for i in range(conf.sim.num_replicas)})
 
     def stop() -> None:
         for actor in actors:
@@ -221,17 +241,16 @@ def _start_sim_actors(conf: LLMConf) -> LLMService:
                 ray.get(actor.stop.remote(), timeout=10)
             finally:
                 ray.kill(actor, no_restart=True)
-        ray.kill(ray.get_actor(registry_name(conf.service), namespace=NAMESPACE), no_restart=True)
+        ray.kill(registry, no_restart=True)
 
-    endpoints = RegistryEndpoints(conf.service, refresh_interval_s=conf.client.refresh_interval_s)
-    return LLMService(conf, endpoints, conf.sim.model, stoppers=[stop])
+    endpoints = RegistryEndpoints(ref, refresh_interval_s=conf.client.refresh_interval_s)
+    return LLMService(conf, endpoints, conf.sim.model, api_key=api_key, stoppers=[stop])
 
 
-def _drop_stale_replicas(service: str, current: set[str]) -> None:
-    """Forget replicas a crashed earlier run left in this service's (detached) registry."""
+def _drop_stale_replicas(registry: Any, current: set[str]) -> None:
+    """Forget replicas registered before this service's own (none unless something else registered there)."""
     import ray
 
-    registry = get_or_create_registry(service)
     _, table = ray.get(registry.snapshot.remote())
     for replica_id in set(table) - current:
         ray.get(registry.unregister.remote(replica_id))
@@ -247,5 +266,5 @@ def _start_vllm(conf: LLMConf, run_dir: Path) -> LLMService:
     if conf.service != "default":  # llm.service names every backend's registry
         vllm_conf = dataclasses.replace(vllm_conf, service=conf.service)
     handle = start_vllm_service(vllm_conf, run_dir)
-    endpoints = RegistryEndpoints(handle.service, refresh_interval_s=conf.client.refresh_interval_s)
-    return LLMService(conf, endpoints, handle.model_name, stoppers=[handle.stop])
+    endpoints = RegistryEndpoints(handle.ref, refresh_interval_s=conf.client.refresh_interval_s)
+    return LLMService(conf, endpoints, handle.model_name, api_key=handle.api_key, stoppers=[handle.stop])

@@ -12,9 +12,12 @@ context-length, hangs, connection resets) are injected at configured rates,
 drawn from a generator seeded with ``seed``; answer content is a function
 of the seed and the request body.
 
-Run standalone::
+Every path but ``/health`` (which answers an empty 200 and nothing else)
+needs ``Authorization: Bearer <key>``; without it the answer is 401. Run
+standalone with the key in the environment, never on the command line::
 
-    python -m matrix_hpc.services.llm.sim_server --port 8000 --capacity 512 --ttft-s 0.2
+    MATRIX_SIM_API_KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))') \
+        python -m matrix_hpc.services.llm.sim_server --port 8000 --capacity 512 --ttft-s 0.2
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -43,9 +47,15 @@ from typing import Any
 
 from aiohttp import web
 
+from matrix_hpc.services.llm.client import Secret
 from matrix_hpc.services.llm.config import SimConf
 
 log = logging.getLogger(__name__)
+
+#: The key of a standalone server (and of the child of SimServerProcess) comes from here.
+API_KEY_ENV = "MATRIX_SIM_API_KEY"
+#: Paths answered without the key: liveness only, an empty body.
+OPEN_PATHS = frozenset({"/health"})
 
 _WORDS = (
     "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
@@ -216,8 +226,10 @@ class SimStats:
 class SimEndpoint:
     """The request handlers and latency model of one simulated replica."""
 
-    def __init__(self, conf: SimConf, capacity: int | None = None):
+    def __init__(self, conf: SimConf, capacity: int | None = None, api_key: Secret | None = None):
         self.conf = conf
+        key = api_key.get() if api_key else None
+        self._key_digest = hashlib.sha256(key.encode()).digest() if key else None  # None: no key asked (tests only)
         self.stats = SimStats()
         self._slots = asyncio.Semaphore(capacity or conf.capacity)
         self._fault_rng = random.Random(conf.seed)
@@ -226,12 +238,26 @@ class SimEndpoint:
         self._model_card = {"object": "list", "data": [{"id": conf.model, "object": "model", "owned_by": "matrix_hpc-sim"}]}
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024**2)
+        app = web.Application(client_max_size=64 * 1024**2, middlewares=[self._require_key])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/sim/stats", self.stats_handler)
         return app
+
+    @web.middleware
+    async def _require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self._key_digest is None or request.path in OPEN_PATHS or self._authorized(request):
+            return await handler(request)
+        self.stats.counts["unauthorized"] += 1
+        response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    def _authorized(self, request: web.Request) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        digest = hashlib.sha256(given.encode()).digest()
+        return scheme.lower() == "bearer" and self._key_digest is not None and hmac.compare_digest(digest, self._key_digest)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()
@@ -470,9 +496,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(conf: SimConf, sock: socket.socket, capacity: int | None = None) -> tuple[web.AppRunner, SimEndpoint]:
+async def serve(conf: SimConf, sock: socket.socket, capacity: int | None = None,
+                api_key: Secret | None = None) -> tuple[web.AppRunner, SimEndpoint]:
     """Serve the sim on an already bound, listening socket; returns the runner to clean up."""
-    endpoint = SimEndpoint(conf, capacity)
+    endpoint = SimEndpoint(conf, capacity, api_key)
     # handler_cancellation: a client that gives up frees its capacity slot, as in vLLM.
     runner = web.AppRunner(endpoint.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
@@ -487,14 +514,15 @@ class SimServerThread:
 
     Example::
 
-        server = SimServerThread(SimConf(ttft_s=0.01))
-        print(server.url)   # http://127.0.0.1:<port>
+        server = SimServerThread(SimConf(ttft_s=0.01), api_key=Secret("k3y"))
+        print(server.url)   # http://127.0.0.1:<port>; clients send "Authorization: Bearer k3y"
         server.stop()
     """
 
-    def __init__(self, conf: SimConf, advertise_host: str | None = None):
+    def __init__(self, conf: SimConf, advertise_host: str | None = None, api_key: Secret | None = None):
         raise_fd_limit()
         self.conf = conf
+        self.api_key = api_key
         self.advertise_host = advertise_host or conf.host
         self._sock = listen_socket(conf.host, conf.port)
         self.port = self._sock.getsockname()[1]
@@ -516,7 +544,8 @@ class SimServerThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._runner, self._endpoint = self._loop.run_until_complete(serve(self.conf, self._sock))
+        self._runner, self._endpoint = self._loop.run_until_complete(serve(self.conf, self._sock,
+                                                                           api_key=self.api_key))
         self._started.set()
         self._loop.run_forever()
         self._loop.run_until_complete(self._runner.cleanup())
@@ -531,14 +560,19 @@ class SimServerThread:
 class SimServerProcess:
     """A sim server in a child process (``python -m matrix_hpc.services.llm.sim_server``).
 
+    It asks for ``api_key`` (a new random one if not given), handed to the
+    child through its environment, never its command line.
+
     Example::
 
         with SimServerProcess(SimConf(capacity=10_000), workers=2) as server:
-            print(server.url)
+            client = LLMClient(StaticEndpoints([server.url]), ClientConf(), api_key=server.api_key)
     """
 
-    def __init__(self, conf: SimConf, workers: int = 1, log_path: Path | None = None, start_timeout_s: float = 30.0):
+    def __init__(self, conf: SimConf, workers: int = 1, log_path: Path | None = None, start_timeout_s: float = 30.0,
+                 api_key: Secret | None = None):
         self.conf = conf
+        self.api_key = api_key or new_api_key()
         self.workers = workers
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
@@ -554,7 +588,8 @@ class SimServerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # The child imports this package from wherever it is, whatever the working directory.
         package_root = str(Path(__file__).resolve().parents[3])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+               API_KEY_ENV: self.api_key.get() or ""}
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.start_timeout_s
         while not port_file.exists():
@@ -585,9 +620,16 @@ class SimServerProcess:
         self.stop()
 
 
-def _serve_forever(conf: SimConf, sock: socket.socket, capacity: int) -> None:
+def new_api_key() -> Secret:
+    """A fresh random key for one service (256 bits)."""
+    import secrets
+
+    return Secret(secrets.token_urlsafe(32))
+
+
+def _serve_forever(conf: SimConf, sock: socket.socket, capacity: int, api_key: Secret | None) -> None:
     async def run() -> None:
-        runner, _ = await serve(conf, sock, capacity)
+        runner, _ = await serve(conf, sock, capacity, api_key)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -599,7 +641,7 @@ def _serve_forever(conf: SimConf, sock: socket.socket, capacity: int) -> None:
         runner.run(run())
 
 
-def _parse_args(argv: list[str] | None) -> tuple[SimConf, int, Path | None]:
+def _parse_args(argv: list[str] | None) -> tuple[SimConf, int, Path | None, bool]:
     parser = argparse.ArgumentParser(description="Simulated OpenAI-compatible LLM endpoint")
     for f in dataclasses.fields(SimConf):
         if f.type in ("int", "float", "str"):
@@ -607,29 +649,44 @@ def _parse_args(argv: list[str] | None) -> tuple[SimConf, int, Path | None]:
     parser.add_argument("--conf-json", help="a whole SimConf as JSON (flags given as well win)")
     parser.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    parser.add_argument("--no-auth", action="store_true",
+                        help=f"serve without a key (anyone who reaches the port may use it); default: the key "
+                             f"in ${API_KEY_ENV}")
     args = parser.parse_args(argv)
     values = json.loads(args.conf_json) if args.conf_json else {}
     for f in dataclasses.fields(SimConf):
         if getattr(args, f.name, None) is not None:
             values[f.name] = getattr(args, f.name)
-    return SimConf(**values), args.workers, args.port_file
+    return SimConf(**values), args.workers, args.port_file, args.no_auth
+
+
+def _api_key_from_env(no_auth: bool) -> Secret | None:
+    """The key from $MATRIX_SIM_API_KEY (then dropped from the environment), or None with --no-auth."""
+    key = os.environ.pop(API_KEY_ENV, "")
+    if key or no_auth:
+        return Secret(key) if key else None
+    sys.exit(f"sim_server: set {API_KEY_ENV} to the API key clients will send as 'Authorization: Bearer <key>' "
+             "(a key on the command line would be visible to every user in /proc), or pass --no-auth for a "
+             "server no one else can reach")
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    conf, workers, port_file = _parse_args(argv)
+    conf, workers, port_file, no_auth = _parse_args(argv)
+    api_key = _api_key_from_env(no_auth)
     raise_fd_limit()
     sock = listen_socket(conf.host, conf.port)
     port = sock.getsockname()[1]
     capacity = -(-conf.capacity // workers)  # each process serves its share of the slots
-    children = [_fork_worker(conf, sock, capacity, i) for i in range(1, workers)]
+    children = [_fork_worker(conf, sock, capacity, i, api_key) for i in range(1, workers)]
     if port_file is not None:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(str(port))
         tmp.rename(port_file)
-    log.info("sim server on %s:%d (%d process(es), capacity %d each)", conf.host, port, workers, capacity)
+    log.info("sim server on %s:%d (%d process(es), capacity %d each, %s)", conf.host, port, workers, capacity,
+             "API key required" if api_key else "NO API KEY (--no-auth)")
     try:
-        _serve_forever(conf, sock, capacity)
+        _serve_forever(conf, sock, capacity, api_key)
     finally:
         for pid in children:
             os.kill(pid, signal.SIGTERM)
@@ -637,11 +694,11 @@ def main(argv: list[str] | None = None) -> None:
             os.waitpid(pid, 0)
 
 
-def _fork_worker(conf: SimConf, sock: socket.socket, capacity: int, index: int) -> int:
+def _fork_worker(conf: SimConf, sock: socket.socket, capacity: int, index: int, api_key: Secret | None) -> int:
     pid = os.fork()
     if pid == 0:  # child: accept on the shared socket until told to stop
         try:
-            _serve_forever(dataclasses.replace(conf, seed=conf.seed + 1000 * index), sock, capacity)
+            _serve_forever(dataclasses.replace(conf, seed=conf.seed + 1000 * index), sock, capacity, api_key)
         finally:
             os._exit(0)
     return pid

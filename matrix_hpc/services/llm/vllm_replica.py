@@ -12,6 +12,10 @@ client retries the requests it lost on the other replicas meanwhile).
 Logs: ``<run_dir>/logs/vllm-<service>-<replica>.log`` (appended across
 restarts, each start headed by its command line).
 
+Every server asks for the service's key (``VLLM_API_KEY`` in its
+environment, never ``--api-key`` in its command line) on every path but
+``/health`` (``vllm_auth.py``); clients get it from the service handle.
+
 Example::
 
     conf = VLLMConf(model="models/tiny-llama", num_replicas=2)
@@ -35,9 +39,12 @@ import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from matrix_hpc.services.llm.registry import NAMESPACE, get_or_create_registry, registry_name
+from matrix_hpc.services.llm.registry import NAMESPACE, ServiceRef, config_digest, get_or_create_registry
+
+if TYPE_CHECKING:  # client.py imports config.py, which imports this module
+    from matrix_hpc.services.llm.client import Secret
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +54,8 @@ VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 DEVICES = ("auto", "gpu", "cpu")
 CPU_BINDS = ("spread", "auto", "nobind")
 NODE_IP = "<node-ip>"
+#: The auth middleware (vllm_auth.py), importable under this name from the server's hook dir.
+AUTH_MODULE = "matrix_hpc_vllm_auth"
 
 
 @dataclass
@@ -177,6 +186,7 @@ def engine_args_list(extra: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> 
 def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: bool) -> list[str]:
     cmd = [python, "-m", VLLM_ENTRYPOINT, "--model", conf.model, "--host", host, "--port", str(port)]
     cmd += ["--served-model-name", conf.model_name, "--dtype", conf.dtype]
+    cmd += ["--middleware", f"{AUTH_MODULE}.RequireApiKey"]  # the key itself: VLLM_API_KEY in server_env
     if conf.max_model_len:
         cmd += ["--max-model-len", str(conf.max_model_len)]
     if use_gpu:
@@ -204,8 +214,8 @@ def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
     return ",".join(str(c) for c in cpus[start : start + per_replica])
 
 
-def server_env(conf: VLLMConf, index: int, use_gpu: bool) -> dict[str, str]:
-    env = dict(os.environ)
+def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
     # Ray pins OMP_NUM_THREADS for its workers; vLLM sizes its own threads from the core binding.
     env.pop("OMP_NUM_THREADS", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -216,7 +226,20 @@ def server_env(conf: VLLMConf, index: int, use_gpu: bool) -> dict[str, str]:
         elif conf.cpu_bind == "nobind":
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     env.update({k: str(v) for k, v in conf.env.items()})
+    if api_key:
+        env["VLLM_API_KEY"] = str(api_key.get())  # read by vLLM and by vllm_auth.RequireApiKey
     return env
+
+
+def install_auth_middleware(hook_dir: Path) -> None:
+    """Copy vllm_auth.py into ``hook_dir`` (on the server's PYTHONPATH) as AUTH_MODULE."""
+    source = (Path(__file__).with_name("vllm_auth.py")).read_text()
+    target = hook_dir / f"{AUTH_MODULE}.py"
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    if not target.exists() or target.read_text() != source:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(source)
+        os.replace(tmp, target)
 
 
 def free_port(host: str) -> int:
@@ -253,8 +276,11 @@ class VLLMReplica:
     starts its server on its own and registers again.
     """
 
-    def __init__(self, conf: VLLMConf, index: int, run_dir: str, use_gpu: bool, host: str):
+    def __init__(self, conf: VLLMConf, index: int, run_dir: str, use_gpu: bool, host: str, ref: ServiceRef,
+                 api_key: Secret):
         self.conf = conf
+        self.ref = ref
+        self.api_key = api_key
         self.index = index
         self.replica_id = f"{conf.service}-{index}"
         self.use_gpu = use_gpu
@@ -289,7 +315,7 @@ class VLLMReplica:
         self._call(self._stop())
 
     async def _start(self) -> str:
-        self._registry = get_or_create_registry(self.conf.service)
+        self._registry = get_or_create_registry(self.ref)
         try:
             await self._launch()
         except Exception:
@@ -301,13 +327,13 @@ class VLLMReplica:
 
     async def _recover(self) -> None:
         """After an actor restart: drop the dead URL, then start as after a server death."""
-        self._registry = get_or_create_registry(self.conf.service)
+        self._registry = get_or_create_registry(self.ref)
         log.warning("vLLM replica %s: actor restarted; starting its server again", self.replica_id)
         if await self._restart("the replica actor was restarted"):
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _launch(self) -> None:
-        from matrix_hpc.services.llm.process import server_pgid, spawn_supervised
+        from matrix_hpc.services.llm.process import HOOK_DIR, server_pgid, spawn_supervised
 
         port = free_port(self.host)
         cmd = server_command(self.conf, resolve_python(self.conf, self.use_gpu), self.host, port, self.use_gpu)
@@ -317,8 +343,9 @@ class VLLMReplica:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(header + shlex.join(cmd) + "\n")
-        self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu), self.log_path,
-                                      grace_s=self.conf.stop_grace_s)
+        install_auth_middleware(self.log_path.parent / HOOK_DIR)
+        self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu, self.api_key),
+                                      self.log_path, grace_s=self.conf.stop_grace_s)
         self._pgid = await asyncio.to_thread(server_pgid, self._proc)
         self.base_url = f"http://{self.advertise_host}:{port}/v1"
         await self._wait_healthy()
@@ -492,16 +519,22 @@ def _node_ip() -> str:
 # -- the service -------------------------------------------------------------------------
 
 
-def replica_actor_name(service: str, index: int) -> str:
-    return f"llm-vllm-{service}-{index}"
+def replica_actor_name(ref: ServiceRef, index: int) -> str:
+    return ref.actor("vllm", index)
 
 
 class VLLMService:
-    """Handle of running vLLM replicas (driver side); see :func:`start_vllm_service`."""
+    """Handle of running vLLM replicas (driver side); see :func:`start_vllm_service`.
 
-    def __init__(self, conf: VLLMConf, actors: list[Any], replica_ids: list[str]):
+    ``api_key`` is what clients send (``LLMClient(..., api_key=service.api_key)``)."""
+
+    def __init__(self, conf: VLLMConf, actors: list[Any], replica_ids: list[str], ref: ServiceRef,
+                 api_key: Secret, registry: Any):
         self.conf = conf
         self.service = conf.service
+        self.ref = ref
+        self.api_key = api_key
+        self._registry = registry
         self.replica_ids = replica_ids
         self._actors = actors
 
@@ -533,10 +566,9 @@ class VLLMService:
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
         self._actors = []
-        try:
-            ray.kill(ray.get_actor(registry_name(self.service), namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass
+        if self._registry is not None:
+            ray.kill(self._registry, no_restart=True)
+            self._registry = None
 
     def __repr__(self) -> str:
         return f"VLLMService({self.service!r}, model={self.conf.model!r}, replicas={self.replica_ids})"
@@ -564,16 +596,20 @@ def _resolve_model(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLLMService:
+def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path, api_key: Secret | None = None) -> VLLMService:
     """Start ``conf.num_replicas`` vLLM replicas on the current Ray cluster and wait until all are healthy.
+
+    The servers ask for ``api_key`` (a new random one if not given).
 
     Example::
 
         service = start_vllm_service(VLLMConf(model="models/tiny-llama", num_replicas=2), Path("runs/x"))
-        ...   # clients: RegistryEndpoints(service.service)
+        ...   # clients: LLMClient(RegistryEndpoints(service.ref), ClientConf(), api_key=service.api_key)
         service.stop()
     """
     import ray
+
+    from matrix_hpc.services.llm.sim_server import new_api_key
 
     conf = as_vllm_conf(conf)
     # Name first: clients keep sending the model as the user wrote it.
@@ -583,23 +619,25 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path) -> VLL
     use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
     run_dir = Path(run_dir).resolve()
     host = _server_host(conf)
-    # Made here, once, so that replicas starting together never race to create it.
-    ray.get(get_or_create_registry(conf.service).snapshot.remote())
+    ref, api_key = ServiceRef(conf.service, config_digest(conf)), api_key or new_api_key()
+    # Made here, once: replicas starting together never race to create it, it is this driver's,
+    # and a run that already holds it stops us here.
+    registry = get_or_create_registry(ref)
     actor_cls: Any = ray.remote(VLLMReplica)  # Any: Ray's actor class wrapper
     actors, ids = [], []
     for i in range(conf.num_replicas):
         actor = actor_cls.options(
-            name=replica_actor_name(conf.service, i),
+            name=replica_actor_name(ref, i),
             namespace=NAMESPACE,
             num_cpus=conf.actor_num_cpus,
             num_gpus=conf.tensor_parallel_size if use_gpu else 0,
             resources=dict(conf.resources) or None,
             max_concurrency=16,  # status() and kill_server() answer while start() waits
             max_restarts=conf.max_actor_restarts,
-        ).remote(conf, i, str(run_dir), use_gpu, host)
+        ).remote(conf, i, str(run_dir), use_gpu, host, ref, api_key)
         actors.append(actor)
         ids.append(f"{conf.service}-{i}")
-    service = VLLMService(conf, actors, ids)
+    service = VLLMService(conf, actors, ids, ref, api_key, registry)
     try:
         ray.get([a.start.remote() for a in actors], timeout=conf.startup_timeout_s + 60)
     except ray.exceptions.RayTaskError as exc:
