@@ -18,6 +18,7 @@ from matrix_hpc.services.llm.client import LLMClient, LLMRequestError, LLMUnavai
 from matrix_hpc.services.llm.config import ClientConf, SimConf
 from matrix_hpc.services.llm.endpoints import StaticEndpoints
 from matrix_hpc.services.llm.sim_server import SimServerProcess, new_api_key
+from tests.integration.security_checks import cmdlines_with, files_with
 
 pytestmark = pytest.mark.integration
 
@@ -166,13 +167,20 @@ async def test_sim_service_without_ray_runs_child_processes(tmp_path: Any) -> No
     service = _start_sim_processes(LLMConf(backend="sim", sim=SimConf(num_replicas=2, **FAST)), tmp_path)
     try:
         factory = service.client_factory()
-        assert factory is not None
+        assert factory is not None and factory.api_key
         async with factory() as client:
             replicas = Counter(r.replica for r in await asyncio.gather(*(client.chat(ask(i)) for i in range(40))))
+        key = str(factory.api_key.get())
+        assert cmdlines_with(key) == []  # the children got it through their environment
+        async with aiohttp.ClientSession() as session:
+            for url in {r for r in replicas}:
+                async with session.post(url + "/chat/completions", json={"messages": ask(0)}) as resp:
+                    assert resp.status == 401
     finally:
         service.stop()
     assert len(replicas) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sim-0.log", "sim-1.log"]
+    assert files_with(key, [tmp_path]) == []
 
 
 async def test_openai_backend_sends_the_env_key_and_never_writes_it(tmp_path: Any, monkeypatch: Any) -> None:
@@ -222,3 +230,14 @@ async def test_server_processes_share_one_port_and_stop_together() -> None:
             results = await asyncio.gather(*(client.chat(ask(i)) for i in range(100)))
     assert all(r.content for r in results)
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+def test_standalone_server_wants_its_key_from_the_environment() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MATRIX_SIM_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "matrix_hpc.services.llm.sim_server", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "set MATRIX_SIM_API_KEY" in proc.stderr and "--no-auth" in proc.stderr
