@@ -96,6 +96,14 @@ def data_files(out_dir: Path, include_rejected: bool = True) -> list[Path]:
     return sorted(p for p in files if not p.name.startswith((".", "_")))
 
 
+def read_columns(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Columns of one Parquet file. ``ParquetFile.read`` rather than
+    ``pq.read_table``: the latter goes through pyarrow.dataset, whose first
+    use imports pandas when present (about a second)."""
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=columns)
+
+
 def temp_path(final: Path, incarnation: str) -> Path:
     """A temp name unique to one writer incarnation, so that no writer's
     start-up can take another writer's temp file for its own leftover."""
@@ -141,7 +149,7 @@ def compact_files(sources: list[Path], target: Path, compression: str, incarnati
     rows twice for a moment; :func:`repair_compactions` (run by every run
     and by ``inspect``) deletes such leftover sources.
     """
-    table = pa.concat_tables([pq.read_table(p) for p in sources], promote_options="default")
+    table = pa.concat_tables([read_columns(p) for p in sources], promote_options="default")
     meta = dict(table.schema.metadata or {})
     meta[COMPACTED_FROM] = json.dumps([p.name for p in sources]).encode()
     write_table_atomic(table.replace_schema_metadata(meta), target, compression, incarnation)

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from matrix_hpc.store.ids import IdSet, contains_nul, hash_ids, longest_utf8_bytes
 from matrix_hpc.store.layout import (
-    HISTORY_DIR, META_DIR, QUARANTINE_DIR, data_files, fsync_dir, remove_temp_files, repair_compactions, temp_path,
+    HISTORY_DIR, META_DIR, QUARANTINE_DIR, data_files, fsync_dir, read_columns, remove_temp_files,
+    repair_compactions, temp_path,
     write_table_atomic, write_temp,
 )
 
@@ -71,10 +72,11 @@ def scan_output(out_dir: Path, retry_failed: bool = False) -> OutputScan:
     repaired = repair_compactions(out_dir)
     if repaired:
         log.warning("finished %d interrupted compaction(s) in %s (deleted merged sources)", len(repaired), out_dir)
-    files, quarantined = _readable_files(out_dir)
-    retried = sum(supersede_failed_rows(out_dir, f) for f in files) if retry_failed else 0
-    files = [f for f in files if f.exists()]  # a file of failed rows only is gone now
-    hashes, files, more_quarantined, longest, has_nul = _hash_all(out_dir, files)
+    rows_of, quarantined = _readable_files(out_dir)
+    retried = sum(supersede_failed_rows(out_dir, f) for f in list(rows_of)) if retry_failed else 0
+    if retried:
+        rows_of, _ = _readable_files(out_dir)  # row counts changed
+    hashes, files, more_quarantined, longest, has_nul = _hash_all(out_dir, rows_of)
     quarantined += more_quarantined
     hashes.sort()
     duplicates = int(np.count_nonzero(hashes[1:] == hashes[:-1])) if len(hashes) > 1 else 0
@@ -90,19 +92,18 @@ def completed_ids(out_dir: Path) -> set[str]:
     (a run uses :func:`scan_output`, which keeps 8 bytes an id)."""
     ids: set[str] = set()
     for path in data_files(Path(out_dir)):
-        ids.update(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+        ids.update(read_columns(path, ["id"]).column("id").to_pylist())
     return ids
 
 
 # -- reading, quarantine ---------------------------------------------------------
-def _readable_files(out_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Data files whose footer reads; the others are quarantined."""
-    good: list[Path] = []
+def _readable_files(out_dir: Path) -> tuple[dict[Path, int], list[Path]]:
+    """Rows of each data file whose footer reads; the others are quarantined."""
+    good: dict[Path, int] = {}
     bad: list[Path] = []
     for f in data_files(out_dir):
         try:
-            pq.read_metadata(f)
-            good.append(f)
+            good[f] = pq.read_metadata(f).num_rows
         except (OSError, pa.ArrowException) as e:
             bad.append(quarantine(out_dir, f, e))
     return good, bad
@@ -123,16 +124,16 @@ def quarantine(out_dir: Path, path: Path, error: BaseException) -> Path:
     return target
 
 
-def _hash_all(out_dir: Path, files: list[Path]) -> tuple[np.ndarray, list[Path], list[Path], int, bool]:
+def _hash_all(out_dir: Path, rows_of: dict[Path, int]) -> tuple[np.ndarray, list[Path], list[Path], int, bool]:
     """Hashes of every id, in one preallocated array (no list of per-file copies)."""
-    total = sum(pq.read_metadata(f).num_rows for f in files)
-    hashes = np.empty(total, np.uint64)
+    files = list(rows_of)
+    hashes = np.empty(sum(rows_of.values()), np.uint64)
     filled, longest, has_nul = 0, 0, False
     kept: list[Path] = []
     quarantined: list[Path] = []
     for f in files:
         try:
-            ids = pq.read_table(f, columns=["id"]).column("id")
+            ids = read_columns(f, ["id"]).column("id")
         except (OSError, pa.ArrowException, KeyError) as e:
             quarantined.append(quarantine(out_dir, f, e))
             continue
@@ -145,11 +146,11 @@ def _hash_all(out_dir: Path, files: list[Path]) -> tuple[np.ndarray, list[Path],
     return hashes[:filled], kept, quarantined, longest, has_nul
 
 
-def _id_loader(files: list[Path]) -> Callable[[], pa.Array]:
-    def load() -> pa.Array:
-        chunks = [c for f in files for c in pq.read_table(f, columns=["id"]).column("id").chunks]
-        ids = pa.chunked_array(chunks, type=pa.string()) if chunks else pa.chunked_array([], pa.string())
-        return ids.filter(pc.is_valid(ids)).combine_chunks()
+def _id_loader(files: list[Path]) -> Callable[[], Iterator[pa.Array]]:
+    def load() -> Iterator[pa.Array]:
+        for f in files:
+            ids = read_columns(f, ["id"]).column("id")
+            yield (ids.filter(pc.is_valid(ids)) if ids.null_count else ids).combine_chunks()
 
     return load
 
@@ -168,12 +169,12 @@ def supersede_failed_rows(out_dir: Path, path: Path) -> int:
     A crash before 3 leaves the old file (its failed rows are moved again next
     time; history may then hold a copy twice, which no reader counts).
     """
-    status = pq.read_table(path, columns=["status"]).column("status")
+    status = read_columns(path, ["status"]).column("status")
     failed = pc.fill_null(pc.equal(status, "failed"), False)
     moved = int(pc.sum(failed).as_py() or 0)
     if moved == 0:
         return 0
-    table = pq.read_table(path)
+    table = read_columns(path)
     failed = pc.fill_null(pc.equal(table.column("status"), "failed"), False)
     history = out_dir / META_DIR / HISTORY_DIR / path.parent.relative_to(out_dir) / (
         f"{path.stem}-retried-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.parquet")

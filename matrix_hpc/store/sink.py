@@ -32,12 +32,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from matrix_hpc.background import supervise
 from matrix_hpc.store.ids import GrowingHashSet, hash_ids
 from matrix_hpc.store.layout import (
-    REJECTED_DIR, compact_files, parse_part_name, part_file_name, shard_dir, shard_of,
+    REJECTED_DIR, compact_files, parse_part_name, part_file_name, read_columns, shard_dir, shard_of,
     write_table_atomic,
 )
 from matrix_hpc.store.rows import TaskLike, encode_rows
@@ -326,7 +325,7 @@ class ShardSink:
 
 def _read_ids(path: Path) -> pa.Array | None:
     try:
-        return pq.read_table(path, columns=["id"]).column("id").combine_chunks()
+        return read_columns(path, ["id"]).column("id").combine_chunks()
     except (OSError, pa.ArrowException) as e:  # quarantined by the next scan_output; its ids re-run
         log.error("cannot read the ids of %s (%s); its rows count as not written", path, e)
         return None

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from matrix_hpc.store.ids import hash_ids
-from matrix_hpc.store.layout import data_files
+from matrix_hpc.store.layout import data_files, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def summarize_output(out_dir: Path, run_id: str | None = None) -> OutputSummary:
 
 def _read_summary_columns(path: Path) -> pa.Table:
     names = set(pq.read_schema(path).names)
-    t = pq.read_table(path, columns=[c for c in SUMMARY_COLUMNS if c in names])
+    t = read_columns(path, [c for c in SUMMARY_COLUMNS if c in names])
     for c in SUMMARY_COLUMNS:
         if c not in t.column_names:
             t = t.append_column(c, pa.nulls(t.num_rows, pa.int64() if c.endswith("tokens") else pa.string()))
@@ -93,7 +93,7 @@ def _duplicates(files: list[Path], hashes: np.ndarray) -> tuple[int, list[str]]:
         return 0, []
     counts: Counter[str] = Counter()
     for f in files:
-        ids = pq.read_table(f, columns=["id"]).column("id").fill_null("")
+        ids = read_columns(f, ["id"]).column("id").fill_null("")
         hit = np.isin(hash_ids(ids), candidates)
         if hit.any():
             counts.update(ids.filter(pa.array(hit)).to_pylist())
