@@ -115,3 +115,21 @@ def _refresh_ray_auth() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def private_local_token() -> None:
+    """Before a local ``ray.init``: make Ray's default token file (``~/.ray/auth_token``) 0600.
+
+    Ray itself writes it with the umask's mode (0644 usually), readable by
+    every user who can enter your home directory. Nothing to do when the
+    environment names a token or turns token mode off.
+    """
+    if os.environ.get(MODE_VAR, "token").lower() != "token" or os.environ.get(VALUE_VAR) or os.environ.get(PATH_VAR):
+        return
+    token_file = Path.home() / ".ray" / "auth_token"
+    token_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(token_file) if token_file.exists() or token_file.is_symlink() else None
+    if st is not None and stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_mode & 0o077:
+        os.chmod(token_file, 0o600)
+    elif st is None:
+        create_token(token_file)

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from matrix_hpc.cluster.auth import private_local_token
 from matrix_hpc.config.secrets import redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
 from matrix_hpc.runtime.identity import resume_identity
@@ -98,6 +99,7 @@ def init_ray(cfg: DictConfig) -> bool:
     if address:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True
+    private_local_token()  # Ray would write its default token file world-readable
     ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
              logging_level=logging.WARNING, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})

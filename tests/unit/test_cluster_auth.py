@@ -80,3 +80,17 @@ def test_nodes_get_the_token_by_path_never_by_value(tmp_path: Path, monkeypatch:
     cmd = head.command(None, 6379, 8265)
     assert cmd[cmd.index("--dashboard-host") + 1] == "127.0.0.1"
     assert state.token_file.read_text() not in " ".join(cmd)
+
+
+def test_a_local_run_keeps_rays_default_token_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_hpc.cluster.auth import private_local_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    private_local_token()  # none yet: made 0600 (Ray would write it 0644)
+    token_file = tmp_path / ".ray" / "auth_token"
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(token_file.read_text()) == 64
+    token_file.chmod(0o644)  # as an earlier Ray wrote it
+    private_local_token()
+    assert token_file.stat().st_mode & 0o777 == 0o600
