@@ -85,10 +85,10 @@ def assert_each_id_once(out: Path, n: int) -> list[dict]:
 
 def test_cluster_up_run_on_it_then_down_leaves_nothing(tmp_path: Path, cleanup: list,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # A submitting shell in Ray's token-auth mode (as an in-process ray.init
-    # leaves it) must not leak into the run: it would join the cluster, which
-    # runs without auth, with its own gRPC server demanding a token.
+    # A token of the submitting shell must not leak into the cluster or the run:
+    # every node and driver reads the cluster's own token file (docs/security.md).
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
     conf = small_conf(tmp_path, "ud")
     cleanup.append(conf)
     status = cluster_up(conf)
