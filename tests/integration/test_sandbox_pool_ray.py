@@ -240,3 +240,26 @@ async def test_a_crashed_host_takes_its_sandboxes_and_comes_back(local_ray: None
         assert (await client.stats()).live == 0
     finally:
         shutdown_pool(conf.pool.name)
+
+
+async def test_runs_asking_for_other_pool_settings_never_share_a_pool(local_ray: None, tmp_path: Path) -> None:
+    import dataclasses
+
+    from matrix_hpc.services.sandbox.base import SandboxError
+    from matrix_hpc.services.sandbox.ray_pool import checked_pool
+
+    first = pool_conf(tmp_path, size=2, max_per_node=2, num_hosts=1)
+    first.env = {"HF_TOKEN": "canary-first"}
+    tighter = dataclasses.replace(first, limits=SandboxLimitsConf(mem_mb=128, exec_timeout_s=5))
+    other_secret = dataclasses.replace(first, env={"HF_TOKEN": "canary-second"})
+    try:
+        a, b = checked_pool(first), checked_pool(tighter)
+        assert pool_actor_name(first) != pool_actor_name(tighter) and a != b  # another run's limits: another pool
+        assert pool_actor_name(other_secret) == pool_actor_name(first)  # the name holds no secret...
+        with pytest.raises(SandboxError, match=r"already runs with other settings \(env.HF_TOKEN\)") as refused:
+            checked_pool(other_secret)  # ...but the actor compares the values, and refuses
+        assert "canary" not in str(refused.value)
+        with pytest.raises(SandboxError, match="already runs with other settings"):
+            await make_sandbox_pool(other_secret).acquire("t")  # a worker's client is refused the same way
+    finally:
+        assert shutdown_pool(first.pool.name) == 2  # by name: every pool of that name
