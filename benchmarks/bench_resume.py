@@ -75,7 +75,8 @@ hits = sum(f"t{i:011d}" in scan.done for i in range(0, ids, step))
 misses = sum(f"u{i:011d}" in scan.done for i in range(0, ids, step))
 lookup_s, lookup_cpu_s = time.perf_counter() - t0, cpu_s() - c0
 assert misses == 0 and hits == len(range(0, ids, step))
-print(json.dumps({"scan_s": scan_s, "scan_cpu_s": scan_cpu_s, "lookup_cpu_s": lookup_cpu_s, "scan_peak_rss_mb": scan_rss / 1024, "import_rss_mb": rss0 / 1024,
+print(json.dumps({"scan_s": scan_s, "scan_cpu_s": scan_cpu_s, "lookup_cpu_s": lookup_cpu_s,
+                  "scan_peak_rss_mb": scan_rss / 1024, "import_rss_mb": rss0 / 1024,
                   "lookups": 2 * hits, "lookup_s": lookup_s,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

@@ -7,7 +7,6 @@ than once or files were unreadable, 2 on usage errors."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -87,7 +86,7 @@ def render(out: Path, files: list[Path]) -> str:
     lines.append(f"  rows whose steps were retried: {retried}")
     errors: Counter[str] = Counter()
     examples: dict[str, str] = {}
-    for etype, err, rid in zip(t["error_type"], t["error"], t["id"]):
+    for etype, err, rid in zip(t["error_type"], t["error"], t["id"], strict=True):
         if etype:
             errors[etype] += 1
             examples.setdefault(etype, f"[{rid}] {err}")
@@ -113,7 +112,7 @@ def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object
     from matrix_hpc.runtime.workflow import workflow_conf_classes
 
     name = (yaml.safe_load(workflow_yaml.read_text()) or {}).get("name")
-    conf_cls = workflow_conf_classes().get(name)
+    conf_cls = workflow_conf_classes().get(str(name))
     summarize = getattr(importlib.import_module(conf_cls.__module__), "summarize", None) if conf_cls else None
     if summarize is None:
         return {}

@@ -16,9 +16,10 @@ import glob
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @dataclass
@@ -213,10 +214,12 @@ def _iter_jsonl(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield InputItem(where, None, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})", line[:4096], where)
+                yield InputItem(where, None, f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})",
+                                line[:4096], where)
                 continue
             if not isinstance(row, dict):
-                yield InputItem(where, None, f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}", line[:4096], where)
+                yield InputItem(where, None, f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}",
+                                line[:4096], where)
                 continue
             yield _item(row, conf, f"{path}:{lineno}", where)
 

@@ -15,9 +15,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +27,17 @@ import pyarrow.parquet as pq
 
 from matrix_hpc.store.ids import IdSet, contains_nul, hash_ids, longest_utf8_bytes
 from matrix_hpc.store.layout import (
-    HISTORY_DIR, META_DIR, QUARANTINE_DIR, data_files, fsync_dir, read_columns, remove_temp_files,
-    repair_compactions, temp_path,
-    write_table_atomic, write_temp,
+    HISTORY_DIR,
+    META_DIR,
+    QUARANTINE_DIR,
+    data_files,
+    fsync_dir,
+    read_columns,
+    remove_temp_files,
+    repair_compactions,
+    temp_path,
+    write_table_atomic,
+    write_temp,
 )
 
 log = logging.getLogger(__name__)
@@ -281,9 +290,12 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)  # 1 == 1.0, lists and dicts by value
 
 
+def _show(value: Any) -> str:
+    return "(absent)" if value is _MISSING else repr(value)
+
+
 def _difference(key: str, old: Any, new: Any) -> str:
-    show = lambda v: "(absent)" if v is _MISSING else repr(v)  # noqa: E731
-    line = f"{key}: recorded {show(old)} -> now {show(new)}"
+    line = f"{key}: recorded {_show(old)} -> now {_show(new)}"
     if key.split(".")[0] == "dataset" and key.split(".", 1)[-1] in DATASET_IDENTITY_KEYS:
         line += "  (dataset identity changed: the output holds rows of another dataset or other ids)"
     return line

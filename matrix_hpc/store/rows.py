@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -112,7 +113,7 @@ def encode_rows(tasks: list[TaskLike], run_id: str, schema: pa.Schema) -> tuple[
     except _ENCODE_ERRORS:
         pass
     fixed = [_encodable(row, schema) for row in rows]
-    bad = sum(1 for row, new in zip(rows, fixed) if new is not row)
+    bad = sum(1 for row, new in zip(rows, fixed, strict=True) if new is not row)
     return pa.Table.from_pylist(fixed, schema=schema), bad
 
 

@@ -36,7 +36,13 @@ import pyarrow.compute as pc
 from matrix_hpc.background import supervise
 from matrix_hpc.store.ids import GrowingHashSet, hash_ids
 from matrix_hpc.store.layout import (
-    REJECTED_DIR, compact_files, parse_part_name, part_file_name, read_columns, shard_dir, shard_of,
+    REJECTED_DIR,
+    compact_files,
+    parse_part_name,
+    part_file_name,
+    read_columns,
+    shard_dir,
+    shard_of,
     write_table_atomic,
 )
 from matrix_hpc.store.rows import TaskLike, encode_rows
@@ -256,8 +262,8 @@ class ShardSink:
     def _maybe_inject_failure(self, shard: int) -> None:
         if self._fault_commits_left > 0:
             self._fault_commits_left -= 1
-            raise OSError(errno.ENOSPC, f"injected by {FAULT_COMMIT_FAIL_ENV} (test hook)", str(shard_dir(
-                self.out_dir, shard)))
+            reason = f"{os.strerror(errno.ENOSPC)} (injected by {FAULT_COMMIT_FAIL_ENV}, a test hook)"
+            raise OSError(errno.ENOSPC, reason, str(shard_dir(self.out_dir, shard)))
 
     def _file_name(self, compacted: bool = False) -> str:
         return part_file_name(self.s.run_id, self.index, self.incarnation, next(self._seq), compacted)
@@ -299,7 +305,7 @@ class ShardSink:
         if not self._acks:
             try:
                 await asyncio.wait_for(self._acks_ready.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         acks, self._acks = self._acks, []
         self._acks_ready.clear()
@@ -346,9 +352,9 @@ def _injected_commit_failures(index: int) -> int:
 
 def _acks_of(table: pa.Table) -> list[Ack]:
     """Acks read off the committed table (token totals were summed once, for the row)."""
-    c = table.select(["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens"]).to_pydict()
+    names = ["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens"]
+    c = table.select(names).to_pydict()
     return [(i, st or "failed", et, (err or why or "")[:300], (pt or 0) + (ct or 0))
-            for i, st, et, err, why, pt, ct in zip(c["id"], c["status"], c["error_type"], c["error"], c["reason"],
-                                                   c["prompt_tokens"], c["completion_tokens"])]
+            for i, st, et, err, why, pt, ct in zip(*(c[n] for n in names), strict=True)]
 
 

@@ -13,7 +13,11 @@ import pytest
 from matrix_hpc.store import ids as ids_module
 from matrix_hpc.store.ids import IdSet, hash_id, hash_ids
 from matrix_hpc.store.input import (
-    INPUT_ERROR_ID_PREFIX, DatasetConf, InputPathError, check_input, iter_input,
+    INPUT_ERROR_ID_PREFIX,
+    DatasetConf,
+    InputPathError,
+    check_input,
+    iter_input,
 )
 from matrix_hpc.store.resume import ResumeRefused, check_and_record_config
 
@@ -83,7 +87,8 @@ def test_a_changed_dataset_path_or_id_column_is_named_as_such(tmp_path: Path) ->
     moved["dataset"] = {"path": "/data/other.jsonl", "id_column": "qid"}
     with pytest.raises(ResumeRefused) as e:
         check_and_record_config(tmp_path, moved, DEFAULTS, "", force=False)
-    assert "dataset.path: recorded '/data/q.jsonl' -> now '/data/other.jsonl'  (dataset identity changed" in str(e.value)
+    assert ("dataset.path: recorded '/data/q.jsonl' -> now '/data/other.jsonl'  (dataset identity changed"
+            in str(e.value))
     assert "dataset.id_column: recorded 'id' -> now 'qid'" in str(e.value)
 
 
