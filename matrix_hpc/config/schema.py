@@ -81,6 +81,7 @@ class OutputConf:
     compact_min_files: int = 64  # merge a shard's small files once it has this many
     compression: str = "zstd"  # Parquet compression codec
     keep: str = "all"  # all | ok: with ok, filtered/failed rows go to _rejected/ (still counted)
+    commit_retry_max_s: float = 30.0  # a failed commit is retried after flush_interval_s, doubling up to this
 
     def __post_init__(self) -> None:
         if self.num_sinks > self.num_shards:
@@ -88,6 +89,8 @@ class OutputConf:
                              "a sink owns whole shards; lower num_sinks or raise num_shards")
         if self.keep not in ("all", "ok"):
             raise ValueError(f"output.keep={self.keep!r}; valid choices: all, ok")
+        if self.commit_retry_max_s <= 0:
+            raise ValueError(f"output.commit_retry_max_s={self.commit_retry_max_s}: must be > 0 (seconds)")
 
 
 @dataclass

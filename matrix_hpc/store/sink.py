@@ -72,7 +72,7 @@ class SinkSettings:
     keep: str = "all"  # "ok": filtered / failed rows go to _rejected/ (still counted for resume)
     compact_min_files: int = 64  # merge a shard's small files of this run once it has this many
     compact_max_rows: int = 200_000  # files this big are left alone by compaction
-    retry_backoff_max_s: float = 30.0  # a failing commit is retried after flush_interval_s, doubling up to this
+    commit_retry_max_s: float = 30.0  # a failing commit is retried after flush_interval_s, doubling up to this
 
 
 class CommitFailed(RuntimeError):
@@ -226,7 +226,7 @@ class ShardSink:
             return
         self.commit_failures += 1
         self.last_error = str(failure)
-        delay_s = min(self.s.retry_backoff_max_s, self.s.flush_interval_s * 2 ** self.commit_failures)
+        delay_s = min(self.s.commit_retry_max_s, self.s.flush_interval_s * 2 ** self.commit_failures)
         self._retry_at = time.monotonic() + delay_s
         log.error("sink %d: commit failed (%s) with %d rows buffered under %s; keeping them and retrying in "
                   "%.1f s (attempt %d). Free space or fix the error; nothing is lost while the run lives.",
