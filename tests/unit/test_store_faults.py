@@ -286,3 +286,19 @@ def test_early_flushes_of_a_big_batch_keep_every_row(tmp_path: Path) -> None:
     sink = ShardSink(_settings(tmp_path, max_buffered_rows=100), output_schema(), 1)
     acks = asyncio.run(_write_and_flush(sink, [_task(i) for i in range(250)]))
     assert len(acks) == 250 and _ids_on_disk(tmp_path) == sorted(f"t{i}" for i in range(250))
+
+
+def test_inspect_touches_nothing_while_a_run_holds_the_output(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from matrix_hpc.cli.inspect_cmd import inspect_command
+    from matrix_hpc.store.lock import OutputLock
+
+    _committed(tmp_path, range(2))
+    live_temp = shard_dir(tmp_path, 0) / f"{TMP_PREFIX}0badf00d-part-r1-000-0badf00d-p000000.parquet"
+    live_temp.write_bytes(b"being written")
+    with OutputLock(tmp_path, "run-live"):
+        assert inspect_command([str(tmp_path)]) == 0
+    assert live_temp.exists()
+    assert "not repaired" in capsys.readouterr().out
+    assert inspect_command([str(tmp_path)]) == 0  # once the run is gone, inspect tidies up
+    assert not live_temp.exists()
