@@ -46,19 +46,36 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return _hash_chunk(ids)
 
 
+_BLOCK_IDS = 1 << 16  # temporaries of 512 KiB stay in cache and are reused, not page-faulted in afresh
+
+
 def _hash_chunk(arr: pa.Array) -> np.ndarray:
-    if arr.type != pa.large_string():
-        arr = arr.cast(pa.large_string())  # one offsets width (int64) for every input
+    if arr.type not in (pa.string(), pa.large_string()):
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    if n <= _BLOCK_IDS:
+        return _hash_block(arr)
+    out = np.empty(n, np.uint64)
+    for i in range(0, n, _BLOCK_IDS):
+        out[i:i + _BLOCK_IDS] = _hash_block(arr.slice(i, _BLOCK_IDS))
+    return out
+
+
+def _hash_block(arr: pa.Array) -> np.ndarray:
     n = len(arr)
     if n == 0:
         return np.empty(0, np.uint64)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    width = np.int32 if arr.type == pa.string() else np.int64
+    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset:arr.offset + n + 1].astype(np.int64)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.empty(0, np.uint8)
-    padded = np.zeros(int(offsets[-1]) + 8, np.uint8)  # 8 spare bytes: an unaligned word read never runs off
-    padded[:int(offsets[-1] - offsets[0])] = data[offsets[0]:offsets[-1]]
-    words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
+    data = data[offsets[0]:offsets[-1]]
     start = offsets[:-1] - offsets[0]
     lengths = offsets[1:] - offsets[:-1]
+    if int(lengths.min()) == int(lengths.max()) > 0:
+        return _hash_one_length(data, n, int(lengths[0]))
+    padded = np.zeros(len(data) + 8, np.uint8)  # 8 spare bytes: an unaligned word read never runs off
+    padded[:len(data)] = data
+    words = np.ndarray((len(padded) - 7,), dtype="<u8", buffer=padded, strides=(1,))
     h = lengths.astype(np.uint64) * np.uint64(_SEED)
     for w in range(0, int(lengths.max()), 8):
         if int(lengths.min()) > w:  # every id has bytes at w: whole-array ops, no index
@@ -66,6 +83,18 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
         else:  # only ids longer than w take another step (as hash_id does)
             live = np.flatnonzero(lengths > w)
             h[live] = _mix(h[live], words[start[live] + w] & _TAIL_MASKS[np.minimum(lengths[live] - w, 8)])
+    return _finish(h)
+
+
+def _hash_one_length(data: np.ndarray, n: int, length: int) -> np.ndarray:
+    """The common case (ids of one length): a zero-padded (n, 8k) block read
+    as 64-bit words, no gather. Zero padding equals the tail mask."""
+    block = np.zeros((n, (length + 7) // 8 * 8), np.uint8)
+    block[:, :length] = data.reshape(n, length)
+    words = block.view("<u8")
+    h = np.full(n, (length * _SEED) & _U64, np.uint64)
+    for j in range(words.shape[1]):
+        h = _mix(h, words[:, j])
     return _finish(h)
 
 
@@ -230,9 +259,21 @@ def longest_utf8_bytes(ids: pa.Array | pa.ChunkedArray) -> int:
 
 
 def contains_nul(ids: pa.Array | pa.ChunkedArray) -> bool:
-    import pyarrow.compute as pc
-
-    return bool(len(ids)) and bool(pc.any(pc.match_substring(ids, "\x00")).as_py())
+    """Whether any id holds a NUL byte (memchr over the value buffer: no
+    per-id work, no temporary array)."""
+    chunks = ids.chunks if isinstance(ids, pa.ChunkedArray) else [ids]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        if chunk.type not in (pa.string(), pa.large_string()):
+            chunk = chunk.cast(pa.large_string())
+        width = np.int32 if chunk.type == pa.string() else np.int64
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=width)
+        first, last = int(offsets[chunk.offset]), int(offsets[chunk.offset + len(chunk)])
+        values = chunk.buffers()[2]
+        if values is not None and values.slice(first, last - first).to_pybytes().find(b"\x00") >= 0:
+            return True
+    return False
 
 
 class GrowingHashSet:
