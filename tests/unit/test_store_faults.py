@@ -61,7 +61,7 @@ def test_a_restarted_sink_neither_overwrites_nor_forgets_what_its_run_committed(
     files_before = {f: f.read_bytes() for f in data_files(tmp_path)}
 
     restarted = ShardSink(_settings(tmp_path), output_schema(), 0)  # same run, same index: Ray restarted it
-    assert restarted.incarnation != first.incarnation
+    assert asyncio.run(restarted.incarnation()) != asyncio.run(first.incarnation())
     acks = asyncio.run(_write_and_flush(restarted, [_task(i) for i in range(15, 30)]))
 
     assert {f: f.read_bytes() for f in files_before} == files_before  # nothing replaced
