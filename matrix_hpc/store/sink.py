@@ -92,7 +92,7 @@ class ShardSink:
         self.schema = schema
         self.out_dir = Path(settings.out_dir)
         self.index = index
-        self.incarnation_id = uuid.uuid4().hex[:8]
+        self._incarnation = uuid.uuid4().hex[:8]
         self._seq = itertools.count()
         self._buffers: dict[int, list[TaskLike]] = {}
         self._buffered_ids: set[str] = set()  # bounded by max_buffered_rows: a second copy waits for the first
@@ -131,7 +131,7 @@ class ShardSink:
         parts = [hash_ids(ids) for ids in (_read_ids(f) for f in self._my_files()) if ids is not None]
         if parts:
             log.info("sink %d (incarnation %s): %d ids of run %s already committed in its shards",
-                     self.index, self.incarnation_id, sum(len(p) for p in parts), self.s.run_id)
+                     self.index, self._incarnation, sum(len(p) for p in parts), self.s.run_id)
         return np.concatenate(parts) if parts else None
 
     def _is_committed(self, task_id: str) -> bool:
@@ -155,11 +155,15 @@ class ShardSink:
 
     async def incarnation(self) -> str:
         """Changes whenever the sink process restarts (the driver compares)."""
-        return self.incarnation_id
+        return self._incarnation
+
+    async def incarnation_id(self) -> str:
+        """The same as :meth:`incarnation` (both names are in use)."""
+        return self._incarnation
 
     async def health(self) -> dict[str, Any]:
         """For the driver's watch: a sink stuck failing shows commit_failures > 0."""
-        return {"sink": self.index, "incarnation": self.incarnation_id, "rows_buffered": len(self._buffered_ids),
+        return {"sink": self.index, "incarnation": self._incarnation, "rows_buffered": len(self._buffered_ids),
                 "commit_failures": self.commit_failures, "last_error": self.last_error,
                 "rows_written": self.rows_written, "rows_unencodable": self.rows_unencodable}
 
@@ -252,7 +256,7 @@ class ShardSink:
                       "(error_type=OutputEncodingError, the error names the column)", self.index, unencodable, shard)
         for base, part in self._split(table):
             path = shard_dir(base, shard) / self._file_name()
-            write_table_atomic(part, path, self.s.compression, self.incarnation_id)
+            write_table_atomic(part, path, self.s.compression, self._incarnation)
             self.files_written += 1
             self.rows_written += part.num_rows
             self.rows_unencodable += _count_unencodable(part) if unencodable else 0
@@ -266,7 +270,7 @@ class ShardSink:
             raise OSError(errno.ENOSPC, reason, str(shard_dir(self.out_dir, shard)))
 
     def _file_name(self, compacted: bool = False) -> str:
-        return part_file_name(self.s.run_id, self.index, self.incarnation_id, next(self._seq), compacted)
+        return part_file_name(self.s.run_id, self.index, self._incarnation, next(self._seq), compacted)
 
     def _note_file(self, path: Path, rows: int) -> None:
         files = self._small_files.setdefault(path.parent, [])
@@ -284,7 +288,7 @@ class ShardSink:
         if len(files) < 2:
             return
         merged = compact_files([p for p, _ in files], directory / self._file_name(compacted=True),
-                               self.s.compression, self.incarnation_id)
+                               self.s.compression, self._incarnation)
         rows = sum(n for _, n in files)
         keep = [(p, n) for p, n in self._small_files[directory] if (p, n) not in files]
         self._small_files[directory] = keep + [(merged, rows)]
@@ -326,7 +330,7 @@ class ShardSink:
             self._flusher.cancel()
         return {"rows": self.rows_written, "files": self.files_written, "files_compacted": self.files_compacted,
                 "duplicates_dropped": self.duplicates_dropped, "rows_unencodable": self.rows_unencodable,
-                "rows_not_committed": len(self._buffered_ids), "incarnation": self.incarnation_id, "t": time.time()}
+                "rows_not_committed": len(self._buffered_ids), "incarnation": self._incarnation, "t": time.time()}
 
 
 def _read_ids(path: Path) -> pa.Array | None:
