@@ -62,12 +62,16 @@ class OutputScan:
     duplicates: int = 0  # ids present more than once (should be 0)
 
 
-def scan_output(out_dir: Path, retry_failed: bool = False) -> OutputScan:
+def scan_output(out_dir: Path, retry_failed: bool = False, repair: bool = True) -> OutputScan:
     """Call only while holding OutputLock: removes temp files, finishes interrupted compactions,
     quarantines unreadable part files (their ids re-run unless another readable file holds them),
     with ``retry_failed`` moves rows whose status is 'failed' aside to _matrix/history/ (atomically:
     readers never see an id twice, and a crash at any point leaves either the old state or the new one),
     then returns the committed ids.
+
+    ``repair=False`` only reads (for a check while sinks still live): no
+    temp file, compaction or unreadable file is touched; unreadable files
+    are skipped (logged) and ``retry_failed`` must be False.
 
     Memory: 8 bytes per committed id (sorted 64-bit hashes) plus one file's id column at a time.
 
@@ -75,17 +79,22 @@ def scan_output(out_dir: Path, retry_failed: bool = False) -> OutputScan:
     >>> "task-17" in scan.done, len(scan.done)         # doctest: +SKIP
     """
     out_dir = Path(out_dir)
+    if retry_failed and not repair:
+        raise ValueError("scan_output(retry_failed=True) rewrites files; it cannot be combined with repair=False")
     if not out_dir.exists():
         return OutputScan(IdSet.empty())
-    remove_temp_files(out_dir)
-    repaired = repair_compactions(out_dir)
-    if repaired:
-        log.warning("finished %d interrupted compaction(s) in %s (deleted merged sources)", len(repaired), out_dir)
-    rows_of, quarantined = _readable_files(out_dir)
+    set_aside = _quarantiner(out_dir) if repair else _skipper
+    if repair:
+        remove_temp_files(out_dir)
+        repaired = repair_compactions(out_dir)
+        if repaired:
+            log.warning("finished %d interrupted compaction(s) in %s (deleted merged sources)", len(repaired),
+                        out_dir)
+    rows_of, quarantined = _readable_files(out_dir, set_aside)
     retried = sum(supersede_failed_rows(out_dir, f) for f in list(rows_of)) if retry_failed else 0
     if retried:
-        rows_of, _ = _readable_files(out_dir)  # row counts changed
-    hashes, files, more_quarantined, longest, has_nul = _hash_all(out_dir, rows_of)
+        rows_of, _ = _readable_files(out_dir, set_aside)  # row counts changed
+    hashes, files, more_quarantined, longest, has_nul = _hash_all(rows_of, set_aside)
     quarantined += more_quarantined
     hashes.sort()
     duplicates = int(np.count_nonzero(hashes[1:] == hashes[:-1])) if len(hashes) > 1 else 0
@@ -106,15 +115,29 @@ def completed_ids(out_dir: Path) -> set[str]:
 
 
 # -- reading, quarantine ---------------------------------------------------------
-def _readable_files(out_dir: Path) -> tuple[dict[Path, int], list[Path]]:
-    """Rows of each data file whose footer reads; the others are quarantined."""
+SetAside = Callable[[Path, BaseException], "Path | None"]
+
+
+def _quarantiner(out_dir: Path) -> SetAside:
+    return lambda path, error: quarantine(out_dir, path, error)
+
+
+def _skipper(path: Path, error: BaseException) -> Path | None:
+    log.error("part file %s is unreadable (%s: %s); not counted (the next run quarantines it)", path,
+              type(error).__name__, str(error)[:200])
+    return None
+
+
+def _readable_files(out_dir: Path, set_aside: SetAside) -> tuple[dict[Path, int], list[Path]]:
+    """Rows of each data file whose footer reads; the others are set aside."""
     good: dict[Path, int] = {}
     bad: list[Path] = []
     for f in data_files(out_dir):
         try:
             good[f] = pq.read_metadata(f).num_rows
         except (OSError, pa.ArrowException) as e:
-            bad.append(quarantine(out_dir, f, e))
+            moved = set_aside(f, e)
+            bad += [moved] if moved is not None else []
     return good, bad
 
 
@@ -133,7 +156,7 @@ def quarantine(out_dir: Path, path: Path, error: BaseException) -> Path:
     return target
 
 
-def _hash_all(out_dir: Path, rows_of: dict[Path, int]) -> tuple[np.ndarray, list[Path], list[Path], int, bool]:
+def _hash_all(rows_of: dict[Path, int], set_aside: SetAside) -> tuple[np.ndarray, list[Path], list[Path], int, bool]:
     """Hashes of every id, in one preallocated array (no list of per-file copies)."""
     files = list(rows_of)
     hashes = np.empty(sum(rows_of.values()), np.uint64)
@@ -144,7 +167,8 @@ def _hash_all(out_dir: Path, rows_of: dict[Path, int]) -> tuple[np.ndarray, list
         try:
             ids = read_columns(f, ["id"]).column("id")
         except (OSError, pa.ArrowException, KeyError) as e:
-            quarantined.append(quarantine(out_dir, f, e))
+            moved = set_aside(f, e)
+            quarantined += [moved] if moved is not None else []
             continue
         ids = ids.filter(pc.is_valid(ids)) if ids.null_count else ids
         hashes[filled:filled + len(ids)] = hash_ids(ids)

@@ -302,3 +302,15 @@ def test_inspect_touches_nothing_while_a_run_holds_the_output(tmp_path: Path,
     assert "not repaired" in capsys.readouterr().out
     assert inspect_command([str(tmp_path)]) == 0  # once the run is gone, inspect tidies up
     assert not live_temp.exists()
+
+
+def test_a_read_only_scan_touches_nothing(tmp_path: Path) -> None:
+    good = _committed(tmp_path, range(2))
+    good[1].write_bytes(b"broken")
+    temp = shard_dir(tmp_path, 0) / f"{TMP_PREFIX}0badf00d-part-x.parquet"
+    temp.write_bytes(b"a live sink's temp")
+    scan = scan_output(tmp_path, repair=False)
+    assert "t0" in scan.done and "t1" not in scan.done and scan.quarantined == []
+    assert temp.exists() and good[1].exists()
+    with pytest.raises(ValueError, match="repair=False"):
+        scan_output(tmp_path, retry_failed=True, repair=False)
