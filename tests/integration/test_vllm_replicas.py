@@ -83,14 +83,19 @@ def _wait_all_running(service: Any, timeout_s: float = 400) -> None:
 def _snapshot(service: Any) -> dict[str, str]:
     import ray
 
-    from matrix_hpc.services.llm.registry import NAMESPACE, registry_name
+    from matrix_hpc.services.llm.registry import NAMESPACE
 
-    registry = ray.get_actor(registry_name(service.service), namespace=NAMESPACE)
+    registry = ray.get_actor(service.ref.registry, namespace=NAMESPACE)
     return dict(ray.get(registry.snapshot.remote())[1])
 
 
-async def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.post(url + "/chat/completions", json=body) as resp:
+def _auth(service: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {service.api_key.get()}"}
+
+
+async def _post(url: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+    async with aiohttp.ClientSession(headers=headers) as session, session.post(url + "/chat/completions",
+                                                                               json=body) as resp:
         data = await resp.json()
         assert resp.status == 200, data
         return dict(data)
@@ -107,6 +112,34 @@ def test_both_replicas_healthy_and_registered(vllm_service: Any) -> None:
         assert "Application startup complete" in Path(s["log"]).read_text()
 
 
+async def test_every_path_but_health_needs_the_service_key(vllm_service: Any) -> None:
+    """vLLM's own --api-key check guards /v1 only; the replicas guard /metrics, /tokenize, /invocations too."""
+    from tests.integration.security_checks import cmdlines_with, files_with
+
+    key = vllm_service.api_key.get()
+    assert key and len(key) >= 32
+    body = {"model": vllm_service.model_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    async with aiohttp.ClientSession() as session:
+        for url in _snapshot(vllm_service).values():
+            root = url.removesuffix("/v1")
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                async with session.post(url + "/chat/completions", json=body, headers=headers) as resp:
+                    assert resp.status == 401
+                for path in ("/metrics", "/v1/models", "/version", "/load"):
+                    async with session.get(root + path, headers=headers) as resp:
+                        assert resp.status == 401, path
+                for path in ("/tokenize", "/invocations"):
+                    async with session.post(root + path, json=body, headers=headers) as resp:
+                        assert resp.status == 401, path
+            async with session.get(root + "/health") as resp:
+                assert resp.status == 200
+            async with session.get(root + "/metrics", headers=_auth(vllm_service)) as resp:
+                assert resp.status == 200 and "vllm:" in await resp.text()
+            assert (await _post(url, body, _auth(vllm_service)))["choices"]
+    assert cmdlines_with(key) == []
+    assert files_with(key, [vllm_service.run_dir]) == []
+
+
 async def test_guided_choice_returns_only_allowed_values(vllm_service: Any) -> None:
     allowed = ["alpha", "bravo", "charlie delta"]
     seen: set[str] = set()
@@ -119,7 +152,7 @@ async def test_guided_choice_returns_only_allowed_values(vllm_service: Any) -> N
             "seed": i,
             "structured_outputs": {"choice": allowed},
         }
-        content = (await _post(url, body))["choices"][0]["message"]["content"]
+        content = (await _post(url, body, _auth(vllm_service)))["choices"][0]["message"]["content"]
         assert content in allowed, f"{url} answered {content!r}, allowed {allowed}"
         seen.add(content)
     # A random-weight model with no constraint never produces these words.
@@ -154,8 +187,8 @@ async def test_requests_spread_stick_and_survive_a_replica_kill(vllm_service: An
     # so stickiness must be exact (the default 1.5 may rebalance tail tasks).
     conf = ClientConf(sticky_max_load_factor=2.0, refresh_interval_s=0.5, health_probe_interval_s=0.5,
                       backoff_base_s=0.2, max_attempts=8, timeout_s=120)
-    client = LLMClient(RegistryEndpoints(vllm_service.service, refresh_interval_s=0.5), conf,
-                       model=vllm_service.model_name)
+    client = LLMClient(RegistryEndpoints(vllm_service.ref, refresh_interval_s=0.5), conf,
+                       model=vllm_service.model_name, api_key=vllm_service.api_key)
     try:
         # 1. Spread over both replicas, each task on one replica.
         placed = await _run_tasks(client, "calm", n_tasks=24, turns=4)
@@ -268,10 +301,10 @@ def test_stop_leaves_no_vllm_process(vllm_service: Any) -> None:
 def _registry_exists(service: Any) -> bool:
     import ray
 
-    from matrix_hpc.services.llm.registry import NAMESPACE, registry_name
+    from matrix_hpc.services.llm.registry import NAMESPACE
 
     try:
-        ray.get_actor(registry_name(service.service), namespace=NAMESPACE)
+        ray.get_actor(service.ref.registry, namespace=NAMESPACE)
     except ValueError:
         return False
     return True

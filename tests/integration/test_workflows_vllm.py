@@ -40,7 +40,6 @@ def llm_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     require_component((MODEL_DIR / "config.json").exists(), "the tiny model (models/tiny-llama)", SETUP_HINT)
     import ray
 
-    from matrix_hpc.services.llm.client import Secret
     from matrix_hpc.services.llm.config import ClientConf
     from matrix_hpc.services.llm.endpoints import RegistryEndpoints
     from matrix_hpc.services.llm.service import LLMClientFactory
@@ -54,9 +53,9 @@ def llm_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                     max_model_len=2048, service=f"test-wf-vllm-{uuid.uuid4().hex[:6]}", startup_timeout_s=600)
     service = start_vllm_service(conf, tmp_path_factory.mktemp("vllm-run"))
     try:
-        yield LLMClientFactory(RegistryEndpoints(service.service, refresh_interval_s=0.5),
+        yield LLMClientFactory(RegistryEndpoints(service.ref, refresh_interval_s=0.5),
                                ClientConf(timeout_s=180, max_attempts=4, backoff_base_s=0.5),
-                               service.model_name, Secret(None))
+                               service.model_name, service.api_key)
     finally:
         service.stop()
         if started_ray:
