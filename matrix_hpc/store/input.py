@@ -16,10 +16,14 @@ import glob
 import hashlib
 import io
 import json
+import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,22 +94,63 @@ def iter_input(conf: DatasetConf) -> Iterator[InputItem]:
     """Every input row of every file, in order, each with its task id.
 
     A second row with an id already seen gets ``duplicate_of`` = where the
-    first was. (The seen ids are kept exactly: about 100 bytes an input id.)
+    first was (see :class:`SeenIds` for the memory this takes).
     """
     count = 0
-    seen: dict[str, str] = {}
+    seen = SeenIds()
     for path in input_files(conf):
         for item in _iter_file_safely(path, conf):
             if item.row is not None:
-                first = seen.get(item.id)
-                if first is None:
-                    seen[item.id] = item.where
-                else:
-                    item.duplicate_of = first
+                item.duplicate_of = seen.first_place(item.id, item.where)
             yield item
             count += 1
             if conf.limit is not None and count >= conf.limit:
                 return
+
+
+EXACT_INPUT_IDS_ENV = "MATRIX_HPC_INPUT_EXACT_IDS"
+
+
+class SeenIds:
+    """The input ids seen so far, to mark repeats.
+
+    Exact (a dict id -> where, ~100 bytes an id) up to ``exact_limit`` ids
+    (``MATRIX_HPC_INPUT_EXACT_IDS``, default 10,000,000, about 1 GB); past
+    that the ids are kept as 64-bit hashes (8 bytes an id), repeats of ids
+    seen before the switch still name their first place, and a warning gives
+    the bound on a unique id being taken for a repeat (ids^2 / 2^65).
+    """
+
+    def __init__(self, exact_limit: int | None = None) -> None:
+        self.exact_limit = exact_limit if exact_limit is not None else int(
+            os.environ.get(EXACT_INPUT_IDS_ENV, "10000000"))
+        self._exact: dict[str, str] = {}
+        self._hashes: Any = None  # a GrowingHashSet once past the limit
+
+    def first_place(self, task_id: str, where: str) -> str | None:
+        """Where ``task_id`` was seen first (None: first time; records it)."""
+        first = self._exact.get(task_id)
+        if first is not None:
+            return first
+        if self._hashes is None:
+            self._exact[task_id] = where
+            if len(self._exact) >= self.exact_limit:
+                self._switch_to_hashes()
+            return None
+        if self._hashes.maybe_contains(task_id):
+            return "an earlier row (not recorded: more input ids than the exact limit)"
+        self._hashes.add_many([task_id])
+        return None
+
+    def _switch_to_hashes(self) -> None:
+        import pyarrow as pa
+
+        from matrix_hpc.store.ids import GrowingHashSet, hash_ids
+
+        self._hashes = GrowingHashSet(hash_ids(pa.array(list(self._exact), pa.string())))
+        log.warning("input: more than %d ids; later repeats are found by 64-bit hash (a unique id is taken for a "
+                    "repeat with probability below ids^2 / 2^65). Raise %s to stay exact.", self.exact_limit,
+                    EXACT_INPUT_IDS_ENV)
 
 
 def _iter_file_safely(path: Path, conf: DatasetConf) -> Iterator[InputItem]:

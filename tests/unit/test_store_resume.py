@@ -163,3 +163,13 @@ def test_check_input_names_path_mistakes_in_one_line(tmp_path: Path) -> None:
         check_input(DatasetConf(path=str(tmp_path), format="csv"))
     (tmp_path / "a.jsonl").write_text('{"id": 1}\n')
     check_input(DatasetConf(path=str(tmp_path / "*.jsonl")))
+
+
+def test_repeats_past_the_exact_limit_are_still_found() -> None:
+    from matrix_hpc.store.input import SeenIds
+
+    seen = SeenIds(exact_limit=3)
+    assert [seen.first_place(i, f"f:{n}") for n, i in enumerate(["a", "b", "c", "d", "e"])] == [None] * 5
+    assert seen.first_place("b", "f:9") == "f:1"  # seen before the switch: its place is known
+    assert seen.first_place("e", "f:10") is not None  # after it: found by hash
+    assert seen.first_place("z", "f:11") is None
