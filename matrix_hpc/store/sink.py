@@ -134,17 +134,22 @@ class ShardSink:
                      self.index, self._incarnation, sum(len(p) for p in parts), self.s.run_id)
         return np.concatenate(parts) if parts else None
 
-    def _is_committed(self, task_id: str) -> bool:
+    async def _is_committed(self, task_id: str) -> bool:
         if not self._committed.maybe_contains(task_id):
             return False
         shard = shard_of(task_id, self.s.num_shards)  # a hash hit: confirm against the shard's real ids
         if self._confirmed is None or self._confirmed[0] != shard:
-            ids: set[str] = set()
-            for f in self._my_files(shard):
-                column = _read_ids(f)
-                ids.update(column.to_pylist() if column is not None else [])
-            self._confirmed = (shard, ids)
+            assert self._flush_lock is not None
+            async with self._flush_lock:  # no commit or compaction of ours moves files while we list them
+                self._confirmed = (shard, self._ids_in_my_files(shard))
         return task_id in self._confirmed[1]
+
+    def _ids_in_my_files(self, shard: int) -> set[str]:
+        ids: set[str] = set()
+        for f in self._my_files(shard):
+            column = _read_ids(f)
+            ids.update(column.to_pylist() if column is not None else [])
+        return ids
 
     # -- the actor's methods -----------------------------------------------
     def _ensure_loop_state(self) -> None:
@@ -170,18 +175,23 @@ class ShardSink:
     async def write(self, tasks: list[TaskLike]) -> None:
         self._ensure_loop_state()
         for task in tasks:
-            if task.id in self._buffered_ids:
-                continue  # the first copy's ack (after its commit) answers for both
-            if self._is_committed(task.id):
-                self.duplicates_dropped += 1
-                self._acks.append((task.id, DUPLICATE, None, None, 0))
-                continue
-            self._buffered_ids.add(task.id)
-            self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
+            await self._take(task)
         if len(self._buffered_ids) >= self.s.max_buffered_rows and time.monotonic() >= self._retry_at:
             await self.flush()
         elif self._acks and self._acks_ready is not None:
             self._acks_ready.set()
+
+    async def _take(self, task: TaskLike) -> None:
+        if task.id in self._buffered_ids:
+            return  # the first copy's ack (after its commit) answers for both
+        if await self._is_committed(task.id):
+            self.duplicates_dropped += 1
+            self._acks.append((task.id, DUPLICATE, None, None, 0))
+            return
+        if task.id in self._buffered_ids:  # another write() buffered a copy while we confirmed
+            return
+        self._buffered_ids.add(task.id)
+        self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
 
     async def _flush_periodically(self) -> None:
         while True:
