@@ -28,10 +28,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from matrix_hpc.services.sandbox.base import Sandbox, SandboxConf, create_sandbox  # noqa: E402
+from matrix_hpc.services.sandbox.client import make_sandbox_pool  # noqa: E402
+from matrix_hpc.services.sandbox.contract import Sandbox, SandboxConf  # noqa: E402
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf  # noqa: E402
-from matrix_hpc.services.sandbox.pool import make_sandbox_pool  # noqa: E402
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf  # noqa: E402
+from matrix_hpc.services.sandbox.registry import create_sandbox  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

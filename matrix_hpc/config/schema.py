@@ -156,7 +156,7 @@ def _component_schemas() -> list[tuple[str, str, Any]]:
 #: (group, schema name, module, dataclass) of components that live beside their code.
 COMPONENT_SCHEMAS: list[tuple[str, str, str, str]] = [
     ("llm", "llm_schema", "matrix_hpc.services.llm.config", "LLMConf"),
-    ("sandbox", "sandbox_schema", "matrix_hpc.services.sandbox.base", "SandboxConf"),
+    ("sandbox", "sandbox_schema", "matrix_hpc.services.sandbox", "SandboxConf"),
     ("cluster", "slurm_schema", "matrix_hpc.cluster.config", "SlurmClusterConf"),
     ("cluster", "local_schema", "matrix_hpc.cluster.config", "LocalClusterConf"),  # replaces the minimal one
 ]

@@ -1,28 +1,18 @@
-"""Shared plumbing of the sandbox integration tests (real bubblewrap)."""
+"""Shared plumbing of the sandbox integration tests (real bubblewrap): finding the processes a test left.
+
+Whether bubblewrap works is checked by conftest for every test marked ``needs("bwrap")``.
+"""
 
 from __future__ import annotations
 
-import functools
-import shutil
-import subprocess
-
 import psutil
 
-from tests.conftest import require_component
-
-HOW_TO_ENABLE = "apt-get install bubblewrap (or bash .ci/setup_sandbox.sh) on a kernel with namespaces"
-
-
-@functools.lru_cache(maxsize=1)
-def bwrap_works() -> bool:
-    if shutil.which("bwrap") is None:
-        return False
-    probe = ["bwrap", "--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--die-with-parent", "true"]
-    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+from tests.conftest import COMPONENTS, component_available, require_component
 
 
 def require_bwrap() -> None:
-    require_component(bwrap_works(), "bubblewrap", HOW_TO_ENABLE)
+    """The conftest check of ``needs("bwrap")``, for a test that cannot carry the marker (e.g. a fixture's)."""
+    require_component(component_available("bwrap"), COMPONENTS["bwrap"].name, COMPONENTS["bwrap"].how_to_enable)
 
 
 def processes_matching(marker: str) -> list[psutil.Process]:

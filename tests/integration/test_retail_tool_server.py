@@ -204,11 +204,11 @@ async def test_failures_say_what_to_do(db_path: Path, sock_dir: Path) -> None:
     assert proc.returncode != 0 and b"longer than 107 bytes" in err
 
 
-@pytest.mark.bwrap
+@pytest.mark.needs("bwrap")
 async def test_inside_a_bubblewrap_sandbox(db_path: Path) -> None:
     """The deployment path: repo, venv and data read-only, no network, socket in /scratch."""
-    require_component(shutil.which("bwrap") is not None, "bubblewrap", "apt-get install bubblewrap (.ci/setup_sandbox.sh)")
-    from matrix_hpc.services.sandbox.base import SandboxConf, create_sandbox
+    from matrix_hpc.services.sandbox.contract import SandboxConf
+    from matrix_hpc.services.sandbox.registry import create_sandbox
 
     conf = SandboxConf(backend="bwrap", scratch_root=tempfile.mkdtemp(prefix="rtsb-", dir="/tmp"),
                        binds=sandbox_binds(db_path.parent), server_argv=sandbox_server_argv())

@@ -26,14 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import Sandbox, SandboxConf, SandboxError, create_sandbox
+from matrix_hpc.services.sandbox.client import make_sandbox_pool
+from matrix_hpc.services.sandbox.contract import Sandbox, SandboxConf, SandboxError
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
-from matrix_hpc.services.sandbox.pool import make_sandbox_pool
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
+from matrix_hpc.services.sandbox.registry import create_sandbox
 from matrix_hpc.services.sandbox.safe_path import UnsafePathError
 from tests.integration.sandbox_support import processes_matching
 
-pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap")]
 
 NOBODY = 65534
 RACE_S = 4.0  # how long the host transfers files while the sandbox swaps (the old code leaked within 1 s)

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError, create_sandbox
+from matrix_hpc.services.sandbox.contract import SandboxConf, SandboxError
+from matrix_hpc.services.sandbox.registry import create_sandbox
 from tests.conftest import REPO_ROOT
-from tests.integration.sandbox_support import processes_matching, require_bwrap
+from tests.integration.sandbox_support import processes_matching
 
-pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap")]
 
 ECHO_SERVER = """
 import json, os, socket, sys, threading
@@ -33,7 +34,6 @@ for line in sys.stdin:
 
 
 def conf(tmp_path: Path, **kw: object) -> SandboxConf:
-    require_bwrap()
     return SandboxConf(backend="bwrap", scratch_root=str(tmp_path / "sb"), **kw)  # type: ignore[arg-type]
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import Sandbox, SandboxConf, create_sandbox
+from matrix_hpc.services.sandbox.contract import Sandbox, SandboxConf
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
+from matrix_hpc.services.sandbox.registry import create_sandbox
 from tests.conftest import REPO_ROOT
-from tests.integration.sandbox_support import processes_matching, processes_of_uid, require_bwrap
+from tests.integration.sandbox_support import processes_matching, processes_of_uid
 
-pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap")]
 
 LIMITS = SandboxLimitsConf(mem_mb=256, cpu_time_s=2, max_procs=32, max_file_mb=4, tmp_mb=16, exec_timeout_s=10,
                            max_output_bytes=64 * 1024)
@@ -29,7 +30,6 @@ LIMITS = SandboxLimitsConf(mem_mb=256, cpu_time_s=2, max_procs=32, max_file_mb=4
 
 @pytest.fixture
 async def sandbox(tmp_path: Path) -> AsyncIterator[Sandbox]:
-    require_bwrap()
     conf = SandboxConf(backend="bwrap", scratch_root=str(tmp_path / "sandboxes"), limits=LIMITS)
     sb = create_sandbox(conf, f"escape-{uuid.uuid4().hex[:6]}")
     await sb.start()
@@ -182,7 +182,6 @@ async def test_unprivileged_mode_contains_a_fork_bomb_and_has_no_network() -> No
 
     As root we drop to ``nobody`` first to take that path for real.
     """
-    require_bwrap()
     import shutil
     import tempfile
 
@@ -229,7 +228,6 @@ def cgroups_here() -> bool:
 
 async def test_memory_of_many_processes_is_bounded_by_the_sandbox_cgroup(tmp_path: Path) -> None:
     """rlimits bound each process; the per-sandbox cgroup bounds them together."""
-    require_bwrap()
     if not cgroups_here():
         pytest.skip("no writable cgroup (v1 as root or delegated v2) here: sandboxes rely on rlimits alone")
     limits = SandboxLimitsConf(mem_mb=512, sandbox_mem_mb=300, max_procs=32, exec_timeout_s=60)

@@ -19,16 +19,18 @@ from typing import Any
 import psutil
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf
+from matrix_hpc.services.sandbox.client import make_sandbox_pool
+from matrix_hpc.services.sandbox.contract import SandboxConf
+from matrix_hpc.services.sandbox.lease import SandboxPoolExhausted
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
-from matrix_hpc.services.sandbox.pool import SandboxPoolExhausted, make_sandbox_pool
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
-from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool, pool_actor_name, shutdown_pool
+from matrix_hpc.services.sandbox.pool_identity import pool_actor_name
+from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool, shutdown_pool
 from matrix_hpc.services.sandbox.service import start_service
 from tests.conftest import REPO_ROOT
-from tests.integration.sandbox_support import processes_matching, require_bwrap
+from tests.integration.sandbox_support import processes_matching
 
-pytestmark = [pytest.mark.integration, pytest.mark.bwrap]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap")]
 ray = pytest.importorskip("ray")
 
 
@@ -44,7 +46,6 @@ def local_ray() -> Iterator[None]:
 
 
 def pool_conf(tmp_path: Path, **pool: Any) -> SandboxConf:
-    require_bwrap()
     settings: dict[str, Any] = dict(mode="ray", name=f"test-{uuid.uuid4().hex[:8]}", size=12, max_per_node=12,
                                     num_hosts=2, lease_wait_s=120, lease_ttl_s=3, reap_interval_s=0.5)
     settings.update(pool)
@@ -245,7 +246,7 @@ async def test_a_crashed_host_takes_its_sandboxes_and_comes_back(local_ray: None
 async def test_runs_asking_for_other_pool_settings_never_share_a_pool(local_ray: None, tmp_path: Path) -> None:
     import dataclasses
 
-    from matrix_hpc.services.sandbox.base import SandboxError
+    from matrix_hpc.services.sandbox.errors import SandboxError
     from matrix_hpc.services.sandbox.ray_pool import checked_pool
 
     first = pool_conf(tmp_path, size=2, max_per_node=2, num_hosts=1)

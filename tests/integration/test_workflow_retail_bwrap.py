@@ -22,22 +22,13 @@ from typing import Any
 
 import pytest
 
-from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, default_data_dir
 from matrix_hpc.workflows.retail.tasks import iter_task_rows
-from tests.conftest import require_component
 from tests.integration.runs import REPO, cli, read_rows, run_cli, write_jsonl
-from tests.integration.sandbox_support import processes_matching, require_bwrap
+from tests.integration.sandbox_support import processes_matching
 
-pytestmark = [pytest.mark.integration, pytest.mark.bwrap, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap", "tau2_retail"), pytest.mark.timeout(600)]
 
 NUM_TASKS = 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _requirements() -> None:
-    require_bwrap()
-    require_component((default_data_dir() / "db.json").exists(), "tau2-bench retail data",
-                      f"put db.json/tasks.json in ../shared/data/tau2_retail or set ${DATA_DIR_ENV}")
 
 
 def test_run_on_bwrap_sandboxes_writes_every_row_and_leaves_nothing(tmp_path: Path) -> None:
@@ -139,8 +130,8 @@ def _malformed(result: dict[str, Any]) -> int:
 
 
 async def test_gold_actions_through_a_real_sandbox_score_one(tmp_path: Path) -> None:
-    from matrix_hpc.services.sandbox.base import SandboxConf
-    from matrix_hpc.services.sandbox.pool import make_sandbox_pool
+    from matrix_hpc.services.sandbox.client import make_sandbox_pool
+    from matrix_hpc.services.sandbox.contract import SandboxConf
     from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
     from matrix_hpc.workflows.retail.client import evaluate_client
     from matrix_hpc.workflows.retail.env import is_write_tool

@@ -7,8 +7,9 @@ import shlex
 import pytest
 
 from matrix_hpc.services.sandbox.apptainer import exec_argv, instance_name, process_env, start_argv, stop_argv
-from matrix_hpc.services.sandbox.base import ApptainerConf, SandboxConf, create_sandbox
+from matrix_hpc.services.sandbox.contract import ApptainerConf, SandboxConf
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
+from matrix_hpc.services.sandbox.registry import create_sandbox
 
 LIMITS = SandboxLimitsConf(mem_mb=512, cpu_time_s=10, max_procs=32, max_file_mb=8, max_open_files=128)
 

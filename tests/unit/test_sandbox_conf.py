@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import Bind, SandboxConf, command_argv, parse_bind, python_binds
+from matrix_hpc.services.sandbox.binds import Bind, parse_bind, python_binds
 from matrix_hpc.services.sandbox.bwrap import bwrap_argv, isolation_args, mount_parent_args, sandbox_env
+from matrix_hpc.services.sandbox.contract import SandboxConf, command_argv
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf, prlimit_argv
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 
@@ -167,7 +168,7 @@ def test_sandbox_none_on_the_command_line_names_the_new_option(group_option: str
 
 
 def test_pool_actor_names_follow_the_config_but_not_the_secrets() -> None:
-    from matrix_hpc.services.sandbox.ray_pool import config_differences, pool_actor_name
+    from matrix_hpc.services.sandbox.pool_identity import config_differences, pool_actor_name
 
     base = SandboxConf(env={"HF_TOKEN": "canary-1"})
     name = pool_actor_name(base)

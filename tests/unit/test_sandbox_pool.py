@@ -1,6 +1,8 @@
 """Lease bookkeeping of the sandbox pool, over recording fake hosts (the host boundary).
 
-The real hosts (bubblewrap, Ray actors) are exercised in tests/integration.
+The pool itself is the real one (``PoolCore``, and ``LocalPoolBackend`` under
+the clients); only the hosts are doubles. The real hosts (bubblewrap, Ray
+actors) are exercised in tests/integration.
 """
 
 from __future__ import annotations
@@ -11,16 +13,12 @@ from typing import Any
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf
-from matrix_hpc.services.sandbox.pool import (
-    LeaseGrant,
-    LeaseLost,
-    LeaseOwner,
-    PoolCore,
-    SandboxPoolClient,
-    SandboxPoolExhausted,
-)
+from matrix_hpc.services.sandbox.client import SandboxPoolClient
+from matrix_hpc.services.sandbox.contract import SandboxConf
+from matrix_hpc.services.sandbox.lease import LeaseLost, LeaseOwner, SandboxPoolExhausted
+from matrix_hpc.services.sandbox.local_pool import LocalPoolBackend
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
+from matrix_hpc.services.sandbox.pool_core import PoolCore
 
 
 class FakeHost:
@@ -146,35 +144,6 @@ async def test_release_task_ends_all_its_leases() -> None:
     assert await core.release_task("t") == 2 and len(host.live) == 1
 
 
-class CoreBackend:
-    """PoolBackend over a PoolCore with fake hosts (what LocalPoolBackend does with real ones)."""
-
-    def __init__(self, core: PoolCore) -> None:
-        self.core = core
-
-    async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
-        lease = await self.core.acquire(owner, wait_s, shared)
-        return LeaseGrant(lease.lease_id, lease.sandbox_id, self.core.hosts[lease.host_index], lease.node_id)
-
-    async def release(self, lease_id: str) -> bool:
-        return await self.core.release(lease_id)
-
-    async def renew(self, lease_ids: list[str]) -> list[str]:
-        return self.core.renew(lease_ids)
-
-    async def release_task(self, task_id: str) -> int:
-        return await self.core.release_task(task_id)
-
-    async def stats(self) -> Any:
-        return self.core.snapshot()
-
-    async def call_host(self, grant: LeaseGrant, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await grant.host.call(method, *args, **kwargs)
-
-    async def close(self) -> None:
-        await self.core.shutdown()
-
-
 class Task:
     def __init__(self, task_id: str, attempt: int) -> None:
         self.id, self.attempt = task_id, attempt
@@ -183,7 +152,7 @@ class Task:
 async def test_client_releases_when_the_step_raises() -> None:
     conf = pool_conf()
     host = FakeHost("n1")
-    client = SandboxPoolClient(CoreBackend(PoolCore(conf, [host])), conf)
+    client = SandboxPoolClient(LocalPoolBackend(conf, [host]), conf)
     with pytest.raises(ZeroDivisionError):
         async with client.lease(Task("t1", 3)) as sb:
             assert sb.owner.task_id == "t1" and sb.owner.attempt == 3
@@ -198,8 +167,9 @@ async def test_client_releases_when_the_step_raises() -> None:
 
 async def test_client_heartbeat_keeps_leases_and_notices_lost_ones() -> None:
     conf = pool_conf(lease_ttl_s=0.4, reap_interval_s=0.1)
-    core = PoolCore(conf, [FakeHost("n1")])
-    client = SandboxPoolClient(CoreBackend(core), conf)
+    backend = LocalPoolBackend(conf, [FakeHost("n1")])
+    core = backend.core
+    client = SandboxPoolClient(backend, conf)
     sb = await client.acquire("t1")
     for _ in range(8):  # twice the ttl: only the heartbeat keeps it
         await asyncio.sleep(0.1)
@@ -216,9 +186,9 @@ async def test_client_heartbeat_keeps_leases_and_notices_lost_ones() -> None:
 async def test_task_sandbox_is_shared_by_the_steps_of_one_attempt() -> None:
     conf = pool_conf(size=4)
     host = FakeHost("n1", start_delay_s=0.05)
-    core = PoolCore(conf, [host])
-    agent_a = SandboxPoolClient(CoreBackend(core), conf)
-    agent_b = SandboxPoolClient(CoreBackend(core), conf)  # another process, same task
+    backend = LocalPoolBackend(conf, [host])  # one pool that both agents lease from
+    agent_a = SandboxPoolClient(backend, conf)
+    agent_b = SandboxPoolClient(backend, conf)  # another agent, same task
     first, second = await asyncio.gather(agent_a.task_sandbox(Task("t", 1)), agent_b.task_sandbox(Task("t", 1)))
     assert first.id == second.id and len(host.live) == 1  # concurrent first uses start one sandbox
     private = await agent_a.acquire(Task("t", 1))

@@ -9,10 +9,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf, SandboxError, create_sandbox, sweep_stale_dirs
 from matrix_hpc.services.sandbox.code_exec import extract_code, run_code_with_tests
+from matrix_hpc.services.sandbox.contract import SandboxConf, SandboxError
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.process import run_capped
+from matrix_hpc.services.sandbox.registry import create_sandbox
+from matrix_hpc.services.sandbox.scratch import sweep_stale_dirs
 
 
 async def test_stdout_stderr_exit_code_and_stdin_are_separate() -> None:
@@ -101,11 +103,11 @@ async def test_dirs_of_crashed_pools_are_swept_live_ones_kept(tmp_path: Path) ->
     await live.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="per-sandbox uids are used only when running as root")
+@pytest.mark.needs("root")  # per-sandbox uids are used only when running as root
 def test_a_crashed_holders_uid_is_cleaned_before_reuse(tmp_path: Path) -> None:
     import subprocess
 
-    from matrix_hpc.services.sandbox.limits import claim_uid
+    from matrix_hpc.services.sandbox.uids import claim_uid
 
     limits = SandboxLimitsConf(uid_base=299_000, uid_count=1)
     claim = claim_uid(limits, tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from matrix_hpc.services.sandbox.base import SandboxConf
+from matrix_hpc.services.sandbox.contract import SandboxConf
 from matrix_hpc.services.sandbox.safe_path import (
     UnsafePathError,
     default_scratch_root,
@@ -144,7 +144,7 @@ def test_written_files_and_new_dirs_go_to_the_owner(tmp_path: Path, root_fd: int
 
 
 def test_the_scratch_root_setting_defaults_to_the_private_dir() -> None:
-    from matrix_hpc.services.sandbox.base import scratch_root_path
+    from matrix_hpc.services.sandbox.scratch import scratch_root_path
 
     assert scratch_root_path(SandboxConf()) == default_scratch_root()
     assert scratch_root_path(SandboxConf(scratch_root="/data/sb")) == Path("/data/sb")

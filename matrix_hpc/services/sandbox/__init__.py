@@ -18,11 +18,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "SandboxConf": "base", "ApptainerConf": "base", "Sandbox": "base", "SandboxError": "base",
-    "ServerProcess": "base", "create_sandbox": "base",
+    "SandboxConf": "contract", "ApptainerConf": "contract", "Sandbox": "contract", "SandboxError": "errors",
+    "ServerProcess": "server", "create_sandbox": "registry", "register_backend": "registry",
+    "register_pool_backend": "registry",
     "SandboxLimitsConf": "limits", "SandboxPoolConf": "pool_conf", "ExecResult": "process",
-    "make_sandbox_pool": "pool", "SandboxPoolClient": "pool", "LeasedSandbox": "pool", "PoolCore": "pool",
-    "SandboxPoolExhausted": "pool", "LeaseLost": "pool", "LeaseOwner": "pool", "SandboxHost": "pool",
+    "make_sandbox_pool": "client", "SandboxPoolClient": "client", "LeasedSandbox": "client", "PoolCore": "pool_core",
+    "SandboxPoolExhausted": "lease", "LeaseLost": "lease", "LeaseOwner": "lease", "SandboxHost": "host",
     "shutdown_pool": "ray_pool", "get_or_create_pool": "ray_pool",
     "CodeExecResult": "code_exec", "run_code_with_tests": "code_exec", "code_exec_step": "code_exec",
     "extract_code": "code_exec",

@@ -26,9 +26,11 @@ import asyncio
 import os
 import shutil
 
-from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox, SandboxConf, SandboxError, parse_bind
+from matrix_hpc.services.sandbox.binds import parse_bind
+from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Sandbox, SandboxConf, SandboxError
 from matrix_hpc.services.sandbox.limits import prlimit_argv
 from matrix_hpc.services.sandbox.process import ExecResult, run_capped
+from matrix_hpc.services.sandbox.server import spawn_server
 
 _START_TIMEOUT_S = 120.0  # pulling a SIF onto node-local disk can take a while
 _STOP_TIMEOUT_S = 30.0
@@ -70,7 +72,7 @@ def start_argv(conf: SandboxConf, scratch: str, name: str) -> list[str]:
         argv.append("--writable-tmpfs")
     if app.cgroup_limits:
         argv += ["--memory", f"{conf.limits.mem_mb}M", "--pids-limit", str(conf.limits.max_procs)]
-    assert conf.image is not None  # checked by SandboxConf
+    assert conf.image is not None  # checked by ApptainerSandbox.check_conf
     return argv + [conf.image, name]
 
 
@@ -91,6 +93,11 @@ class ApptainerSandbox(Sandbox):
         super().__init__(conf, sandbox_id)
         self.instance = instance_name(sandbox_id)
         self.instance_running = False
+
+    @classmethod
+    def check_conf(cls, conf: SandboxConf) -> None:
+        if not conf.image:
+            raise ValueError("sandbox.backend=apptainer needs sandbox.image=<path to a .sif image or sandbox dir>")
 
     async def _start(self) -> None:
         if shutil.which(self.conf.apptainer.binary) is None:
@@ -115,15 +122,8 @@ class ApptainerSandbox(Sandbox):
         return process_env(self.conf.apptainer.binary, {**self.conf.env, **extra})
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            return await asyncio.create_subprocess_exec(
-                *exec_argv(self.conf, self.instance, argv, SCRATCH_IN_SANDBOX),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-                env=self._env(env),
-            )
-        finally:
-            log.close()
+        return await spawn_server(exec_argv(self.conf, self.instance, argv, SCRATCH_IN_SANDBOX),
+                                  log_path=self.dir / "server.log", env=self._env(env))
 
     async def _stop(self) -> None:
         if not self.instance_running:

@@ -26,18 +26,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from matrix_hpc.services.sandbox.base import (
-    SCRATCH_IN_SANDBOX,
-    Bind,
-    Sandbox,
-    SandboxConf,
-    SandboxError,
-    parse_bind,
-    python_binds,
-    python_path_dirs,
-)
-from matrix_hpc.services.sandbox.limits import UidClaim, claim_uid, prlimit_argv, running_as_root
+from matrix_hpc.services.sandbox.binds import Bind, parse_bind, python_binds, python_path_dirs
+from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Sandbox, SandboxConf, SandboxError
+from matrix_hpc.services.sandbox.limits import prlimit_argv
 from matrix_hpc.services.sandbox.process import ExecResult, run_capped
+from matrix_hpc.services.sandbox.server import spawn_server
+from matrix_hpc.services.sandbox.uids import UidClaim, claim_uid, running_as_root
 
 UID_INSIDE = 1000  # what sandboxed programs see as their uid/gid
 _HOST_ENV = {"PATH": "/usr/bin:/bin"}  # only for finding prlimit and bwrap; the sandbox gets its own
@@ -177,6 +171,15 @@ def check_bwrap() -> None:
         )
 
 
+def check_host_paths(conf: SandboxConf) -> None:
+    """The image dir and every bind's host path exist (bwrap would fail with a less useful message)."""
+    if conf.image and not os.path.isdir(conf.image):
+        raise SandboxError(f"sandbox.image={conf.image!r} is not a directory (bwrap needs an unpacked root)")
+    for spec in conf.binds:
+        if not os.path.exists(parse_bind(spec).host):
+            raise SandboxError(f"sandbox bind {spec!r}: host path does not exist")
+
+
 class BwrapSandbox(Sandbox):
     def __init__(self, conf: SandboxConf, sandbox_id: str) -> None:
         super().__init__(conf, sandbox_id)
@@ -190,11 +193,7 @@ class BwrapSandbox(Sandbox):
     async def _start(self) -> None:
         if check_bwrap.cache_info().currsize == 0:  # the probe runs once per process
             await asyncio.to_thread(check_bwrap)
-        if self.conf.image and not os.path.isdir(self.conf.image):
-            raise SandboxError(f"sandbox.image={self.conf.image!r} is not a directory (bwrap needs an unpacked root)")
-        for spec in self.conf.binds:
-            if not os.path.exists(parse_bind(spec).host):
-                raise SandboxError(f"sandbox bind {spec!r}: host path does not exist")
+        await asyncio.to_thread(check_host_paths, self.conf)
         if self.as_root:
             self.uid_claim = await asyncio.to_thread(claim_uid, self.conf.limits)
             os.fchown(self._scratch_fd, self.uid_claim.uid, self.uid_claim.uid)
@@ -215,16 +214,9 @@ class BwrapSandbox(Sandbox):
                                     max_output_bytes=max_output_bytes, env=_HOST_ENV, pass_fds=(env_fd,))
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            with env_args_fd(sandbox_env(self.conf, env)) as env_fd:
-                return await asyncio.create_subprocess_exec(
-                    *self._command(argv, env_fd, SCRATCH_IN_SANDBOX), stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE, stderr=log, env=_HOST_ENV, start_new_session=True,
-                    pass_fds=(env_fd,),
-                )
-        finally:
-            log.close()
+        with env_args_fd(sandbox_env(self.conf, env)) as env_fd:
+            return await spawn_server(self._command(argv, env_fd, SCRATCH_IN_SANDBOX),
+                                      log_path=self.dir / "server.log", env=_HOST_ENV, pass_fds=(env_fd,))
 
     async def _stop(self) -> None:
         if self.uid_claim is not None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 import os
 import shlex
-import signal
-import time
 from pathlib import Path
+
+from matrix_hpc.services.sandbox.kill import kill_until_gone
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "matrix_hpc_sandboxes"  # our subtree under the pool process's own cgroup
@@ -112,14 +112,7 @@ class SandboxCgroup:
         return None
 
     def kill_all(self, wait_s: float = 2.0) -> None:
-        deadline = time.monotonic() + wait_s
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.02)
+        kill_until_gone(self.pids, wait_s)
 
     def remove(self) -> None:
         self.kill_all()

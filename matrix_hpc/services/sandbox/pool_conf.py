@@ -1,10 +1,10 @@
-"""Configuration of the sandbox pool (kept apart so the contract imports it without cycles)."""
+"""How sandboxes are leased: the pool's settings (capacity, placement, waiting, expiry)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-POOL_MODES = ("auto", "ray", "local")
+from matrix_hpc.services.sandbox.registry import check_pool_mode
 
 
 @dataclass
@@ -24,8 +24,7 @@ class SandboxPoolConf:
     reap_interval_s: float = 2.0  # how often expired leases and dead owners are looked for
 
     def __post_init__(self) -> None:
-        if self.mode not in POOL_MODES:
-            raise ValueError(f"sandbox.pool.mode={self.mode!r} is unknown; choose one of {', '.join(POOL_MODES)}")
+        check_pool_mode(self.mode)
         for name in ("size", "max_per_node", "num_hosts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"sandbox.pool.{name} must be >= 1, got {getattr(self, name)}")

@@ -9,12 +9,13 @@ command started keeps running.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from matrix_hpc.services.sandbox.kill import kill_group
 
 _CHUNK = 64 * 1024
 _DRAIN_GRACE_S = 0.5  # after exit, how long leftover writers may keep the pipes open
@@ -59,14 +60,6 @@ class _CappedReader:
 
     def text(self) -> str:
         return bytes(self.buf).decode("utf-8", errors="replace")
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL the process group led by ``pid`` (started with a new session)."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 async def run_capped(

@@ -1,20 +1,18 @@
 """The sandbox service of one run (driver side), as the runtime starts services.
 
-``start_service(conf, plan)`` runs in the driver: it creates the pool (under
-Ray: the named pool actor and its host actors) and returns a
-:class:`SandboxService` whose :meth:`client_factory` is a picklable recipe
-each worker calls once to build its ``ctx.sandboxes``.
+``start_service(conf, plan)`` runs in the driver: it creates the pool where
+``sandbox.pool.mode`` says (under Ray: the named pool actor and its host
+actors) and returns a :class:`SandboxService` whose :meth:`client_factory`
+is a picklable recipe each worker calls once to build its ``ctx.sandboxes``.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-from matrix_hpc.services.sandbox.base import SandboxConf
-from matrix_hpc.services.sandbox.pool import SandboxPoolClient, make_sandbox_pool
-
-log = logging.getLogger(__name__)
+from matrix_hpc.services.sandbox.client import PoolBackend, SandboxPoolClient, make_sandbox_pool
+from matrix_hpc.services.sandbox.contract import SandboxConf
+from matrix_hpc.services.sandbox.registry import pool_backend_class
 
 
 class SandboxPoolFactory:
@@ -31,34 +29,20 @@ class SandboxPoolFactory:
 
 
 class SandboxService:
-    def __init__(self, conf: SandboxConf, uses_ray: bool) -> None:
+    def __init__(self, conf: SandboxConf, pool_backend: type[PoolBackend]) -> None:
         self.conf = conf
-        self.uses_ray = uses_ray
+        self.pool_backend = pool_backend  # where the pool runs (local, ray)
 
     def client_factory(self) -> SandboxPoolFactory:
         return SandboxPoolFactory(self.conf)
 
     def stop(self) -> None:
         """Stop every sandbox of the pool and its actors (idempotent)."""
-        if self.uses_ray:
-            from matrix_hpc.services.sandbox.ray_pool import shutdown_pool
-
-            shutdown_pool(self.conf)
+        self.pool_backend.stop_pool(self.conf)
 
 
 def start_service(conf: SandboxConf, plan: Any = None) -> SandboxService:  # Any: runtime RunPlan (unused)
     """Create the pool up front so that configuration errors surface before any task runs."""
-    if conf.pool.mode == "local":
-        return SandboxService(conf, uses_ray=False)
-    import ray
-
-    if not ray.is_initialized():
-        if conf.pool.mode == "ray":
-            raise RuntimeError("sandbox.pool.mode=ray but Ray is not initialised; start the cluster first")
-        return SandboxService(conf, uses_ray=False)
-    from matrix_hpc.services.sandbox.ray_pool import checked_pool
-
-    actor = checked_pool(conf)
-    stats = ray.get(actor.stats.remote(), timeout=120)  # waits until the host actors are placed
-    log.info("sandbox pool %r ready: %s", conf.pool.name, stats)
-    return SandboxService(conf, uses_ray=True)
+    pool_backend = pool_backend_class(conf.pool.mode)
+    pool_backend.start_pool(conf)
+    return SandboxService(conf, pool_backend)

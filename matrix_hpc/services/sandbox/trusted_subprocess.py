@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 
-from matrix_hpc.services.sandbox.base import SCRATCH_IN_SANDBOX, Sandbox, python_path_dirs
+from matrix_hpc.services.sandbox.binds import python_path_dirs
+from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Sandbox
 from matrix_hpc.services.sandbox.limits import prlimit_argv
 from matrix_hpc.services.sandbox.process import ExecResult, run_capped
+from matrix_hpc.services.sandbox.server import spawn_server
 
 
 def minimal_env(scratch: str) -> dict[str, str]:
@@ -57,12 +59,5 @@ class TrustedSubprocessSandbox(Sandbox):
 
     async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
         env = {**env, "MATRIX_SANDBOX_SOCKET": str(self.scratch / os.path.basename(env["MATRIX_SANDBOX_SOCKET"]))}
-        log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - handed to the child
-        try:
-            return await asyncio.create_subprocess_exec(
-                *self.cgroup_prefix(), *prlimit_argv(self.conf.limits), *argv, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=log, env=self._env(env), cwd=str(self.scratch),
-                start_new_session=True,
-            )
-        finally:
-            log.close()
+        return await spawn_server([*self.cgroup_prefix(), *prlimit_argv(self.conf.limits), *argv],
+                                  log_path=self.dir / "server.log", env=self._env(env), cwd=str(self.scratch))
