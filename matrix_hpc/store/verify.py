@@ -42,10 +42,11 @@ def summarize_output(out_dir: Path, run_id: str | None = None) -> OutputSummary:
     is listed in ``unreadable`` (``scan_output`` quarantines it)."""
     by_status: Counter[str] = Counter()
     tokens, rows = 0, 0
-    hashes: list[np.ndarray] = []
     readable: list[Path] = []
     unreadable: list[Path] = []
-    for f in data_files(Path(out_dir)):
+    files = data_files(Path(out_dir))
+    hashes = np.empty(_rows_in_footers(files), np.uint64)  # 8 bytes an id, filled file by file
+    for f in files:
         try:
             t = _read_summary_columns(f)
         except (OSError, pa.ArrowException) as e:
@@ -53,15 +54,24 @@ def summarize_output(out_dir: Path, run_id: str | None = None) -> OutputSummary:
             unreadable.append(f)
             continue
         readable.append(f)
+        hashes[rows:rows + t.num_rows] = hash_ids(t.column("id").fill_null(""))
         rows += t.num_rows
-        hashes.append(hash_ids(t.column("id").fill_null("")))
         mine = t if run_id is None else t.filter(pc.fill_null(pc.equal(t.column("run_id"), run_id), False))
         by_status.update(_status_counts(mine))
         tokens += _sum(mine, "prompt_tokens") + _sum(mine, "completion_tokens")
-    all_hashes = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
-    duplicate_ids, examples = _duplicates(readable, all_hashes)
+    duplicate_ids, examples = _duplicates(readable, hashes[:rows])
     distinct = rows - duplicate_ids
     return OutputSummary(dict(by_status), tokens, rows, distinct, duplicate_ids, examples, unreadable)
+
+
+def _rows_in_footers(files: list[Path]) -> int:
+    total = 0
+    for f in files:
+        try:
+            total += pq.read_metadata(f).num_rows
+        except (OSError, pa.ArrowException):
+            pass  # reported when its columns are read
+    return total
 
 
 def _read_summary_columns(path: Path) -> pa.Table:
@@ -87,8 +97,8 @@ def _duplicates(files: list[Path], hashes: np.ndarray) -> tuple[int, list[str]]:
     the candidates, so a hash collision is never counted as a duplicate)."""
     if len(hashes) < 2:
         return 0, []
-    ordered = np.sort(hashes)
-    candidates = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    hashes.sort()  # in place: the caller's array is ours to reorder
+    candidates = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
     if len(candidates) == 0:
         return 0, []
     counts: Counter[str] = Counter()
