@@ -314,3 +314,30 @@ def test_a_read_only_scan_touches_nothing(tmp_path: Path) -> None:
     assert temp.exists() and good[1].exists()
     with pytest.raises(ValueError, match="repair=False"):
         scan_output(tmp_path, retry_failed=True, repair=False)
+
+
+def test_a_commit_failing_halfway_with_keep_ok_writes_each_row_once(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_hpc.store import sink as sink_module
+
+    real = sink_module.write_table_atomic
+    calls = {"n": 0}
+
+    def second_write_fails(*args: object, **kw: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the _rejected/ file, after the main one was published
+            raise OSError(28, "No space left on device")
+        real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sink_module, "write_table_atomic", second_write_fails)
+    sink = ShardSink(_settings(tmp_path, num_shards=1, keep="ok"), output_schema(), 0)
+
+    async def go() -> list:
+        await sink.write([_task(1), _task(2, FAILED)])
+        await sink.flush()  # main file published, rejected file fails
+        await sink.flush()  # retry: only the failed row is left to write
+        return await sink.wait_commits(0.05)
+
+    acks = asyncio.run(go())
+    assert sorted(a[0] for a in acks) == ["t1", "t2"]
+    assert _ids_on_disk(tmp_path) == ["t1", "t2"]
