@@ -69,6 +69,7 @@ class OutputLock:
         self._taken_over = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self.lost = threading.Event()  # set when another run took the output over (we were presumed dead)
 
     @property
     def holder_path(self) -> Path:
@@ -132,6 +133,12 @@ class OutputLock:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            holder = read_holder(self.out_dir)
+            if holder and holder.get("run_id") != self.run_id:
+                self.lost.set()  # never overwrite the new holder's record
+                log.error("output lock of %s was taken over by %s (this run's heartbeat was presumed dead); "
+                          "this run must stop writing", self.out_dir, describe_holder(holder))
+                return
             try:
                 self._write_record()
             except Exception:  # keep beating: a missed beat only ages the record

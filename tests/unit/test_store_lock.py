@@ -93,3 +93,15 @@ def test_one_process_cannot_lock_twice(tmp_path: Path) -> None:
             OutputLock(tmp_path, "run-B").acquire()
     with OutputLock(tmp_path, "run-C"):
         pass
+
+
+def test_a_holder_whose_lock_was_taken_over_learns_it(tmp_path: Path) -> None:
+    import json
+
+    with OutputLock(tmp_path, "run-A", heartbeat_s=0.05) as lock:
+        record = read_holder(tmp_path)
+        record["run_id"] = "run-B"  # what a requeued job's takeover writes
+        (tmp_path / "_matrix" / "lock.json").write_text(json.dumps(record))
+        assert lock.lost.wait(5)
+        assert read_holder(tmp_path)["run_id"] == "run-B"  # not overwritten
+    assert read_holder(tmp_path)["run_id"] == "run-B"  # release leaves the new holder's record
