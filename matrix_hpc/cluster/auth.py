@@ -110,8 +110,9 @@ def use_cluster_token(token_file: Path) -> None:
 
 
 def _refresh_ray_auth() -> None:
-    # Private Ray API (ray/_private/authentication/authentication_token_setup.py does the same).
-    from ray._raylet import AuthenticationTokenLoader, Config
+    # Private Ray API (ray/_private/authentication/authentication_token_setup.py does the same);
+    # a compiled module without type stubs.
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()

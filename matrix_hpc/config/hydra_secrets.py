@@ -20,8 +20,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from matrix_hpc.config.secrets import (ENV_KEYS, REDACTED, is_secret_key, redact, redact_text, redacted_yaml,
-                                       secret_values)
+from matrix_hpc.config.secrets import (
+    ENV_KEYS,
+    REDACTED,
+    is_secret_key,
+    redact,
+    redact_text,
+    redacted_yaml,
+    secret_values,
+)
 
 #: Where the files go, under the job's output dir (Hydra's default name, which `cluster.sweep` reads).
 HYDRA_SUBDIR = ".hydra"

@@ -37,7 +37,8 @@ MIN_SECRET_CHARS = 6
 def is_secret_key(key: Any) -> bool:
     """True if a config key names a secret (``HF_TOKEN``, ``api_key_env``, ``db.password``)."""
     words = [w for w in re.split(r"[^a-z0-9]+", str(key).lower()) if w]
-    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in zip(words, words[1:]))
+    pairs = zip(words, words[1:], strict=False)
+    return bool(SECRET_WORDS.intersection(words)) or any(pair in SECRET_PAIRS for pair in pairs)
 
 
 def redact(data: Any) -> Any:

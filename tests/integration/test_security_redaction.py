@@ -51,7 +51,7 @@ def test_a_run_records_its_config_with_secrets_redacted(tmp_path: Path) -> None:
     assert OmegaConf.load(run_copies[0]).llm.vllm.env.HF_TOKEN == "***"
     assert sorted(p.name for p in hydra_dirs[0].iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert OmegaConf.load(hydra_dirs[0] / "config.yaml").llm.openai.api_key_env == "***"
-    assert f"+llm.vllm.env.HF_TOKEN=***" in OmegaConf.load(hydra_dirs[0] / "overrides.yaml")
+    assert "+llm.vllm.env.HF_TOKEN=***" in OmegaConf.load(hydra_dirs[0] / "overrides.yaml")
     for canary in (name_canary, value_canary):
         assert files_with(canary, [out]) == []
         assert canary not in r.stdout + r.stderr
@@ -69,6 +69,7 @@ def test_a_sweep_records_its_configs_with_secrets_redacted(tmp_path: Path) -> No
     assert (sweep / "multirun.yaml").stat().st_mode & 0o077 == 0  # private from the first byte
     assert OmegaConf.load(sweep / "multirun.yaml").llm.vllm.env.HF_TOKEN == "***"
     points = sweep_points(sweep)  # reads each point's .hydra/config.yaml and overrides.yaml
-    assert [(p.varied, p.ok) for p in points] == [("run.max_concurrent_tasks=4", 20), ("run.max_concurrent_tasks=8", 20)]
+    assert [(p.varied, p.ok) for p in points] == [("run.max_concurrent_tasks=4", 20),
+                                                  ("run.max_concurrent_tasks=8", 20)]
     for canary in (name_canary, value_canary):
         assert files_with(canary, [sweep, tmp_path / "out"]) == []

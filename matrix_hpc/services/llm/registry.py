@@ -91,7 +91,7 @@ def get_or_create_registry(ref: ServiceRef) -> Any:  # Any: a Ray actor handle
     import ray
 
     job = ray.get_runtime_context().get_job_id()
-    actor_cls = ray.remote(num_cpus=0)(ReplicaRegistry)
+    actor_cls: Any = ray.remote(num_cpus=0)(ReplicaRegistry)  # Any: Ray's actor class wrapper
     handle = actor_cls.options(name=ref.registry, namespace=NAMESPACE, get_if_exists=True).remote(ref.digest, job)
     digest, owner = ray.get(handle.identity.remote())
     if digest != ref.digest or owner != job:

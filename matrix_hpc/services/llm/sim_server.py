@@ -248,16 +248,18 @@ class SimEndpoint:
     @web.middleware
     async def _require_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self._key_digest is None or request.path in OPEN_PATHS or self._authorized(request):
-            return await handler(request)
+            response: web.StreamResponse = await handler(request)
+            return response
         self.stats.counts["unauthorized"] += 1
-        response = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        refusal = _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError")
+        refusal.headers["WWW-Authenticate"] = "Bearer"
+        return refusal
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         digest = hashlib.sha256(given.encode()).digest()
-        return scheme.lower() == "bearer" and self._key_digest is not None and hmac.compare_digest(digest, self._key_digest)
+        expected = self._key_digest
+        return scheme.lower() == "bearer" and expected is not None and hmac.compare_digest(digest, expected)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()
