@@ -501,7 +501,9 @@ class Driver:
 
     def _result(self, interrupted: bool, worker_stats: list[dict[str, Any]]) -> RunResult:
         """What the output holds, read from disk: the run's only report."""
-        missing = None if interrupted or self.problems else missing_input(self.out_dir, self.plan.dataset)
+        # A drained run (signal) leaves work for the rerun and has no time to spare; a failed one says what it lacks.
+        checked = self.problems or not interrupted
+        missing = missing_input(self.out_dir, self.plan.dataset) if checked else None
         disk = summarize_output(self.out_dir, self.run_id)
         if disk.unreadable:
             self.problems.append(f"{len(disk.unreadable)} output file(s) cannot be read, e.g. {disk.unreadable[0]}; "

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0  # at most one log line per outbox this often about failed sends
 
 #: Called with a batch that could not be delivered and the error.
 OnFailed = Callable[[list[Any], BaseException], None]
@@ -37,6 +40,8 @@ class Outbox:
         self.messages_sent = 0
         self.batches_sent = 0
         self.batches_failed = 0
+        self._unlogged = 0  # failed messages not yet in a log line
+        self._next_log_at = 0.0
 
     def put(self, item: Any) -> None:
         self._buf.append(item)
@@ -75,9 +80,13 @@ class Outbox:
 
     def _failed(self, batch: list[Any], error: BaseException) -> None:
         self.batches_failed += 1
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        log.warning("a batch of %d message(s) to %s failed (%s: %s)%s", len(batch), self.name,
-                    type(error).__name__, first_line, "; re-admitting them" if self._on_failed else "")
+        self._unlogged += len(batch)
+        now = time.monotonic()
+        if now >= self._next_log_at:  # a dead peer fails every batch: one line per LOG_EVERY_S says it all
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            log.warning("%d message(s) to %s failed (%s: %s)%s", self._unlogged, self.name, type(error).__name__,
+                        first_line, "; they are re-admitted" if self._on_failed else "")
+            self._unlogged, self._next_log_at = 0, now + LOG_EVERY_S
         if self._on_failed is not None:
             self._on_failed(batch, error)
 
