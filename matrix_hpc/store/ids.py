@@ -287,6 +287,7 @@ class GrowingHashSet:
 
     def __init__(self, hashes: np.ndarray | None = None) -> None:
         self._base = np.sort(hashes) if hashes is not None else np.empty(0, np.uint64)
+        self._base_view = memoryview(self._base.data)
         self._recent: set[int] = set()
 
     def add_many(self, ids: Iterable[str]) -> None:
@@ -294,14 +295,16 @@ class GrowingHashSet:
         if len(self._recent) >= self.MERGE_AT:
             merged = np.concatenate([self._base, np.fromiter(self._recent, np.uint64, len(self._recent))])
             merged.sort()
-            self._base, self._recent = merged, set()
+            self._base, self._base_view, self._recent = merged, memoryview(merged.data), set()
 
     def maybe_contains(self, task_id: str) -> bool:
+        if not self._recent and not len(self._base):
+            return False
         h = hash_id(task_id)
         if h in self._recent:
             return True
-        i = int(np.searchsorted(self._base, np.uint64(h)))
-        return i < len(self._base) and int(self._base[i]) == h
+        i = bisect.bisect_left(self._base_view, h)
+        return i < len(self._base_view) and self._base_view[i] == h
 
     def __len__(self) -> int:
         return int(len(self._base)) + len(self._recent)

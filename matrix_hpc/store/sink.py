@@ -135,9 +135,8 @@ class ShardSink:
         return np.concatenate(parts) if parts else None
 
     async def _is_committed(self, task_id: str) -> bool:
-        if not self._committed.maybe_contains(task_id):
-            return False
-        shard = shard_of(task_id, self.s.num_shards)  # a hash hit: confirm against the shard's real ids
+        """Exact, for an id whose hash is among the committed ones (rare: re-admitted tasks)."""
+        shard = shard_of(task_id, self.s.num_shards)  # confirm against the shard's real ids
         if self._confirmed is None or self._confirmed[0] != shard:
             assert self._flush_lock is not None
             async with self._flush_lock:  # no commit or compaction of ours moves files while we list them
@@ -175,7 +174,11 @@ class ShardSink:
     async def write(self, tasks: list[TaskLike]) -> None:
         self._ensure_loop_state()
         for task in tasks:
-            await self._take(task)
+            if task.id not in self._buffered_ids and not self._committed.maybe_contains(task.id):
+                self._buffered_ids.add(task.id)  # the common case, without a coroutine per task
+                self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
+            else:
+                await self._take(task)
         if len(self._buffered_ids) >= self.s.max_buffered_rows and time.monotonic() >= self._retry_at:
             await self.flush()
         elif self._acks and self._acks_ready is not None:
@@ -184,12 +187,13 @@ class ShardSink:
     async def _take(self, task: TaskLike) -> None:
         if task.id in self._buffered_ids:
             return  # the first copy's ack (after its commit) answers for both
-        if await self._is_committed(task.id):
-            self.duplicates_dropped += 1
-            self._acks.append((task.id, DUPLICATE, None, None, 0))
-            return
-        if task.id in self._buffered_ids:  # another write() buffered a copy while we confirmed
-            return
+        if self._committed.maybe_contains(task.id):
+            if await self._is_committed(task.id):
+                self.duplicates_dropped += 1
+                self._acks.append((task.id, DUPLICATE, None, None, 0))
+                return
+            if task.id in self._buffered_ids:  # another write() buffered a copy while we confirmed
+                return
         self._buffered_ids.add(task.id)
         self._buffers.setdefault(shard_of(task.id, self.s.num_shards), []).append(task)
 
