@@ -5,7 +5,8 @@ else in the way) and a capacity probe for real endpoints. ``mode='aiohttp'``
 posts with a bare aiohttp session; ``mode='client'`` goes through
 :class:`LLMClient` (routing, retries), so the two show the client's own cost.
 
-    python -m matrix_hpc.services.llm.loadgen --url http://127.0.0.1:8000 --concurrency 1000 --duration-s 20
+    MATRIX_SIM_API_KEY=<the server's key> \
+        python -m matrix_hpc.services.llm.loadgen --url http://127.0.0.1:8000 --concurrency 1000 --duration-s 20
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
 from collections import Counter
@@ -21,9 +23,10 @@ from typing import Any
 
 import aiohttp
 
-from matrix_hpc.services.llm.client import LLMClient
+from matrix_hpc.services.llm.client import LLMClient, Secret
 from matrix_hpc.services.llm.config import ClientConf
 from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url
+from matrix_hpc.services.llm.sim_server import API_KEY_ENV
 
 
 @dataclass
@@ -82,19 +85,21 @@ async def run_load(
     max_tokens: int = 64,
     drain_timeout_s: float = 60.0,
     max_warmup_s: float = 300.0,
+    api_key: Secret | None = None,
 ) -> LoadReport:
     """Keep ``concurrency`` requests in flight; measure ``duration_s`` of steady state.
 
     Warm-up lasts until every one of the ``concurrency`` callers has had an
     answer (at C = 10,000 the first wave alone takes C / throughput seconds),
-    plus ``warmup_s``; at most ``max_warmup_s``.
+    plus ``warmup_s``; at most ``max_warmup_s``. ``api_key``: the server's key
+    (e.g. ``SimServerProcess.api_key``), sent as ``Authorization: Bearer``.
     """
     from matrix_hpc.services.llm.sim_server import raise_fd_limit
 
     raise_fd_limit()
     window = _Window()
     stop = asyncio.Event()
-    send = _sender(mode, url, model, max_tokens)
+    send = _sender(mode, url, model, max_tokens, api_key or Secret(None))
     try:
         workers = [asyncio.ensure_future(_worker(i, send.call, window, stop)) for i in range(concurrency)]
         await _first_wave_done(window, concurrency, max_warmup_s)
@@ -150,11 +155,12 @@ async def _worker(index: int, call: Any, window: _Window, stop: asyncio.Event) -
 
 
 class _BareSender:
-    def __init__(self, url: str, model: str, max_tokens: int):
+    def __init__(self, url: str, model: str, max_tokens: int, api_key: Secret):
         self.url = normalize_base_url(url) + "/chat/completions"
         self.model = model
         self.max_tokens = max_tokens
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        headers = {"Authorization": f"Bearer {api_key.get()}"} if api_key else {}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
 
     async def call(self, text: str) -> int:
         body = {"model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": self.max_tokens}
@@ -168,9 +174,9 @@ class _BareSender:
 
 
 class _ClientSender:
-    def __init__(self, url: str, model: str, max_tokens: int):
+    def __init__(self, url: str, model: str, max_tokens: int, api_key: Secret):
         conf = ClientConf(timeout_s=600.0)
-        self.client = LLMClient(StaticEndpoints([url]), conf, model=model)
+        self.client = LLMClient(StaticEndpoints([url]), conf, model=model, api_key=api_key)
         self.max_tokens = max_tokens
 
     async def call(self, text: str) -> int:
@@ -181,11 +187,11 @@ class _ClientSender:
         await self.client.close()
 
 
-def _sender(mode: str, url: str, model: str, max_tokens: int) -> Any:
+def _sender(mode: str, url: str, model: str, max_tokens: int, api_key: Secret) -> Any:
     if mode == "aiohttp":
-        return _BareSender(url, model, max_tokens)
+        return _BareSender(url, model, max_tokens, api_key)
     if mode == "client":
-        return _ClientSender(url, model, max_tokens)
+        return _ClientSender(url, model, max_tokens, api_key)
     raise ValueError(f"mode must be 'aiohttp' or 'client', got {mode!r}")
 
 
@@ -200,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args(argv)
-    coro = run_load(args.url, args.concurrency, args.duration_s, args.warmup_s, args.mode, args.model, args.max_tokens)
+    api_key = Secret(os.environ.get(API_KEY_ENV))  # the key by environment, as the sim server takes it
+    coro = run_load(args.url, args.concurrency, args.duration_s, args.warmup_s, args.mode, args.model, args.max_tokens,
+                    api_key=api_key)
     print(json.dumps(asdict(run_in_loop(coro, args.loop))))
 
 
