@@ -6,7 +6,8 @@ and registers :class:`RedactSecrets` instead, which writes the same three
 files, redacted (see ``matrix_hpc.config.secrets``), before the job runs.
 Hydra's sweeper writes ``multirun.yaml`` itself: the callback creates it
 first with mode 0600 (the sweeper's write keeps that mode), and redacts it
-when a job starts and when the sweep ends.
+when a job starts and when the sweep ends. A new sweep dir is made 0700:
+the submitit launcher pickles every job's config (secrets included) in it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class RedactSecrets(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_file = Path(str(config.hydra.sweep.dir)) / "multirun.yaml"
-        sweep_file.parent.mkdir(parents=True, exist_ok=True)
+        # 0700 when new: the submitit launcher pickles each job's whole config under it (.submitit/).
+        sweep_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(sweep_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -67,6 +67,7 @@ def test_a_sweep_records_its_configs_with_secrets_redacted(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = tmp_path / "sweep"
     assert (sweep / "multirun.yaml").stat().st_mode & 0o077 == 0  # private from the first byte
+    assert sweep.stat().st_mode & 0o777 == 0o700  # and so is what a launcher pickles under it
     assert OmegaConf.load(sweep / "multirun.yaml").llm.vllm.env.HF_TOKEN == "***"
     points = sweep_points(sweep)  # reads each point's .hydra/config.yaml and overrides.yaml
     assert [(p.varied, p.ok) for p in points] == [("run.max_concurrent_tasks=4", 20),
