@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from matrix_hpc.cli.main import fail
-from matrix_hpc.store.layout import META_DIR, data_files
+from matrix_hpc.store.layout import META_DIR, data_files, read_columns
 from matrix_hpc.store.lock import OutputLock, OutputLocked
 from matrix_hpc.store.resume import scan_output
 from matrix_hpc.store.verify import OutputSummary, summarize_output
@@ -36,7 +38,7 @@ def inspect_command(args: list[str]) -> int:
         print(note)
     if not files:
         return fail(f"{out} holds no readable committed rows (no shard=*/part-*.parquet files)")
-    print(render(out, files))
+    print(render(out, files, summary))
     problems = problem_lines(out, summary)
     for line in problems:
         print(line, file=sys.stderr)
@@ -66,34 +68,20 @@ def problem_lines(out: Path, summary: OutputSummary) -> list[str]:
     return lines
 
 
-def load_summary_table(files: list[Path]) -> pa.Table:
-    tables = []
-    for f in files:
-        names = pq.ParquetFile(f).schema_arrow.names
-        tables.append(pq.read_table(f, columns=[c for c in COLUMNS if c in names]))
-    return pa.concat_tables(tables, promote_options="default")
-
-
-def render(out: Path, files: list[Path]) -> str:
-    t = load_summary_table(files).to_pydict()
-    n = len(t["id"])
-    status = Counter(t["status"])
-    lines = [f"{out}: {n} rows in {len(files)} files ({len(set(t['id']))} distinct ids)"]
-    lines.append("  by status: " + ", ".join(f"{k} {v} ({v / n:.1%})" for k, v in status.most_common()))
-    prompt, completion = sum(x or 0 for x in t["prompt_tokens"]), sum(x or 0 for x in t["completion_tokens"])
+def render(out: Path, files: list[Path], summary: OutputSummary) -> str:
+    """Counts, tokens, error kinds with an example each, filter reasons:
+    aggregated file by file with Arrow (no Python object per row)."""
+    n = max(summary.rows, 1)
+    lines = [f"{out}: {summary.rows} rows in {len(files)} files ({summary.distinct_ids} distinct ids)"]
+    by_status = sorted(summary.by_status.items(), key=lambda kv: -kv[1])
+    lines.append("  by status: " + ", ".join(f"{k} {v} ({v / n:.1%})" for k, v in by_status))
+    totals = _aggregate(files)
+    prompt, completion = totals.prompt_tokens, totals.completion_tokens
     lines.append(f"  tokens: prompt {prompt:,}, completion {completion:,}, total {prompt + completion:,}")
-    retried = sum(1 for a in t["attempts"] if (a or 1) > 1)
-    lines.append(f"  rows whose steps were retried: {retried}")
-    errors: Counter[str] = Counter()
-    examples: dict[str, str] = {}
-    for etype, err, rid in zip(t["error_type"], t["error"], t["id"], strict=True):
-        if etype:
-            errors[etype] += 1
-            examples.setdefault(etype, f"[{rid}] {err}")
-    for etype, count in errors.most_common(10):
-        lines.append(f"  error {etype} x{count}, e.g. {examples[etype][:200]}")
-    reasons = Counter(r for r in t["reason"] if r)
-    for reason, count in reasons.most_common(10):
+    lines.append(f"  rows whose steps were retried: {totals.retried}")
+    for etype, count in totals.errors.most_common(10):
+        lines.append(f"  error {etype} x{count}, e.g. {totals.examples[etype][:200]}")
+    for reason, count in totals.reasons.most_common(10):
         lines.append(f"  filtered x{count}: {reason[:120]}")
     cfg = out / META_DIR / "workflow.yaml"
     if cfg.exists():
@@ -101,6 +89,50 @@ def render(out: Path, files: list[Path]) -> str:
         lines.append(f"  workflow: {' '.join(first)}   (config: {out / META_DIR / 'config.yaml'})")
         lines += [f"  {k}: {_fmt(v)}" for k, v in workflow_metrics(cfg, files).items()]
     return "\n".join(lines)
+
+
+@dataclass
+class _Totals:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retried: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def _aggregate(files: list[Path]) -> _Totals:
+    totals = _Totals()
+    for f in files:
+        names = set(pq.read_schema(f).names)
+        t = read_columns(f, [c for c in COLUMNS if c in names])
+        totals.prompt_tokens += _sum(t, "prompt_tokens")
+        totals.completion_tokens += _sum(t, "completion_tokens")
+        if "attempts" in names:
+            totals.retried += int(pc.sum(pc.greater(t.column("attempts"), 1)).as_py() or 0)
+        if "error_type" in names:
+            _count_errors(t, totals)
+        if "reason" in names:
+            totals.reasons.update(_value_counts(t.column("reason")))
+    return totals
+
+
+def _count_errors(t: pa.Table, totals: _Totals) -> None:
+    failed = t.filter(pc.is_valid(t.column("error_type")))
+    for etype, count in _value_counts(failed.column("error_type")).items():
+        totals.errors[etype] += count
+        if etype not in totals.examples:
+            row = failed.filter(pc.equal(failed.column("error_type"), etype)).slice(0, 1).to_pylist()[0]
+            totals.examples[etype] = f"[{row.get('id')}] {row.get('error')}"
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    valid = column.filter(pc.is_valid(column))
+    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(valid).to_pylist() if v["values"]}
+
+
+def _sum(t: pa.Table, column: str) -> int:
+    return int(pc.sum(t.column(column)).as_py() or 0) if column in t.column_names else 0
 
 
 def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object]:

@@ -341,3 +341,19 @@ def test_a_commit_failing_halfway_with_keep_ok_writes_each_row_once(tmp_path: Pa
     acks = asyncio.run(go())
     assert sorted(a[0] for a in acks) == ["t1", "t2"]
     assert _ids_on_disk(tmp_path) == ["t1", "t2"]
+
+
+def test_inspect_reports_counts_tokens_errors_and_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from matrix_hpc.cli.inspect_cmd import inspect_command
+    from matrix_hpc.runtime.message import FILTERED
+
+    dropped = _task(3)
+    dropped.finish(FILTERED, reason="too short")
+    write_table_atomic(tasks_to_table([_task(1), _task(2, FAILED), dropped], "r1", output_schema()),
+                       shard_dir(tmp_path, 0) / "part-r1-000-0000abcd-p000000.parquet")
+    assert inspect_command([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows in 1 files (3 distinct ids)" in out
+    assert "ok 1 (33.3%)" in out and "failed 1 (33.3%)" in out and "filtered 1 (33.3%)" in out
+    assert "tokens: prompt 9, completion 15, total 24" in out
+    assert "error E x1, e.g. [t2] boom" in out and "filtered x1: too short" in out
