@@ -47,7 +47,7 @@ IDENTITY_FILE = "identity.json"
 LEGACY_WORKFLOW_FILE = "workflow.yaml"
 DATASET_IDENTITY_KEYS = ("path", "id_column")
 
-__all__ = ["IdSet", "OutputScan", "ResumeRefused", "check_and_record_config", "completed_ids", "scan_output"]
+__all__ = ["IdSet", "OutputScan", "ResumeRefused", "check_and_record_config", "scan_output"]
 
 
 class ResumeRefused(RuntimeError):
@@ -103,15 +103,6 @@ def scan_output(out_dir: Path, retry_failed: bool = False, repair: bool = True) 
                   duplicates, out_dir)
     done = IdSet(hashes, _id_loader(files), longest, has_nul)
     return OutputScan(done, retried, quarantined, duplicates)
-
-
-def completed_ids(out_dir: Path) -> set[str]:
-    """Every committed id as a Python set: for tests and small outputs only
-    (a run uses :func:`scan_output`, which keeps 8 bytes an id)."""
-    ids: set[str] = set()
-    for path in data_files(Path(out_dir)):
-        ids.update(read_columns(path, ["id"]).column("id").to_pylist())
-    return ids
 
 
 # -- reading, quarantine ---------------------------------------------------------

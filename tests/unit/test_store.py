@@ -12,7 +12,7 @@ import pytest
 from matrix_hpc.runtime.message import FAILED, OK, TaskState
 from matrix_hpc.store.input import DatasetConf, iter_input, stable_row_hash
 from matrix_hpc.store.layout import TMP_PREFIX, data_files, shard_dir, shard_of
-from matrix_hpc.store.resume import ResumeRefused, check_and_record_config, completed_ids, scan_output
+from matrix_hpc.store.resume import ResumeRefused, check_and_record_config, scan_output
 from matrix_hpc.store.rows import output_schema
 from matrix_hpc.store.sink import DUPLICATE, ShardSink, SinkSettings
 
@@ -22,6 +22,10 @@ def _task(i: int, status: str = OK) -> TaskState:
     t.add_message("a", f"hello {i}", prompt_tokens=3, completion_tokens=5)
     t.finish(status, error_type="E" if status == FAILED else None, error="boom" if status == FAILED else None)
     return t
+
+
+def completed_ids(out: Path) -> set[str]:
+    return {i for f in data_files(out) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
 
 
 def _sink(tmp_path: Path, keep: str = "all", max_rows: int = 10_000) -> ShardSink:
