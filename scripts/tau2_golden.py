@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import importlib
+import io
 import json
 import os
 import sys
@@ -39,9 +40,9 @@ DOMAINS = ("retail", "airline", "telecom")
 
 # What --all writes: (domain, split, input file or None for gold actions, output file).
 ALL_JOBS: tuple[tuple[str, str, str | None, str], ...] = (
-    ("retail", "base", None, "retail.jsonl"),
-    ("airline", "base", None, "airline.jsonl"),
-    ("telecom", "base", None, "telecom.jsonl"),
+    ("retail", "base", None, "retail.jsonl.gz"),
+    ("airline", "base", None, "airline.jsonl.gz"),
+    ("telecom", "base", None, "telecom.jsonl.gz"),
     ("telecom", "full", None, "telecom_full.jsonl.gz"),
     ("retail", "base", "retail_probes_input.jsonl", "retail_probes.jsonl"),
     ("airline", "base", "airline_probes_input.jsonl", "airline_probes.jsonl"),
@@ -122,8 +123,9 @@ def _file_inputs(path: Path, tasks: list[Any]) -> Iterator[tuple[Any, list[dict[
 
 def _open_output(path: Path) -> TextIO:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".gz":
-        return gzip.open(path, "wt", encoding="utf-8", compresslevel=9)  # type: ignore[return-value]
+    if path.suffix == ".gz":  # mtime=0: the same content gives the same bytes
+        raw = gzip.GzipFile(filename=path, mode="wb", compresslevel=9, mtime=0)
+        return io.TextIOWrapper(raw, encoding="utf-8")
     return path.open("w", encoding="utf-8")
 
 

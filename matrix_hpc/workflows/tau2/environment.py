@@ -30,8 +30,13 @@ from matrix_hpc.workflows.tau2.db import db_hash
 from matrix_hpc.workflows.tau2.tools import ToolKit, ToolOutput, caller_text, error_text
 
 REQUESTORS = ("assistant", "user")
-# make_tool_call's own parameters: an argument with one of these names collides with them.
-_ROUTING_PARAMETERS = ("self", "tool_name", "requestor")
+# tau2 passes the arguments as keywords next to make_tool_call's own parameters, so an argument
+# with one of these names collides with them; Python words the two cases differently.
+_ROUTING_COLLISIONS = {
+    "tool_name": "tau2.environment.environment.Environment.make_tool_call() got multiple values for keyword argument 'tool_name'",
+    "requestor": "tau2.environment.environment.Environment.make_tool_call() got multiple values for keyword argument 'requestor'",
+    "self": "Environment.make_tool_call() got multiple values for argument 'self'",
+}
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,9 @@ class Tau2Environment:
 
     def invoke(self, name: str, arguments: Mapping[str, Any], requestor: str = "assistant") -> Any:
         """Run a tool for ``requestor`` and return its raw result; raises what the tool raises."""
-        for key in _ROUTING_PARAMETERS:
+        for key, message in _ROUTING_COLLISIONS.items():
             if key in arguments:
-                raise TypeError(f"Environment.make_tool_call() got multiple values for argument '{key}'")
+                raise TypeError(message)
         return self._kit_for(requestor).invoke(name, arguments)
 
     def call(self, name: str, arguments: Mapping[str, Any], requestor: str = "assistant") -> ToolOutput:
