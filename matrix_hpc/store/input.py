@@ -67,7 +67,13 @@ def check_input(conf: DatasetConf) -> None:
     """
     if conf.format not in FORMATS:
         raise InputPathError(f"dataset.format={conf.format!r}; valid choices: {', '.join(FORMATS)}")
-    input_files(conf)
+    files = input_files(conf)
+    named = Path(conf.path).expanduser()
+    if conf.format == "auto" and files == [named] and named.is_file():  # one file named outright
+        try:
+            _format_of(named)
+        except ValueError as e:
+            raise InputPathError(f"dataset.path={conf.path!r}: {e}") from None
 
 
 def input_files(conf: DatasetConf) -> list[Path]:

@@ -163,6 +163,10 @@ def test_check_input_names_path_mistakes_in_one_line(tmp_path: Path) -> None:
         check_input(DatasetConf(path=str(tmp_path), format="csv"))
     (tmp_path / "a.jsonl").write_text('{"id": 1}\n')
     check_input(DatasetConf(path=str(tmp_path / "*.jsonl")))
+    (tmp_path / "a.csv").write_text("id\n1\n")
+    with pytest.raises(InputPathError, match="cannot tell the format of a.csv"):
+        check_input(DatasetConf(path=str(tmp_path / "a.csv")))
+    check_input(DatasetConf(path=str(tmp_path / "a.csv"), format="jsonl"))
 
 
 def test_repeats_past_the_exact_limit_are_still_found() -> None:
