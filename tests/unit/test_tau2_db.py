@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from matrix_hpc.workflows.tau2.db import db_hash, dict_hash
+from matrix_hpc.workflows.tau2.db import data_dir, db_hash, dict_hash
 from matrix_hpc.workflows.tau2.replay import Action, replay_task
 from matrix_hpc.workflows.tau2.tasks import _base, load_tasks, new_environment
-from matrix_hpc.workflows.tau2.db import data_dir
 
 # tau2's get_db_hash() of the untouched DBs, as tau2-bench a2c02472 computes it.
 RETAIL_START = "b25c9cb211f5efcaee5dd646054a73c4a9f43f4f5acc32c10713cd9f9ac20e9c"

@@ -31,9 +31,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _gold_actions(task: dict[str, Any]) -> list[Action]:
     criteria = task.get("evaluation_criteria") or {}
-    return [
-        Action(a["name"], a["arguments"], a.get("requestor", "assistant")) for a in criteria.get("actions") or []
-    ]
+    return [Action(a["name"], a["arguments"], a.get("requestor", "assistant")) for a in criteria.get("actions") or []]
 
 
 def _golden_rows(name: str) -> list[dict[str, Any]]:
@@ -41,7 +39,7 @@ def _golden_rows(name: str) -> list[dict[str, Any]]:
 
 
 def _assert_same(got: dict[str, Any], expected: dict[str, Any]) -> None:
-    for index, (ours, theirs) in enumerate(zip(got["outputs"], expected["outputs"])):
+    for index, (ours, theirs) in enumerate(zip(got["outputs"], expected["outputs"], strict=False)):
         assert ours == theirs, f"task {got['task_id']!r}, action {index}: ours {ours!r} != tau2's {theirs!r}"
     assert len(got["outputs"]) == len(expected["outputs"])
     assert got["db_hash"] == expected["db_hash"], f"task {got['task_id']!r}: agent DB differs from tau2's"
@@ -71,7 +69,7 @@ def test_probe_action_lists_match_tau2(domain: str) -> None:
     got = [json.loads(line) for line in out.getvalue().splitlines()]
     expected = _golden_rows(f"{domain}_probes.jsonl")
     assert len(got) == len(expected)
-    for ours, theirs in zip(got, expected):
+    for ours, theirs in zip(got, expected, strict=True):
         _assert_same(ours, theirs)
 
 

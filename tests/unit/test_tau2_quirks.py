@@ -47,7 +47,8 @@ def test_modify_pending_items_stores_the_unrounded_sum_and_the_last_variant_ever
 def test_empty_item_lists_are_not_refused() -> None:
     env = new_environment("retail")
     out = env.call(
-        "return_delivered_order_items", {"order_id": DELIVERED, "item_ids": [], "payment_method_id": "gift_card_8168843"}
+        "return_delivered_order_items",
+        {"order_id": DELIVERED, "item_ids": [], "payment_method_id": "gift_card_8168843"},
     )
     assert out.ok and json.loads(out.text)["status"] == "return requested"
 
@@ -104,10 +105,17 @@ def test_results_render_as_tau2_renders_them() -> None:
 
 def test_airline_onestop_search_pads_no_day_after_plus_one() -> None:
     env = new_environment("airline")
-    pairs = json.loads(env.call("search_onestop_flight", {"origin": "LGA", "destination": "PHX", "date": "2024-05-09"}).text)
+    pairs = json.loads(
+        env.call("search_onestop_flight", {"origin": "LGA", "destination": "PHX", "date": "2024-05-09"}).text
+    )
     overnight = [second for first, second in pairs if "+1" in first["scheduled_arrival_time_est"]]
     assert all(second["date"] == "2024-05-10" for second in overnight)
-    assert json.loads(env.call("search_direct_flight", {"origin": "PHL", "destination": "LGA", "date": "2024-05-16"}).text)[0]["date"] is None
+    assert (
+        json.loads(
+            env.call("search_direct_flight", {"origin": "PHL", "destination": "LGA", "date": "2024-05-16"}).text
+        )[0]["date"]
+        is None
+    )
 
 
 def test_telecom_user_and_agent_sides_sync_as_tau2_does() -> None:

@@ -56,6 +56,8 @@ def test_requestor_is_checked_per_action(tmp_path: Path) -> None:
 def test_missing_input_is_named(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "matrix_hpc.workflows.tau2", "replay", "--domain", "retail"]
     proc = subprocess.run(
-        cmd + ["--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl")], capture_output=True, text=True
+        cmd + ["--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl")],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2 and "none.jsonl does not exist" in proc.stderr

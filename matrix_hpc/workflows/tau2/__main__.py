@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser("replay", help="replay action lists through fresh tau2 environments")
     replay.add_argument("--domain", required=True, choices=DOMAIN_NAMES)
-    replay.add_argument("--input", required=True, type=Path, help="JSONL: {task_id, actions: [{name, arguments, requestor?}]}")
+    replay.add_argument(
+        "--input", required=True, type=Path, help="JSONL: {task_id, actions: [{name, arguments, requestor?}]}"
+    )
     replay.add_argument("--output", required=True, type=Path, help="JSONL: {task_id, outputs, db_hash, user_db_hash}")
     replay.set_defaults(run=_replay)
     args = parser.parse_args(argv)

@@ -154,8 +154,8 @@ class DBTemplate:
         self._encoded: dict[int, str] = {}  # id(template record) -> its JSON, filled lazily
 
     def fresh(self) -> BaseModel:
-        tables = {name: CopyOnAccessDict(getattr(self.db, name)) for name in self._tables}
-        return type(self.db).model_construct(**tables)
+        tables: dict[str, Any] = {name: CopyOnAccessDict(getattr(self.db, name)) for name in self._tables}
+        return type(self.db).model_construct(None, **tables)
 
     def hash(self, db: BaseModel) -> str:
         """tau2's hash of ``db``, a DB made by :meth:`fresh` (or the template itself)."""
@@ -165,7 +165,7 @@ class DBTemplate:
             shared = getattr(self.db, name)
             entries = []
             for key in sorted(table):
-                record = dict.__getitem__(table, key)
+                record: BaseModel = dict.__getitem__(table, key)
                 if dict.get(shared, key) is record:
                     encoded = self._encoded.get(id(record))
                     if encoded is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -32,9 +32,10 @@ from matrix_hpc.workflows.tau2.tools import ToolKit, ToolOutput, caller_text, er
 REQUESTORS = ("assistant", "user")
 # tau2 passes the arguments as keywords next to make_tool_call's own parameters, so an argument
 # with one of these names collides with them; Python words the two cases differently.
+_CALL_SITE = "tau2.environment.environment.Environment.make_tool_call() got multiple values for keyword argument"
 _ROUTING_COLLISIONS = {
-    "tool_name": "tau2.environment.environment.Environment.make_tool_call() got multiple values for keyword argument 'tool_name'",
-    "requestor": "tau2.environment.environment.Environment.make_tool_call() got multiple values for keyword argument 'requestor'",
+    "tool_name": f"{_CALL_SITE} 'tool_name'",
+    "requestor": f"{_CALL_SITE} 'requestor'",
     "self": "Environment.make_tool_call() got multiple values for argument 'self'",
 }
 
@@ -48,7 +49,7 @@ class EnvFunctionCall:
     arguments: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EnvFunctionCall":
+    def from_dict(cls, data: Mapping[str, Any]) -> EnvFunctionCall:
         return cls(env_type=data["env_type"], func_name=data["func_name"], arguments=dict(data.get("arguments") or {}))
 
 
@@ -57,8 +58,8 @@ class Tau2Environment:
         self,
         domain: str,
         tools: ToolKit,
-        user_tools: Optional[ToolKit] = None,
-        sync: Optional[Callable[["Tau2Environment"], None]] = None,
+        user_tools: ToolKit | None = None,
+        sync: Callable[[Tau2Environment], None] | None = None,
         hash_db: Callable[[BaseModel], str] = db_hash,
     ) -> None:
         self.domain = domain
@@ -142,7 +143,7 @@ class Tau2Environment:
         """tau2's ``get_db_hash()`` of the agent DB."""
         return self._hash_db(self.tools.db)
 
-    def user_db_hash(self) -> Optional[str]:
+    def user_db_hash(self) -> str | None:
         return db_hash(self.user_tools.db) if self.user_tools is not None else None
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ Example::
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -25,7 +26,7 @@ from matrix_hpc.workflows.tau2.environment import EnvFunctionCall, Tau2Environme
 Task = dict[str, Any]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_tasks(domain: str, folder: Path) -> tuple[Task, ...]:
     tasks = read_data_file(folder / "tasks.json")
     if isinstance(tasks, dict) and "tasks" in tasks:
@@ -38,7 +39,7 @@ def load_splits(domain: str) -> dict[str, list[str]]:
     return read_data_file(data_dir(domain) / "split_tasks.json")  # type: ignore[no-any-return]
 
 
-def load_tasks(domain: str, split: Optional[str] = "base") -> list[Task]:
+def load_tasks(domain: str, split: str | None = "base") -> list[Task]:
     """The domain's tasks in file order; ``split=None`` for all (tau2's default split is ``base``)."""
     tasks = _all_tasks(domain, data_dir(domain))
     if split is None:
@@ -54,7 +55,7 @@ def tasks_by_id(domain: str) -> dict[str, Task]:
     return {task["id"]: task for task in _all_tasks(domain, data_dir(domain))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(domain: str, folder: Path) -> Any:
     return domain_module(domain).load_base(folder)
 

@@ -7,7 +7,7 @@ by pydantic's smart union exactly as tau2 does.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,7 +28,7 @@ class Name(BaseModel):
 
 class Address(BaseModel):
     address1: str
-    address2: Optional[str] = None
+    address2: str | None = None
     city: str
     country: str
     state: str
@@ -62,7 +62,7 @@ class Certificate(PaymentMethodBase):
     amount: float
 
 
-PaymentMethod = Union[CreditCard, GiftCard, Certificate]
+PaymentMethod = CreditCard | GiftCard | Certificate
 
 
 class Passenger(BaseModel):
@@ -105,14 +105,14 @@ class FlightDateStatusDelayed(BaseModel):
     estimated_arrival_time_est: str
 
 
-FlightDateStatus = Union[
-    FlightDateStatusAvailable,
-    FlightDateStatusLanded,
-    FlightDateStatusCancelled,
-    FlightDateStatusDelayed,
-    FlightDataStatusFlying,
-    FlightDataStatusOnTime,
-]
+FlightDateStatus = (  # tau2's order
+    FlightDateStatusAvailable
+    | FlightDateStatusLanded
+    | FlightDateStatusCancelled
+    | FlightDateStatusDelayed
+    | FlightDataStatusFlying
+    | FlightDataStatusOnTime
+)
 
 
 class FlightBase(BaseModel):
@@ -131,7 +131,7 @@ class DirectFlight(FlightBase):
     status: Literal["available"]
     scheduled_departure_time_est: str
     scheduled_arrival_time_est: str
-    date: Optional[str] = None
+    date: str | None = None
     available_seats: dict[CabinClass, int]
     prices: dict[CabinClass, int]
 
@@ -172,7 +172,7 @@ class Reservation(BaseModel):
     total_baggages: int
     nonfree_baggages: int
     insurance: Insurance
-    status: Optional[Literal["cancelled"]] = None
+    status: Literal["cancelled"] | None = None
 
 
 class FlightDB(BaseModel):

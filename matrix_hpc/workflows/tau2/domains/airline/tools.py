@@ -15,7 +15,7 @@ Quirks kept on purpose (docs/tau2.md lists them as tau2's behaviour):
 from __future__ import annotations
 
 from copy import deepcopy
-from typing import Any, Optional
+from typing import Any
 
 from matrix_hpc.workflows.tau2.calculate import calculate as evaluate_expression
 from matrix_hpc.workflows.tau2.domains.airline.models import (
@@ -90,7 +90,7 @@ class AirlineTools(ToolKit):  # the class name shows in argument errors, as tau2
         raise ValueError("Too many reservations")
 
     def _direct_flights(
-        self, date: str, origin: Optional[str], destination: Optional[str], leave_after: Optional[str] = None
+        self, date: str, origin: str | None, destination: str | None, leave_after: str | None = None
     ) -> list[DirectFlight]:
         found = []
         for flight in self.db.flights.values():
@@ -116,17 +116,17 @@ class AirlineTools(ToolKit):  # the class name shows in argument errors, as tau2
                 )
         return found
 
-    def _charge_for_update(self, user: User, payment_id: str, total_price: int) -> Optional[Payment]:
+    def _charge_for_update(self, user: User, payment_id: str, total_price: int) -> Payment | None:
         """Check and take a payment for a change; None when nothing is owed."""
         if payment_id not in user.payment_methods:
             raise ValueError("Payment method not found")
         method = user.payment_methods[payment_id]
         if method.source == "certificate":
             raise ValueError("Certificate cannot be used to update reservation")
-        if method.source == "gift_card" and method.amount < total_price:  # type: ignore[union-attr]
+        if method.source == "gift_card" and method.amount < total_price:
             raise ValueError("Gift card balance is not enough")
         if method.source == "gift_card":
-            method.amount -= total_price  # type: ignore[union-attr]
+            method.amount -= total_price
         if total_price != 0:
             return Payment(payment_id=payment_id, amount=total_price)
         return None
@@ -196,17 +196,15 @@ class AirlineTools(ToolKit):  # the class name shows in argument errors, as tau2
             if payment.payment_id not in user.payment_methods:
                 raise ValueError(f"Payment method {payment.payment_id} not found")
             method = user.payment_methods[payment.payment_id]
-            if method.source in {"gift_card", "certificate"} and method.amount < payment.amount:  # type: ignore[union-attr]
+            if method.source in {"gift_card", "certificate"} and method.amount < payment.amount:
                 raise ValueError(f"Not enough balance in payment method {payment.payment_id}")
         total_payment = sum(payment.amount for payment in payment_methods)
         if total_payment != total_price:
-            raise ValueError(
-                f"Payment amount does not add up, total price is {total_price}, but paid {total_payment}"
-            )
+            raise ValueError(f"Payment amount does not add up, total price is {total_price}, but paid {total_payment}")
         for payment in payment_methods:
             method = user.payment_methods[payment.payment_id]
             if method.source == "gift_card":
-                method.amount -= payment.amount  # type: ignore[union-attr]
+                method.amount -= payment.amount
             elif method.source == "certificate":
                 user.payment_methods.pop(payment.payment_id)  # a certificate is used up whole
         for on_date in taken:

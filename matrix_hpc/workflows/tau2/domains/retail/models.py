@@ -8,7 +8,7 @@ Class names appear in validation errors the caller sees, so they match too.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -61,7 +61,7 @@ class GiftCard(PaymentMethodBase):
     id: str
 
 
-PaymentMethod = Union[CreditCard, GiftCard, Paypal]
+PaymentMethod = CreditCard | GiftCard | Paypal  # order matters to pydantic's smart union, as in tau2
 
 
 class User(BaseModel):
@@ -111,13 +111,13 @@ class Order(BaseModel):
     status: OrderStatus
     fulfillments: list[OrderFullfilment]
     payment_history: list[OrderPayment]
-    cancel_reason: Optional[Literal["no longer needed", "ordered by mistake"]] = None
-    exchange_items: Optional[list[str]] = None
-    exchange_new_items: Optional[list[str]] = None
-    exchange_payment_method_id: Optional[str] = None
-    exchange_price_difference: Optional[float] = None
-    return_items: Optional[list[str]] = None
-    return_payment_method_id: Optional[str] = None
+    cancel_reason: Literal["no longer needed", "ordered by mistake"] | None = None
+    exchange_items: list[str] | None = None
+    exchange_new_items: list[str] | None = None
+    exchange_payment_method_id: str | None = None
+    exchange_price_difference: float | None = None
+    return_items: list[str] | None = None
+    return_payment_method_id: str | None = None
 
 
 class RetailDB(BaseModel):

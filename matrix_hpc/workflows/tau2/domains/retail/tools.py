@@ -137,7 +137,7 @@ class RetailTools(ToolKit):  # the class name shows in argument errors, as tau2'
     def _price_difference(self, order: Order, item_ids: list[str], new_item_ids: list[str], refuse_same: bool) -> float:
         """Sum of new minus old prices, checking each pair as tau2 does (in its order)."""
         total: float = 0
-        for item_id, new_item_id in zip(item_ids, new_item_ids):
+        for item_id, new_item_id in zip(item_ids, new_item_ids, strict=False):
             if refuse_same and item_id == new_item_id:
                 raise ValueError("The new item id should be different from the old item id")
             item = self._first_item(order, item_id)
@@ -225,8 +225,10 @@ class RetailTools(ToolKit):  # the class name shows in argument errors, as tau2'
         if isinstance(method, GiftCard):
             method.balance = round(method.balance - difference, 2)
         # tau2 applies the variant of the LAST pair to every swapped item.
-        last_variant = self._variant(self._first_item(order, item_ids[-1]).product_id, new_item_ids[-1]) if item_ids else None
-        for item_id, new_item_id in zip(item_ids, new_item_ids):
+        last_variant = (
+            self._variant(self._first_item(order, item_ids[-1]).product_id, new_item_ids[-1]) if item_ids else None
+        )
+        for item_id, new_item_id in zip(item_ids, new_item_ids, strict=False):
             item = self._first_item(order, item_id)
             item.item_id = new_item_id
             item.price = last_variant.price  # type: ignore[union-attr]  # set whenever the loop runs

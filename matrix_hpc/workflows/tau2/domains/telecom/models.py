@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 from enum import Enum
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +34,7 @@ class Plan(_Strict):
     data_refueling_price_per_gb: float
 
 
-class DeviceType(str, Enum):
+class DeviceType(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     PHONE = "phone"
     ROUTER = "router"
     TABLET = "tablet"
@@ -47,14 +46,14 @@ class Device(_Strict):
     device_id: str
     device_type: DeviceType
     model: str
-    imei: Optional[str] = None
+    imei: str | None = None
     is_esim_capable: bool
     activated: bool = False
-    activation_date: Optional[datetime.datetime] = None
-    last_esim_transfer_date: Optional[datetime.datetime] = None
+    activation_date: datetime.datetime | None = None
+    last_esim_transfer_date: datetime.datetime | None = None
 
 
-class LineStatus(str, Enum):
+class LineStatus(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     ACTIVE = "Active"
     SUSPENDED = "Suspended"
     PENDING_ACTIVATION = "Pending Activation"
@@ -66,14 +65,14 @@ class Line(_Strict):
     phone_number: str
     status: LineStatus = LineStatus.PENDING_ACTIVATION
     plan_id: str
-    device_id: Optional[str] = None
+    device_id: str | None = None
     data_used_gb: float = 0.0
     data_refueling_gb: float = 0.0
     roaming_enabled: bool = False
-    contract_end_date: Optional[datetime.date] = None
-    last_plan_change_date: Optional[datetime.date] = None
-    last_sim_replacement_date: Optional[datetime.date] = None
-    suspension_start_date: Optional[datetime.date] = None
+    contract_end_date: datetime.date | None = None
+    last_plan_change_date: datetime.date | None = None
+    last_sim_replacement_date: datetime.date | None = None
+    suspension_start_date: datetime.date | None = None
 
 
 class LineItem(_Strict):
@@ -83,7 +82,7 @@ class LineItem(_Strict):
     item_type: str
 
 
-class BillStatus(str, Enum):
+class BillStatus(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     DRAFT = "Draft"
     ISSUED = "Issued"
     AWAITING_PAYMENT = "Awaiting Payment"
@@ -104,14 +103,14 @@ class Bill(_Strict):
     status: BillStatus = BillStatus.DRAFT
 
 
-class AccountStatus(str, Enum):
+class AccountStatus(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     ACTIVE = "Active"
     SUSPENDED = "Suspended"
     PENDING_VERIFICATION = "Pending Verification"
     CLOSED = "Closed"
 
 
-class PaymentMethodType(str, Enum):
+class PaymentMethodType(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     CREDIT_CARD = "Credit Card"
     DEBIT_CARD = "Debit Card"
     PAYPAL = "PayPal"
@@ -135,7 +134,7 @@ class Customer(_Strict):
     line_ids: list[str] = Field(default_factory=list)
     bill_ids: list[str] = Field(default_factory=list)
     created_at: datetime.datetime = DEFAULT_START_DATE  # type: ignore[assignment]  # tau2's default is a date
-    last_extension_date: Optional[datetime.date] = None
+    last_extension_date: datetime.date | None = None
     goodwill_credit_used_this_year: float = 0.0
 
 

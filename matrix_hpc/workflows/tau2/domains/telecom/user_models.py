@@ -8,7 +8,6 @@ the carrier DB, a pending payment request) starts from these defaults.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,14 +16,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SimStatus(str, Enum):
+class SimStatus(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     ACTIVE = "active"
     MISSING = "missing"
     LOCKED_PIN = "locked_pin"
     LOCKED_PUK = "locked_puk"
 
 
-class NetworkTechnology(str, Enum):
+class NetworkTechnology(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     NONE = "none"
     TWO_G = "2G"
     THREE_G = "3G"
@@ -32,14 +31,14 @@ class NetworkTechnology(str, Enum):
     FIVE_G = "5G"
 
 
-class NetworkModePreference(str, Enum):
+class NetworkModePreference(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     FOUR_G_5G_PREFERRED = "4g_5g_preferred"
     FOUR_G_ONLY = "4g_only"
     THREE_G_ONLY = "3g_only"
     TWO_G_ONLY = "2g_only"
 
 
-class SignalStrength(str, Enum):
+class SignalStrength(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     NONE = "none"
     POOR = "poor"
     FAIR = "fair"
@@ -47,7 +46,7 @@ class SignalStrength(str, Enum):
     EXCELLENT = "excellent"
 
 
-class PerformanceLevel(str, Enum):
+class PerformanceLevel(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     UNKNOWN = "unknown"
     POOR = "poor"
     FAIR = "fair"
@@ -55,14 +54,14 @@ class PerformanceLevel(str, Enum):
     EXCELLENT = "excellent"
 
 
-class NetworkStatus(str, Enum):
+class NetworkStatus(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     CONNECTED = "connected"
     SEARCHING = "searching"
     NO_SERVICE = "no_service"
     EMERGENCY_ONLY = "emergency_only"
 
 
-class APNNames(str, Enum):
+class APNNames(str, Enum):  # noqa: UP042  # tau2 mixes in str; StrEnum would change str()
     INTERNET = "internet"
     BROKEN = "broken"
 
@@ -70,15 +69,15 @@ class APNNames(str, Enum):
 class APNSettings(_Strict):
     apn_name: APNNames = APNNames.INTERNET
     reset_at_reboot: bool = False
-    mms_apn: Optional[str] = "mms"
-    mmsc_url: Optional[str] = "http://mms.carrier.com/mms/wapenc"
-    mms_proxy: Optional[str] = None
-    mms_port: Optional[int] = None
+    mms_apn: str | None = "mms"
+    mmsc_url: str | None = "http://mms.carrier.com/mms/wapenc"
+    mms_proxy: str | None = None
+    mms_port: int | None = None
 
 
 class VpnDetails(_Strict):
-    server_address: Optional[str] = None
-    protocol: Optional[str] = None
+    server_address: str | None = None
+    protocol: str | None = None
     server_performance: PerformanceLevel = Field(default=PerformanceLevel.UNKNOWN, validate_default=True)
 
 
@@ -117,14 +116,14 @@ class MockPhoneAttributes(_Strict):
     active_apn_settings: APNSettings = Field(default_factory=APNSettings)
     wifi_enabled: bool = False
     wifi_connected: bool = False
-    wifi_ssid: Optional[str] = None
+    wifi_ssid: str | None = None
     wifi_signal_strength: SignalStrength = Field(default=SignalStrength.NONE, validate_default=True)
     wifi_calling_enabled: bool = False
     wifi_calling_mms_over_wifi: bool = False
     data_saver_mode: bool = False
     vpn_enabled_setting: bool = False
     vpn_connected: bool = False
-    vpn_details: Optional[VpnDetails] = None
+    vpn_details: VpnDetails | None = None
     app_statuses: dict[str, AppStatus] = Field(default_factory=_default_apps)
 
 
@@ -144,14 +143,14 @@ def _default_signal() -> dict[NetworkTechnology, SignalStrength]:
 
 
 class UserSurroundings(_Strict):
-    name: Optional[str] = None
-    phone_number: Optional[str] = None
+    name: str | None = None
+    phone_number: str | None = None
     is_abroad: bool = False
     roaming_allowed: bool = False
     signal_strength: dict[NetworkTechnology, SignalStrength] = Field(default_factory=_default_signal)
     mobile_data_usage_exceeded: bool = False
     line_active: bool = True
-    payment_request: Optional[PaymentRequest] = None
+    payment_request: PaymentRequest | None = None
 
 
 class TelecomUserDB(_Strict):

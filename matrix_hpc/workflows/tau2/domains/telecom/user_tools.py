@@ -10,7 +10,7 @@ degrades the default for every later connection in the same environment.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from matrix_hpc.workflows.tau2.domains.telecom.user_models import (
     APNNames,
@@ -170,7 +170,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
             return False
         return bool(device.data_enabled) and not around.mobile_data_usage_exceeded
 
-    def _speed(self) -> tuple[Optional[float], Optional[str]]:
+    def _speed(self) -> tuple[float | None, str | None]:
         if not self._mobile_data_working():
             return None, "No Connection"
         device = self.device
@@ -225,7 +225,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
             if mode == NetworkModePreference.FOUR_G_5G_PREFERRED and five_g != SignalStrength.NONE:
                 technology = NetworkTechnology.FIVE_G
             else:
-                technology = MODE_TECHNOLOGY.get(mode, NetworkTechnology.FOUR_G)  # type: ignore[call-overload]
+                technology = MODE_TECHNOLOGY.get(mode, NetworkTechnology.FOUR_G)
             device.network_technology_connected = technology
             device.network_signal_strength = signals.get(technology, SignalStrength.NONE)
         else:
@@ -277,7 +277,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
         self.device.wifi_calling_enabled = not self.device.wifi_calling_enabled
         return self.device.wifi_calling_enabled
 
-    def _vpn_on(self) -> Optional[bool]:
+    def _vpn_on(self) -> bool | None:
         if self.device.vpn_connected:
             return None
         self.device.vpn_connected = True
@@ -608,7 +608,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
         self.device.active_apn_settings.mmsc_url = None
         return "APN MMS setting broken. Please call reset_apn_settings() to fix."
 
-    def set_wifi_calling(self, enabled: bool, mms_over_wifi: Optional[bool] = None) -> str:
+    def set_wifi_calling(self, enabled: bool, mms_over_wifi: bool | None = None) -> str:
         if self.device.wifi_calling_enabled != enabled:
             self._flip_wifi_calling()
         message = f"Wi-Fi Calling is now {_on_off(enabled)}."
@@ -623,7 +623,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
         return "VPN connection broken."
 
     def remove_app_permission(self, app_name: str, permission: str) -> tuple[bool, str]:
-        app: Optional[AppStatus] = self.device.app_statuses.get(app_name)
+        app: AppStatus | None = self.device.app_statuses.get(app_name)
         permission = permission.lower()
         if not app:
             return False, f"App '{app_name}' not found. Cannot remove permission."
@@ -649,7 +649,7 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
     def assert_mobile_data_saver_mode_status(self, expected_status: bool) -> bool:
         return self.device.data_saver_mode == expected_status
 
-    def assert_internet_speed(self, expected_speed: float, expected_desc: Optional[str] = None) -> bool:
+    def assert_internet_speed(self, expected_speed: float, expected_desc: str | None = None) -> bool:
         speed, description = self._speed()
         speed = speed or 0.0
         if expected_desc is None:
@@ -667,5 +667,5 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
         return self.surroundings.mobile_data_usage_exceeded == expected_status
 
     # kept for the payment flow in sync: the phone's pending request, if any
-    def payment_request(self) -> Optional[PaymentRequest]:
+    def payment_request(self) -> PaymentRequest | None:
         return self.surroundings.payment_request
