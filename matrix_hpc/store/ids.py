@@ -132,19 +132,23 @@ class ExactIds:
     run of equal hashes starting at i. (Ordering rows by hash uses one
     integer argsort; sorting the strings themselves is ~5x slower.)"""
 
-    def __init__(self, chunks: Iterable[pa.Array], count: int, longest_bytes: int) -> None:
-        width = max(1, longest_bytes)
+    def __init__(self, chunks: Iterable[pa.Array], sorted_hashes: np.ndarray, longest_bytes: int) -> None:
+        count, width = len(sorted_hashes), max(1, longest_bytes)
         rows = np.zeros((count, width), np.uint8)
         unsorted = np.empty(count, np.uint64)
         filled = 0
         for ids in chunks:
             n = len(ids)
+            if filled + n > count or (n and longest_utf8_bytes(ids) > width):
+                raise ValueError("the output changed since it was scanned (more or longer ids)")
             rows[filled:filled + n] = _fixed_width_rows(ids, width)
             unsorted[filled:filled + n] = hash_ids(ids)
             filled += n
-        order = np.argsort(unsorted[:filled])
+        order = np.argsort(unsorted)
+        if filled != count or not np.array_equal(unsorted[order], sorted_hashes):
+            raise ValueError("the output changed since it was scanned (other ids)")
         del unsorted
-        self._rows = rows[:filled][order].view(f"S{width}").reshape(filled)
+        self._rows = rows[order].view(f"S{width}").reshape(count)
 
     def matches(self, task_id: str, first: int, hashes: memoryview, h: int) -> bool:
         key = task_id.encode()
@@ -232,8 +236,11 @@ class IdSet:
     def _confirm(self, task_id: str, i: int, h: int) -> bool:
         if self._exact is None and self._load_ids is not None and not self._has_nul \
                 and ExactIds.bytes_needed(len(self), self._longest_bytes) <= exact_budget_bytes():
-            self._exact = ExactIds(self._load_ids(), len(self), self._longest_bytes)
-            self._load_ids = None
+            load, self._load_ids = self._load_ids, None  # one try only
+            try:
+                self._exact = ExactIds(load(), self._hashes, self._longest_bytes)
+            except (OSError, ValueError, pa.ArrowException) as e:
+                log.error("resume: cannot load the committed ids for the exact check (%s); matching by hash", e)
         if self._exact is not None:
             return self._exact.matches(task_id, i, self._hash_view, h)
         self._warn_hash_only()

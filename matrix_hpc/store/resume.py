@@ -85,11 +85,7 @@ def scan_output(out_dir: Path, retry_failed: bool = False, repair: bool = True) 
         return OutputScan(IdSet.empty())
     set_aside = _quarantiner(out_dir) if repair else _skipper
     if repair:
-        remove_temp_files(out_dir)
-        repaired = repair_compactions(out_dir)
-        if repaired:
-            log.warning("finished %d interrupted compaction(s) in %s (deleted merged sources)", len(repaired),
-                        out_dir)
+        _tidy(out_dir)
     rows_of, quarantined = _readable_files(out_dir, set_aside)
     retried = sum(supersede_failed_rows(out_dir, f) for f in list(rows_of)) if retry_failed else 0
     if retried:
@@ -103,6 +99,14 @@ def scan_output(out_dir: Path, retry_failed: bool = False, repair: bool = True) 
                   duplicates, out_dir)
     done = IdSet(hashes, _id_loader(files), longest, has_nul)
     return OutputScan(done, retried, quarantined, duplicates)
+
+
+def _tidy(out_dir: Path) -> None:
+    """What killed writers left: temp files, compactions whose sources remain."""
+    remove_temp_files(out_dir)
+    repaired = repair_compactions(out_dir)
+    if repaired:
+        log.warning("finished %d interrupted compaction(s) in %s (deleted merged sources)", len(repaired), out_dir)
 
 
 # -- reading, quarantine ---------------------------------------------------------

@@ -177,3 +177,11 @@ def test_repeats_past_the_exact_limit_are_still_found() -> None:
     assert seen.first_place("b", "f:9") == "f:1"  # seen before the switch: its place is known
     assert seen.first_place("e", "f:10") is not None  # after it: found by hash
     assert seen.first_place("z", "f:11") is None
+
+
+def test_an_idset_whose_files_changed_falls_back_to_the_hash(caplog: pytest.LogCaptureFixture) -> None:
+    arr = pa.array(["a", "b"])
+    s = IdSet(np.sort(hash_ids(arr)), lambda: iter([pa.array(["a", "x"])]), 1)
+    with caplog.at_level(logging.ERROR):
+        assert "a" in s and "c" not in s
+    assert any("exact check" in r.message for r in caplog.records)
