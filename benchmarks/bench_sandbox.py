@@ -98,8 +98,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     conf = SandboxConf(backend=args.backend, scratch_root=root, limits=SandboxLimitsConf(cgroup=args.cgroup))
     warm, _ = await start_to_ready(conf, "warm-up")  # one-time per-process probe of bubblewrap
     await warm.stop()
-    results: dict[str, Any] = {"backend": args.backend, "cgroup": args.cgroup, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-                               "concurrency": []}
+    results: dict[str, Any] = {"backend": args.backend, "cgroup": args.cgroup, "cpus": os.cpu_count(),
+                               "load_avg_1m": os.getloadavg()[0], "concurrency": []}
     try:
         for n in args.concurrency:
             res = await bench_concurrency(conf, n, args.execs)

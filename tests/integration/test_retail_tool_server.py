@@ -98,8 +98,9 @@ async def test_socket_round_trip_matches_in_process_env(db_path: Path, sock_dir:
             assert await client.tool_schemas() == local.tool_schemas()
             for name, arguments in task.gold_calls:
                 assert await client.call(name, arguments) == local.call(name, arguments)
-            bad = await client.call_detailed("cancel_pending_order", {"order_id": "#W2378156", "reason": "no longer needed"})
-            assert bad.error and bad.content == local.call("cancel_pending_order", {"order_id": "#W2378156", "reason": "no longer needed"})
+            cancel = {"order_id": "#W2378156", "reason": "no longer needed"}
+            bad = await client.call_detailed("cancel_pending_order", cancel)
+            assert bad.error and bad.content == local.call("cancel_pending_order", cancel)
             final = await client.db_hash()
             assert final == local.db_hash() == GoldHashCache(snapshot).get(task).db_hash
             assert await client.dump_db() == local.dump_db()
@@ -150,7 +151,8 @@ async def test_raw_lines_and_protocol_errors(db_path: Path, sock_dir: Path) -> N
     proc, _ = await start_server(db_path, socket)
     try:
         reader, writer = await asyncio.open_unix_connection(str(socket))
-        writer.write(b'not json\n{"id": "a", "tool": 3}\n[1, 2]\n{"id": 9, "tool": "calculate", "arguments": {"expression": "2 + 2"}}\n')
+        writer.write(b'not json\n{"id": "a", "tool": 3}\n[1, 2]\n'
+                     b'{"id": 9, "tool": "calculate", "arguments": {"expression": "2 + 2"}}\n')
         await writer.drain()
         answers = [json.loads(await asyncio.wait_for(reader.readline(), 10)) for _ in range(4)]
         assert answers[0]["id"] is None and answers[0]["protocol_error"].startswith("not a JSON line")
@@ -218,8 +220,8 @@ async def test_inside_a_bubblewrap_sandbox(db_path: Path) -> None:
     try:
         socket = await sandbox.servers["server"].wait_socket()  # bound at $MATRIX_SANDBOX_SOCKET
         async with await ToolServerClient.connect(socket) as client:
-            assert await client.call("find_user_id_by_name_zip",
-                                     {"first_name": "Yusuf", "last_name": "Rossi", "zip": "19122"}) == "yusuf_rossi_9620"
+            yusuf = {"first_name": "Yusuf", "last_name": "Rossi", "zip": "19122"}
+            assert await client.call("find_user_id_by_name_zip", yusuf) == "yusuf_rossi_9620"
             first_answer_s = time.perf_counter() - t0
             task = load_tasks()[0]
             for name, arguments in task.gold_calls[1:]:

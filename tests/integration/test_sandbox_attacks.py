@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -122,7 +123,8 @@ async def test_the_default_root_is_private_and_the_uid_locks_are_ours(
                 assert st.st_uid == 0 and st.st_mode & 0o077 == 0, d
             lock_dir = os.lstat(LIMITS.uid_lock_dir)
             assert lock_dir.st_uid == 0 and lock_dir.st_mode & 0o077 == 0
-            assert not [n for n in os.listdir(LIMITS.uid_lock_dir) if os.path.islink(f"{LIMITS.uid_lock_dir}/{n}")]
+            assert not [n for n in os.listdir(LIMITS.uid_lock_dir)
+                        if stat.S_ISLNK(os.lstat(f"{LIMITS.uid_lock_dir}/{n}").st_mode)]
     finally:
         await pool.close()
 

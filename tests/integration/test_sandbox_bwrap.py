@@ -55,8 +55,9 @@ async def test_exec_files_env_stdin_and_persistence(tmp_path: Path) -> None:
                 await sb.get_file(path)
             with pytest.raises(SandboxError, match=why):
                 await sb.put_file(path, "overwritten")
-        assert "overwritten" not in Path("/etc/passwd").read_text()
-        r = await sb.exec(["python3", "-c", "import multiprocessing as mp\nwith mp.Pool(2) as p: print(sum(p.map(abs, [-1, -2])))"])
+        assert "overwritten" not in await asyncio.to_thread(Path("/etc/passwd").read_text)
+        r = await sb.exec(["python3", "-c", "import multiprocessing as mp\n"
+                                             "with mp.Pool(2) as p: print(sum(p.map(abs, [-1, -2])))"])
         assert r.ok and r.stdout == "3\n", r  # /dev/shm works (semaphores)
         results = await asyncio.gather(*(sb.exec(f"echo {i}") for i in range(8)))  # concurrent execs
         assert [r.stdout for r in results] == [f"{i}\n" for i in range(8)]
@@ -119,15 +120,20 @@ async def test_bad_bind_and_missing_image_fail_at_start(tmp_path: Path) -> None:
         await sb.start()
 
 
-async def test_image_root_dir(tmp_path: Path) -> None:
-    """A directory image replaces the host root (here: a tiny root made of the host's /usr)."""
-    root = tmp_path / "rootfs"
+def make_tiny_root(root: Path) -> None:
+    """A root dir made of mount points for the host's /usr, its /bin-style links and a marker file."""
     for d in ("proc", "dev", "tmp", "scratch", "usr"):
         (root / d).mkdir(parents=True)
     for link in ("bin", "lib", "lib64"):
         if os.path.islink(f"/{link}"):
             os.symlink(os.readlink(f"/{link}"), root / link)
     (root / "marker").write_text("image!\n")
+
+
+async def test_image_root_dir(tmp_path: Path) -> None:
+    """A directory image replaces the host root (here: a tiny root made of the host's /usr)."""
+    root = tmp_path / "rootfs"
+    make_tiny_root(root)
     sb = create_sandbox(conf(tmp_path, image=str(root), bind_python=False, binds=["/usr:/usr:ro"]), "img")
     await sb.start()
     try:

@@ -77,7 +77,7 @@ async def test_writes_outside_scratch_fail_and_tmp_is_private(sandbox: Sandbox) 
     r = await sandbox.exec(f"echo x > /tmp/{name} && echo x > /scratch/{name} && echo ok")
     assert r.stdout == "ok\n", r
     for path in outside + [f"/tmp/{name}"]:
-        assert not os.path.exists(path), path
+        assert not await asyncio.to_thread(os.path.exists, path), path
     assert (sandbox.scratch / name).read_text() == "x\n"  # scratch is the one writable host path
 
 
@@ -236,7 +236,8 @@ async def test_memory_of_many_processes_is_bounded_by_the_sandbox_cgroup(tmp_pat
     try:
         assert sb.cgroup is not None
         code = ("import os, time\nkids = []\nfor i in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
-                "        b = b'x' * (200 * 1024 * 1024)\n        time.sleep(3)\n        os._exit(0)\n    kids.append(pid)\n"
+                "        b = b'x' * (200 * 1024 * 1024)\n        time.sleep(3)\n        os._exit(0)\n"
+                "    kids.append(pid)\n"
                 "print([os.waitpid(k, 0)[1] for k in kids])\n")
         r = await sb.exec(["python3", "-c", code])
         statuses = [] if r.exit_code else eval(r.stdout)  # noqa: S307 - our own list of ints

@@ -218,7 +218,8 @@ async def test_a_crashed_host_takes_its_sandboxes_and_comes_back(local_ray: None
     try:
         leased = await client.acquire("victim")
         marker = f"crash{uuid.uuid4().hex[:8]}"
-        await leased.start_server(["sleep", "300", marker])
+        # The marker rides as an unused argument (`sleep 300 <marker>` would exit at once: not a number).
+        await leased.start_server(["python3", "-c", "import time; time.sleep(300)", marker])
         assert processes_matching(marker)
         ray.kill(leased.grant.host, no_restart=False)  # the host process dies (as on an OOM kill)
         with pytest.raises(ray.exceptions.RayActorError):

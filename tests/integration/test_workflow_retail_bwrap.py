@@ -32,7 +32,7 @@ NUM_TASKS = 20
 
 
 def test_run_on_bwrap_sandboxes_writes_every_row_and_leaves_nothing(tmp_path: Path) -> None:
-    rows = [r for _, r in zip(range(NUM_TASKS), iter_task_rows(split="test"))]
+    rows = list(itertools.islice(iter_task_rows(split="test"), NUM_TASKS))
     data = write_jsonl(tmp_path / "tasks.jsonl", rows, extra_lines=['{"id": "broken", "text": "not a task"}'])
     scratch = tmp_path / "sandboxes"
     proc = run_cli(

@@ -41,7 +41,8 @@ def test_env_reaches_apptainer_as_variables_never_as_arguments() -> None:
 
 def test_start_minimal_has_no_gpu_and_optional_flags() -> None:
     got = shlex.join(start_argv(conf(), "/s", "mhpc_x"))
-    assert got == "apptainer instance start --containall --net --network none --bind /s:/scratch:rw /shared/images/py311.sif mhpc_x"
+    assert got == ("apptainer instance start --containall --net --network none --bind /s:/scratch:rw "
+                   "/shared/images/py311.sif mhpc_x")
 
 
 def test_start_fakeroot_writable_tmpfs_cgroups_and_binary() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from matrix_hpc.services.sandbox.scratch import sweep_stale_dirs
 async def test_stdout_stderr_exit_code_and_stdin_are_separate() -> None:
     r = await run_capped(["/bin/sh", "-c", "read x; echo out:$x; echo err >&2; exit 3"], stdin=b"hello\n",
                          timeout_s=10, max_output_bytes=1000)
-    assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.output_truncated) == (3, "out:hello\n", "err\n", False, False)
+    got = (r.exit_code, r.stdout, r.stderr, r.timed_out, r.output_truncated)
+    assert got == (3, "out:hello\n", "err\n", False, False)
     assert not r.ok
 
 
@@ -40,7 +42,7 @@ async def test_background_children_in_the_group_are_killed() -> None:
     r = await run_capped(["/bin/sh", "-c", f"sleep 300 {marker} 2>/dev/null & exec sh -c 'echo started'"],
                          stdin=None, timeout_s=10, max_output_bytes=100)
     assert r.stdout == "started\n"
-    time.sleep(0.2)
+    await asyncio.sleep(0.2)
     assert not [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
