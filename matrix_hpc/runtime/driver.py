@@ -32,7 +32,7 @@ from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey
 from matrix_hpc.runtime.placement import Group, plan_groups
 from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, ProgressPrinter, RunStats
-from matrix_hpc.runtime.verify import MissingIds, is_input_duplicate, missing_input
+from matrix_hpc.runtime.verify import MissingIds, missing_input
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
@@ -286,12 +286,12 @@ class Driver:
 
     def _skip_duplicate(self, item: InputItem) -> bool:
         """A repeated input id runs once; the repeat is reported with where it is."""
-        first = getattr(item, "duplicate_of", None)
+        first = item.duplicate_of  # the input marks repeats of an id it already yielded
         if first is None and item.id in self.inflight:
             first = self.inflight[item.id].where
-        if first is None and not is_input_duplicate(item):
+        if first is None:
             return False
-        self.stats.note_duplicate(item.id, item.where, str(first))
+        self.stats.note_duplicate(item.id, item.where, first)
         return True
 
     async def _take_credit(self) -> bool:
@@ -357,10 +357,8 @@ class Driver:
             return
         self._admitted_at.pop(task_id, None)
         self.credits += 1
-        if status != DUPLICATE:
+        if status != DUPLICATE:  # a duplicate ack: a copy of a task whose row a sink had already written
             self.stats.record(status, error_type, error, tokens)
-        elif task_id not in self._dispatches:  # an input id seen again after its row was written
-            self.stats.note_duplicate(task_id, item.where, "an earlier row of this run")
 
     # -- lost peers and tasks -----------------------------------------------
     def _after_peer_check(self) -> None:
@@ -485,7 +483,7 @@ class Driver:
             self._credit_event.clear()
             try:
                 await asyncio.wait_for(self._credit_event.wait(), max(0.0, deadline - time.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     async def _stop_actors(self) -> list[dict[str, Any]]:

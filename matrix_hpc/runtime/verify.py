@@ -35,14 +35,9 @@ def missing_input(out_dir: Path, dataset: DatasetConf) -> MissingIds:
     missing = MissingIds()
     seen: set[str] = set()  # only missing ids: small unless the run lost much
     for item in iter_input(dataset):
-        if item.id in done or item.id in seen or is_input_duplicate(item):
+        if item.id in done or item.id in seen or item.duplicate_of is not None:
             continue
         seen.add(item.id)
         missing.items.append(item)
     return missing
-
-
-def is_input_duplicate(item: InputItem) -> bool:
-    """A later occurrence of an id the input already had (the store marks it)."""
-    return getattr(item, "duplicate_of", None) is not None
 

@@ -23,7 +23,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from matrix_hpc.store.layout import data_files
-from tests.conftest import component_available, require_component
 from tests.integration.fault_workflows import MODULE as FAULT_WORKFLOWS
 from tests.integration.fault_workflows import is_mistyped
 from tests.integration.runs import (
@@ -47,11 +46,6 @@ EXIT_LOCKED, EXIT_INCOMPLETE = 1, 3
 #: Slow enough (about 150 tasks/s on 2 cores) that three kills land mid-run.
 SLOW = ("workflow.step_delay_ms=40", "run.max_concurrent_tasks=60", "output.flush_interval_s=0.2",
         "run.peer_check_interval_s=0.5")
-
-
-@pytest.fixture(autouse=True)
-def _ray_present() -> None:
-    require_component(component_available("ray"), "ray", "pip install -e '.[test]'")
 
 
 def _rows(n: int) -> list[dict[str, str]]:

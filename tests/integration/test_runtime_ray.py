@@ -1,8 +1,10 @@
 """The runtime on a real local Ray: placements, kill -9 resume, bad input,
-config-change refusal, retries, admission."""
+the resume check, retries, admission. Faults of one part while the rest
+runs on (a sink, a worker, a commit...) are in test_faults.py."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import Counter
@@ -10,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.fault_workflows import EVOLVING_RELEASE_ENV
+from tests.integration.fault_workflows import MODULE as FAULT_WORKFLOWS
 from tests.integration.runs import kill_tree, read_rows, run_cli, start_cli, wait_for_rows, without_timing, write_jsonl
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.needs("ray")]
 
 
 def _rows(n: int) -> list[dict]:
@@ -77,17 +81,34 @@ def test_malformed_input_lines_fail_alone(tmp_path: Path) -> None:
     assert "missing required column(s) ['id']" in rows["in.jsonl:22"]["error"]
 
 
-def test_resume_after_a_workflow_config_change_is_refused(tmp_path: Path) -> None:
+def test_resume_compares_config_values_new_keys_at_their_default_resume(tmp_path: Path) -> None:
+    """Release 2 of a workflow adds a key: at its default the old output resumes;
+    a changed value, or another id column, is refused naming the setting."""
     data = write_jsonl(tmp_path / "in.jsonl", _rows(30))
     out = tmp_path / "out"
-    assert run_cli(f"dataset.path={data}", f"output.dir={out}").returncode == 0
-    r = run_cli(f"dataset.path={data}", f"output.dir={out}", "workflow.agree_prob=0.9")
-    assert r.returncode == 2
-    assert "different workflow config" in r.stderr and "run.resume=force" in r.stderr
-    assert "+agree_prob: 0.9" in r.stderr
-    forced = run_cli(f"dataset.path={data}", f"output.dir={out}", "workflow.agree_prob=0.9", "run.resume=force")
+    args = ("workflow=evolving", f"dataset.path={data}", f"output.dir={out}")
+    release1 = {**os.environ, "MATRIX_HPC_WORKFLOWS": FAULT_WORKFLOWS}
+    release2 = {**release1, EVOLVING_RELEASE_ENV: "2"}
+    assert run_cli(*args, env=release1).returncode == 0
+    r = run_cli(*args, env=release2)
+    assert r.returncode == 0 and "30 ids already done" in r.stderr, r.stderr[-3000:]
+    r = run_cli(*args, "workflow.shout=true", env=release2)
+    assert r.returncode == 2 and "workflow.shout: recorded (absent) -> now True" in r.stderr, r.stderr[-3000:]
+    assert "run.resume=force" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(*args, "dataset.id_column=question", env=release2)
+    assert r.returncode == 2 and "dataset.id_column: recorded 'id' -> now 'question'" in r.stderr, r.stderr[-3000:]
+    forced = run_cli(*args, "workflow.shout=true", "run.resume=force", env=release2)
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert len(read_rows(out)) == 30
+
+
+def test_a_bad_input_path_is_reported_before_ray_starts(tmp_path: Path) -> None:
+    r = run_cli(f"dataset.path={tmp_path}/nowhere/*.jsonl", f"output.dir={tmp_path / 'out'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"dataset.path='{tmp_path}/nowhere/*.jsonl' matches no file" in r.stderr
+    assert "Traceback" not in r.stderr and "Ray" not in r.stdout + r.stderr  # refused before Ray started
+    r = run_cli(f"dataset.path={tmp_path}", f"output.dir={tmp_path / 'out'}")
+    assert r.returncode == 2 and "is a directory" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_failed_steps_are_retried_then_fail_the_row_with_the_error(tmp_path: Path) -> None:
@@ -116,27 +137,3 @@ def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path: Path) -> 
     assert r.returncode == 2 and "expected one of [colocated, per_role]" in r.stderr
     r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "workflow=nope")
     assert r.returncode == 2 and "valid choices for workflow" in r.stderr and "overhead" in r.stderr
-
-
-def test_a_killed_worker_process_loses_no_task(tmp_path: Path) -> None:
-    import psutil
-
-    n = 2000
-    data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
-    out = tmp_path / "out"
-    args = (f"dataset.path={data}", f"output.dir={out}", "run.max_concurrent_tasks=100",
-            "run.placement=per_role", "workflow.step_delay_ms=10", "output.flush_interval_s=0.2")
-    proc = start_cli(*args)
-    try:
-        wait_for_rows(out, 200)
-        victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if any("ray::Worker" in c for c in p.cmdline())]
-        assert victims, "no worker actor process found"
-        victims[0].kill()
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-    assert proc.returncode == 0
-    ids = [r["id"] for r in read_rows(out)]
-    assert Counter(ids) == Counter(x["id"] for x in _rows(n))
