@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, RetailSnapshot, default_data_dir
+from matrix_hpc.workflows.retail.db import RetailSnapshot, default_data_dir
 from matrix_hpc.workflows.retail.env import RetailEnv
 from matrix_hpc.workflows.retail.reward import GoldHashCache
 from matrix_hpc.workflows.retail.tasks import load_tasks
@@ -28,19 +28,16 @@ from matrix_hpc.workflows.retail.tool_server import (
     sandbox_binds,
     sandbox_server_argv,
 )
-from tests.conftest import REPO_ROOT, require_component
+from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.needs("tau2_retail")]
 
 SERVER = [sys.executable, "-m", "matrix_hpc.workflows.retail.tool_server"]
 
 
 @pytest.fixture(scope="module")
 def db_path() -> Path:
-    path = default_data_dir() / "db.json"
-    require_component(path.exists(), "tau2-bench retail data",
-                      f"put db.json in ../shared/data/tau2_retail or set ${DATA_DIR_ENV}")
-    return path
+    return default_data_dir() / "db.json"
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_a_sandbox_env_secret_stays_out_of_command_lines_logs_stored_config_and_
     data = write_jsonl(tmp_path / "tasks.jsonl", rows)
     scratch, out, logs = tmp_path / "sandboxes", tmp_path / "out", tmp_path / "logs"
     logs.mkdir()
-    started = time.time()
+    started = time.time()  # wall time: compared with the mtimes of Ray's log files
     with open(logs / "stdout", "wb") as stdout, open(logs / "stderr", "wb") as stderr:
         proc = subprocess.Popen(cli(
             "workflow=retail_tool_use", "llm=sim", "sandbox=bwrap", "dataset=tau2_retail", f"dataset.path={data}",

@@ -183,3 +183,25 @@ def test_pool_actor_names_follow_the_config_but_not_the_secrets() -> None:
 
 def test_env_values_stay_out_of_the_repr() -> None:
     assert "canary" not in repr(SandboxConf(env={"HF_TOKEN": "canary"}))
+
+
+def test_a_registered_backend_is_found_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from matrix_hpc.services.sandbox import registry
+    from matrix_hpc.services.sandbox.trusted_subprocess import TrustedSubprocessSandbox
+
+    monkeypatch.setattr(registry, "_SANDBOX_BACKENDS", dict(registry._SANDBOX_BACKENDS))
+    registry.register_backend("mine", "matrix_hpc.services.sandbox.trusted_subprocess:TrustedSubprocessSandbox")
+    conf = SandboxConf(backend="mine", scratch_root=str(tmp_path))
+    assert isinstance(registry.create_sandbox(conf, "t"), TrustedSubprocessSandbox)
+    with pytest.raises(ValueError, match="choose one of bwrap, apptainer, trusted_subprocess, mine"):
+        SandboxConf(backend="docker")
+
+
+def test_the_contract_imports_no_backend() -> None:
+    import subprocess
+
+    backends = ("bwrap", "apptainer", "trusted_subprocess", "local_pool", "ray_pool", "ray_pool_actor")
+    code = ("import sys, matrix_hpc.services.sandbox.contract\n"
+            f"print(sorted(m for m in sys.modules if m.rsplit('.', 1)[-1] in {backends!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -22,7 +22,7 @@ from matrix_hpc.services.sandbox.safe_path import (
 )
 
 NOBODY = 65534
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="making a dir of another user needs root")
+as_root = pytest.mark.needs("root")  # making a dir of another user needs root
 
 
 @pytest.fixture

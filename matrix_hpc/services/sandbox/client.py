@@ -19,7 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from matrix_hpc.services.sandbox.contract import Command, SandboxConf
+from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Command, SandboxConf
 from matrix_hpc.services.sandbox.lease import LeaseGrant, LeaseLost, LeaseOwner, PoolStats, this_process_owner
 from matrix_hpc.services.sandbox.process import ExecResult
 from matrix_hpc.services.sandbox.registry import pool_backend_class
@@ -83,7 +83,7 @@ class LeasedSandbox:
 
     async def exec(self, cmd: Command, *, stdin: bytes | str | None = None, timeout_s: float | None = None,
                    max_output_bytes: int | None = None, env: dict[str, str] | None = None,
-                   cwd: str = "/scratch") -> ExecResult:
+                   cwd: str = SCRATCH_IN_SANDBOX) -> ExecResult:
         """See :meth:`Sandbox.exec`."""
         result: ExecResult = await self._call("exec", cmd, stdin=stdin, timeout_s=timeout_s,
                                               max_output_bytes=max_output_bytes, env=env, cwd=cwd)
