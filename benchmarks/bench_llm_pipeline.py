@@ -84,7 +84,8 @@ def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: P
     s = result.stats
     wall = (s.t_end or time.time()) - (s.t_admit_start or s.t_start)
     ok = s.by_status["ok"]
-    completion = sum(pq.read_table(f, columns=["completion_tokens"]).column(0).to_numpy().sum() for f in data_files(out))
+    completion = sum(pq.read_table(f, columns=["completion_tokens"]).column(0).to_numpy().sum()
+                     for f in data_files(out))
     return {"calls_per_s": ok / wall, "tokens_per_s": completion / wall, "failed": s.by_status["failed"],
             "cpu_s_per_call": (c1 - c0) / max(1, ok), "wall_s": wall}
 

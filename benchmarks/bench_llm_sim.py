@@ -80,7 +80,8 @@ def main() -> None:
                     with args.json_out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
     print()
-    print("| concurrency | mode | calls/s | output tok/s | p50 s | p99 s | client CPU ms/call | server CPU ms/call | errors | load avg |")
+    print("| concurrency | mode | calls/s | output tok/s | p50 s | p99 s | client CPU ms/call "
+          "| server CPU ms/call | errors | load avg |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['concurrency']} | {r['mode']} | {r['calls_per_s']:.0f} | {r['completion_tokens_per_s']:.0f} | "

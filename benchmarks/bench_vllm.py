@@ -54,7 +54,7 @@ async def run_load(urls: list[str], model: str, args: argparse.Namespace) -> dic
         for _ in range(args.requests)
     ]
     targets = itertools.cycle(urls)
-    queue = list(zip(targets, bodies))
+    queue = list(zip(targets, bodies, strict=False))  # targets is an endless cycle
     results: list[tuple[int, float]] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default="", help="model name the --urls servers expect ('' = ask them)")
     p.add_argument("--replicas", type=int, default=2, help="replicas to start when --urls is not given")
     p.add_argument("--max-model-len", type=int, default=2048, help="context of started replicas")
-    p.add_argument("--engine-args", default="{}", help='extra engine args of started replicas, JSON: {"enforce-eager": true}')
+    p.add_argument("--engine-args", default="{}",
+                   help='extra engine args of started replicas, JSON: {"enforce-eager": true}')
     p.add_argument("--cpu-bind", default="spread", help="CPU core binding of started replicas: spread, auto, nobind")
     p.add_argument("--run-dir", default="", help="where started replicas log ('' = a temp dir)")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight")

@@ -306,7 +306,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-workflows-") as tmp:
         out: dict[str, Any] = {}
         if args.only in (None, "coral"):
-            out["coral"] = bench("coral", list(mmlu_pro_rows(n_dialogues)), args.concurrency, args.batch_size, Path(tmp))
+            rows = list(mmlu_pro_rows(n_dialogues))
+            out["coral"] = bench("coral", rows, args.concurrency, args.batch_size, Path(tmp))
         if args.only in (None, "natural_reasoning"):
             out["natural_reasoning"] = bench("natural_reasoning", list(web_doc_rows(n_docs)), args.concurrency,
                                              args.batch_size, Path(tmp))

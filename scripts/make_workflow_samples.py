@@ -1,6 +1,6 @@
 """Write small synthetic inputs for the coral and natural_reasoning workflows.
 
-    python scripts/make_workflow_samples.py                  # tests/data/{mmlu_pro,web_docs}_sample.jsonl (40 rows each)
+    python scripts/make_workflow_samples.py  # tests/data/{mmlu_pro,web_docs}_sample.jsonl (40 rows each)
     python scripts/make_workflow_samples.py --rows 10000 --out-dir /tmp/big   # more rows, cycled with new ids
 
 The rows have the shape of the real datasets (MMLU-Pro: question_id,
@@ -14,8 +14,9 @@ import argparse
 import json
 import random
 import string
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 LETTERS = string.ascii_uppercase
 
@@ -26,7 +27,8 @@ FACTS: list[tuple[str, str, list[str], str]] = [
      ["1", "2", "3", "4", "7", "11"], "3"),
     ("biology", "Which organelle is the main site of ATP synthesis in eukaryotic cells?",
      ["Ribosome", "Golgi apparatus", "Mitochondrion", "Lysosome", "Nucleus"], "Mitochondrion"),
-    ("economics", "If the price elasticity of demand is -2 and the price rises by 5%, quantity demanded changes by about",
+    ("economics",
+     "If the price elasticity of demand is -2 and the price rises by 5%, quantity demanded changes by about",
      ["-2.5%", "-5%", "-10%", "+10%", "-20%", "0%"], "-10%"),
     ("computer science", "What is the worst-case time complexity of binary search on a sorted array of n elements?",
      ["O(1)", "O(log n)", "O(n)", "O(n log n)", "O(n^2)"], "O(log n)"),

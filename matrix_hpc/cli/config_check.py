@@ -97,12 +97,15 @@ def explain(error: BaseException, conf_dir: str) -> str:
     if m:
         key = full.group(1) if full else m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        return f"unknown config key '{key}'; valid keys{f' in {parent!r}' if parent else ''}: {', '.join(_valid_keys(parent, conf_dir))}"
+        where = f" in {parent!r}" if parent else ""
+        return f"unknown config key '{key}'; valid keys{where}: {', '.join(_valid_keys(parent, conf_dir))}"
     m = re.search(r"Could not find '([^']+)'", text)
     if m:
         group = m.group(1).split("/")[0]
-        return f"unknown {group} '{m.group(1).split('/')[-1]}'; valid choices for {group}: {', '.join(_options(group, conf_dir))}"
-    m = re.search(r"(Invalid value '[^']*', expected one of \[[^\]]*\]|Value '[^']*' of type '\w+' could not be converted to \w+)", text)
+        name = m.group(1).split("/")[-1]
+        return f"unknown {group} '{name}'; valid choices for {group}: {', '.join(_options(group, conf_dir))}"
+    m = re.search(r"(Invalid value '[^']*', expected one of \[[^\]]*\]"
+                  r"|Value '[^']*' of type '\w+' could not be converted to \w+)", text)
     if m and full:
         return f"bad value for {full.group(1)}: {m.group(1)}"
     return str(chain[-1]).split("\n    full_key")[0].strip()

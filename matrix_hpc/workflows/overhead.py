@@ -58,7 +58,8 @@ class Overhead(Workflow):
         rng = ctx.rng(task)
         if self.conf.step_delay_ms:
             await asyncio.sleep(self.conf.step_delay_ms / 1000)
-        if self.conf.failure_rate and random.Random(f"{task.id}:{task.hops}:{task.attempts}").random() < self.conf.failure_rate:
+        rate = self.conf.failure_rate
+        if rate and random.Random(f"{task.id}:{task.hops}:{task.attempts}").random() < rate:
             raise InjectedFailure(f"injected failure at step {task.hops}")
         jitter = self.conf.text_jitter
         n = int(self.conf.text_bytes * rng.uniform(1 - jitter, 1 + jitter))

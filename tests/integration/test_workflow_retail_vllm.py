@@ -49,7 +49,7 @@ def test_retail_dialogues_on_two_vllm_replicas(tmp_path: Path) -> None:
     require_component((default_data_dir() / "db.json").exists(), "tau2-bench retail data",
                       f"put db.json/tasks.json in ../shared/data/tau2_retail or set ${DATA_DIR_ENV}")
     require_bwrap()
-    rows = [r for _, r in zip(range(NUM_TASKS), iter_task_rows(split="test"))]
+    rows = [r for _, r in zip(range(NUM_TASKS), iter_task_rows(split="test"), strict=False)]
     data = write_jsonl(tmp_path / "tasks.jsonl", rows)
     scratch = tmp_path / "sb"
     marker = f"retail-tiny-{uuid.uuid4().hex[:8]}"  # served model name: finds this run's vLLM processes

@@ -95,7 +95,7 @@ def test_requests_are_structured_and_views_alternate() -> None:
     for call in speaker_calls:
         roles = [m["role"] for m in call["messages"]]
         assert roles[0] == "system" and roles[1] == "user"
-        assert all(a != b for a, b in zip(roles[1:], roles[2:])), roles  # user/assistant alternate
+        assert all(a != b for a, b in zip(roles[1:], roles[2:], strict=False)), roles  # user/assistant alternate
     student_call = next(c for c in speaker_calls if c["messages"][0]["content"].startswith("You are a student"))
     assert "What is 6 times 7?" in student_call["messages"][0]["content"]
 
@@ -186,8 +186,8 @@ def _save_like_hf(path: Path, rows: list[dict[str, Any]]) -> None:
 def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
-    from matrix_hpc.store.input import DatasetConf, iter_input
     from matrix_hpc.store.hf_input import export_to_parquet, load_hf_dataset_dir
+    from matrix_hpc.store.input import DatasetConf, iter_input
 
     rows = [dict(ROW, question_id=i) for i in range(5)]
     _save_like_hf(tmp_path / "mmlu" / "test", rows)

@@ -122,7 +122,7 @@ async def test_gold_agent_scores_one_and_every_call_reaches_the_env(tasks: dict[
     traj = r["trajectory"]
     tool_msgs = [m for m in traj if m["role"] == "tool"]
     assert len(tool_msgs) == len(task.actions)
-    assert all(m["tool_call_id"] == f"c0" for m in tool_msgs)
+    assert all(m["tool_call_id"] == "c0" for m in tool_msgs)
     agent_requests = [msgs for who, msgs, _ in llm.requests if who == "agent"]
     assert agent_requests[1][-1]["role"] == "tool"  # the 2nd agent call sees the 1st tool result
     assert agent_requests[0][0]["role"] == "system" and "<policy>" in agent_requests[0][0]["content"]

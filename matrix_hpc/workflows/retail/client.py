@@ -68,11 +68,13 @@ class _ProtocolClient:
         try:
             response: dict[str, Any] = json.loads(reply)
         except json.JSONDecodeError:
-            raise ToolServerError(f"retail tool server at {self.where} answered a non-JSON line: {reply[:200]!r}") from None
+            raise ToolServerError(
+                f"retail tool server at {self.where} answered a non-JSON line: {reply[:200]!r}") from None
         if "protocol_error" in response:
             raise ToolServerError(f"retail tool server at {self.where}: {response['protocol_error']}")
         if response.get("id") != rid:
-            raise ToolServerError(f"retail tool server at {self.where} answered id {response.get('id')}, expected {rid}")
+            raise ToolServerError(
+                f"retail tool server at {self.where} answered id {response.get('id')}, expected {rid}")
         return response
 
     async def call_detailed(self, tool: str, arguments: Mapping[str, Any] | str | None) -> ToolOutcome:

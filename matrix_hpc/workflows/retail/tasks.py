@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="write tau2 retail tasks as workflow input rows (JSONL)")
     parser.add_argument("--out", required=True, help="JSONL file to write")
     parser.add_argument("--split", default="base", choices=SPLITS, help="base (114), train (74) or test (40)")
-    parser.add_argument("--data-dir", default=None, help="folder with tasks.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with tasks.json (default: $MATRIX_HPC_TAU2_RETAIL_DIR)")
     parser.add_argument("--trials", type=int, default=1, help="rows per task (ids <id>/<k>), like tau2's num_trials")
     args = parser.parse_args(argv)
     count = write_rows_jsonl(args.out, args.data_dir, args.split, args.trials)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -192,11 +193,12 @@ class _Activity:
         self.t = self.loop.time()
 
 
-async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float = 0.0, relay_stdin: bool = True) -> None:
+async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float = 0.0,
+                     relay_stdin: bool = True) -> None:
     """Serve on a unix socket (and stdin) until SIGTERM/SIGINT, a shutdown request or ``idle_timeout_s`` idle."""
     if len(os.fsencode(socket_path)) > _UNIX_PATH_MAX:
         raise SystemExit(f"socket path {socket_path!r} is longer than {_UNIX_PATH_MAX} bytes; use a shorter directory")
-    if os.path.exists(socket_path):
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # a stale socket from a killed server would make bind fail
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -224,7 +226,8 @@ async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float
     relay = asyncio.create_task(_relay_stdin(server, stop, activity)) if relay_stdin else None
     try:
         # CPU seconds since the process began: the startup cost, whatever the machine's load
-        ready = {"ready": True, "socket": socket_path, "pid": os.getpid(), "startup_cpu_s": round(time.process_time(), 3)}
+        ready = {"ready": True, "socket": socket_path, "pid": os.getpid(),
+                 "startup_cpu_s": round(time.process_time(), 3)}
         print(json.dumps(ready), file=sys.stderr, flush=True)
         while not stop.is_set():
             try:
@@ -236,7 +239,7 @@ async def serve_unix(server: ToolServer, socket_path: str, idle_timeout_s: float
         if relay is not None:
             relay.cancel()
         unix_server.close()
-        if os.path.exists(socket_path):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path)
 
 

@@ -273,7 +273,8 @@ class RetailTools:
         present = [item["item_id"] for item in order["items"]]
         for item_id in set(item_ids):
             if item_ids.count(item_id) > present.count(item_id):
-                raise ToolError(f"Item {item_id} not found in order {order['order_id']} (or listed more times than ordered)")
+                raise ToolError(
+                    f"Item {item_id} not found in order {order['order_id']} (or listed more times than ordered)")
 
     def _price_difference(self, order: Record, item_ids: list[str], new_item_ids: list[str]) -> float:
         """Validate a like-for-like item swap and return new minus old price, in cents precision."""
@@ -387,7 +388,8 @@ class RetailTools:
     ) -> Record:
         order = self._order(order_id)
         if order["status"] != "pending":
-            raise ToolError(f"Non-pending order cannot be modified (status: {order['status']}); items can be modified once")
+            raise ToolError(
+                f"Non-pending order cannot be modified (status: {order['status']}); items can be modified once")
         diff = self._price_difference(order, item_ids, new_item_ids)
         for item_id, new_item_id in zip(item_ids, new_item_ids, strict=True):
             if item_id == new_item_id:

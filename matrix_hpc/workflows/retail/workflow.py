@@ -51,7 +51,9 @@ FILTERED_TERMINATIONS = ("agent_error", "user_error")
 @dataclass
 class RetailToolUseConf(WorkflowConf):
     name: str = "retail_tool_use"
-    data_dir: str | None = None  # tau2 retail folder (db.json, policy.md); null: $MATRIX_HPC_TAU2_RETAIL_DIR, ../shared/data/tau2_retail, else the packaged copy
+    # tau2 retail folder (db.json, policy.md); null: $MATRIX_HPC_TAU2_RETAIL_DIR,
+    # ../shared/data/tau2_retail, else the packaged copy
+    data_dir: str | None = None
     use_sandbox: bool = True  # run each task's environment in a leased sandbox when the run has sandbox=...
     require_sandbox: bool = False  # fail rows instead of falling back to an in-process environment without one
     max_steps: int = 100  # messages (agent, tool, user) before the dialogue ends as max_steps (tau2: 100)
@@ -72,7 +74,8 @@ class RetailToolUseConf(WorkflowConf):
         if self.max_steps < 1 or self.max_errors < 1:
             raise ValueError("workflow.max_steps and workflow.max_errors must be >= 1")
         if self.agent_tool_choice not in TOOL_CHOICES:
-            raise ValueError(f"workflow.agent_tool_choice={self.agent_tool_choice!r}; choose one of {list(TOOL_CHOICES)}")
+            raise ValueError(
+                f"workflow.agent_tool_choice={self.agent_tool_choice!r}; choose one of {list(TOOL_CHOICES)}")
 
 
 @register_workflow("retail_tool_use", RetailToolUseConf)
