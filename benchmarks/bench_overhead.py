@@ -1,28 +1,39 @@
-"""Runtime overhead on the LLM-free overhead workload (issue: foundation).
+"""Runtime overhead on the LLM-free overhead workload (issue 9: the
+guarantees must not cost speed).
 
-Runs each case in a fresh subprocess (its own local Ray) and prints tasks/s,
-hops/s and the peak memory of the whole process tree (driver + Ray + actors),
-then the resume skip-set build over 1,000,000 committed rows.
+Each case runs in a fresh subprocess (its own local Ray) and reports
+tasks/s, hops/s and the peak memory of the whole process tree (driver + Ray
++ actors). Next to matrix_hpc it runs a *bare loop*: one process, one
+asyncio loop, no Ray, the same workflow roles hopping through in-process
+queues, the same Parquet rows written with the store's table builder, a
+task's slot freed when its row is written. Every case is repeated and the
+medians compared in the same run; the load average is printed before and
+after (the figures mean little on a busy machine). Then the resume
+skip-set build over 1,000,000 committed rows.
 
-    python benchmarks/bench_overhead.py            # all cases
-    python benchmarks/bench_overhead.py --quick    # smaller
+    python benchmarks/bench_overhead.py                # all cases, 3 repeats
+    python benchmarks/bench_overhead.py --quick        # smaller
+    python benchmarks/bench_overhead.py --repeats 5 --no-resume --cases 2000x1000 --placements colocated
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+BARE = "bare"  # the baseline's name where a placement would be
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -40,13 +51,19 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_case(tasks: int, concurrency: int, placement: str, workdir: Path) -> dict:
+def input_file(tasks: int, workdir: Path) -> Path:
     data = workdir / f"in-{tasks}.jsonl"
     if not data.exists():
         subprocess.run([sys.executable, str(REPO / "scripts/make_overhead_data.py"), "--rows", str(tasks),
                         "--out", str(data)], check=True, capture_output=True)
-    out = workdir / f"out-{placement}-{tasks}-{concurrency}"
-    report = workdir / f"report-{placement}-{tasks}-{concurrency}.json"
+    return data
+
+
+def run_case(tasks: int, concurrency: int, placement: str, workdir: Path, rep: int) -> dict[str, Any]:
+    """One run in a child process; ``placement`` is colocated, per_role or bare."""
+    data = input_file(tasks, workdir)
+    out = workdir / f"out-{placement}-{tasks}-{concurrency}-{rep}"
+    report = workdir / f"report-{placement}-{tasks}-{concurrency}-{rep}.json"
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(data), str(out), str(concurrency), placement,
                              str(report)], cwd=REPO)
     peak = 0
@@ -54,20 +71,22 @@ def run_case(tasks: int, concurrency: int, placement: str, workdir: Path) -> dic
         peak = max(peak, tree_rss_bytes(proc.pid))
         time.sleep(0.1)
     if proc.returncode != 0:
-        raise SystemExit(f"case {placement} {tasks}@{concurrency} failed with {proc.returncode}")
-    result = json.loads(report.read_text())
+        raise SystemExit(f"case {placement} {tasks}@{concurrency} failed with exit code {proc.returncode}")
+    result: dict[str, Any] = json.loads(report.read_text())
     result["peak_tree_rss_gb"] = peak / 1e9
     return result
 
 
 def child(data: str, out: str, concurrency: int, placement: str, report: str) -> None:
-    """One run, in-process, reporting its own timing."""
-    import asyncio
-
+    """One run, in-process, reporting its own timing (from the first admission to the verified end)."""
+    if placement == BARE:
+        Path(report).write_text(json.dumps(asyncio.run(BareLoop(data, out, concurrency).run())))
+        return
     import ray
 
     from matrix_hpc.config.schema import OutputConf, Placement, RunConf
     from matrix_hpc.runtime.driver import Driver, RunPlan
+    from matrix_hpc.runtime.progress import FINISHED
     from matrix_hpc.store.input import DatasetConf
     from matrix_hpc.workflows.overhead import OverheadConf
 
@@ -75,18 +94,127 @@ def child(data: str, out: str, concurrency: int, placement: str, report: str) ->
     plan = RunPlan(OverheadConf(), DatasetConf(path=data), OutputConf(dir=out),
                    RunConf(max_concurrent_tasks=concurrency, placement=Placement(placement), progress_interval_s=0))
     result = asyncio.run(Driver(plan).run())
+    if result.outcome != FINISHED:
+        raise SystemExit(f"the run ended {result.outcome}: {result.problems}")
     s = result.stats
     wall = (s.t_end or time.time()) - (s.t_admit_start or s.t_start)
     steps = sum(w["steps"] for w in result.worker_stats)
     Path(report).write_text(json.dumps({
-        "placement": placement, "tasks": s.done, "concurrency": concurrency, "wall_s": wall,
-        "tasks_per_s": s.done / wall, "hops_per_s": steps / wall,
+        "tasks": s.done, "wall_s": wall, "tasks_per_s": s.done / wall, "hops_per_s": steps / wall,
         "remote_hops": sum(w["remote_hops"] for w in result.worker_stats),
     }))
     ray.shutdown()
 
 
-def bench_resume(workdir: Path, rows: int) -> dict:
+class BareLoop:
+    """The baseline: one process, one asyncio loop, no Ray.
+
+    Each role has an in-process queue and a consumer that starts the step of
+    every message it takes; a task hops role to role through the queues (the
+    same workflow, the same steps, the same seeds). Finished tasks are
+    buffered and written as matrix_hpc's sinks write them (one file per shard
+    per flush, the same flush period and threshold, the store's table builder
+    and atomic write), and a task's slot is freed when its row is written.
+    """
+
+    def __init__(self, data: str, out: str, concurrency: int, flush_interval_s: float = 0.2,
+                 num_shards: int = 4, num_sinks: int = 2, max_buffered_rows: int = 20000) -> None:
+        from matrix_hpc.runtime.workflow import AgentContext, build_workflow
+        from matrix_hpc.store.input import DatasetConf
+        from matrix_hpc.store.rows import output_schema
+        from matrix_hpc.workflows.overhead import OverheadConf
+
+        self.dataset = DatasetConf(path=data)
+        self.out = Path(out)
+        self.workflow = build_workflow(OverheadConf())
+        self.ctx = AgentContext(0)
+        self.schema = output_schema(self.workflow.result_columns())
+        self.concurrency = concurrency
+        self.num_shards = num_shards
+        self.flush_interval_s = flush_interval_s
+        self.flush_rows = max(64, min(max_buffered_rows, concurrency // (2 * num_sinks)))  # as the driver sets it
+        self.steps = 0
+        self.rows = 0
+        self.files = 0
+        self.buffer: list[Any] = []  # finished TaskStates
+
+    async def run(self) -> dict[str, Any]:
+        from matrix_hpc.runtime.message import TaskState
+        from matrix_hpc.store.input import iter_input
+
+        self.slots = asyncio.Semaphore(self.concurrency)
+        self.queues: dict[str, asyncio.Queue[Any]] = {role: asyncio.Queue() for role in self.workflow.roles}
+        self.wrote = asyncio.Event()
+        self.running: set[asyncio.Task[None]] = set()
+        loops = [asyncio.ensure_future(self._consume(role)) for role in self.workflow.roles]
+        loops.append(asyncio.ensure_future(self._flush_periodically()))
+        t0, admitted = time.time(), 0
+        first = self.workflow.first_role
+        for item in iter_input(self.dataset):
+            await self.slots.acquire()
+            self.queues[first].put_nowait(TaskState(item.id, item.row or {}, first))
+            admitted += 1
+        while self.rows < admitted:
+            self.wrote.clear()
+            await self.wrote.wait()
+        wall = time.time() - t0
+        for loop in loops:
+            loop.cancel()
+        return {"tasks": self.rows, "wall_s": wall, "tasks_per_s": self.rows / wall, "hops_per_s": self.steps / wall}
+
+    async def _consume(self, role: str) -> None:
+        queue = self.queues[role]
+        while True:
+            task = await queue.get()
+            step = asyncio.ensure_future(self._step(role, task))
+            self.running.add(step)
+            step.add_done_callback(self.running.discard)
+
+    async def _step(self, role: str, task: Any) -> None:
+        from matrix_hpc.runtime.message import OK
+
+        await self.workflow.agent(role)(task, self.ctx)
+        self.steps += 1
+        task.hops += 1
+        nxt = self.workflow.next_role(task, role) if task.status is None else None
+        if nxt is not None:
+            task.role = nxt
+            self.queues[nxt].put_nowait(task)
+            return
+        task.finish(OK)
+        self.buffer.append(task)
+        if len(self.buffer) >= self.flush_rows:
+            await self._flush()
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self.buffer:
+            return
+        batch, self.buffer = self.buffer, []
+        await asyncio.to_thread(self._write, batch)
+        self.rows += len(batch)
+        for _ in batch:
+            self.slots.release()
+        self.wrote.set()
+
+    def _write(self, tasks: list[Any]) -> None:
+        from matrix_hpc.store.layout import shard_dir, shard_of, write_table_atomic
+        from matrix_hpc.store.rows import tasks_to_table
+
+        by_shard: dict[int, list[Any]] = {}
+        for t in tasks:
+            by_shard.setdefault(shard_of(t.id, self.num_shards), []).append(t)
+        for shard, rows in sorted(by_shard.items()):
+            self.files += 1
+            path = shard_dir(self.out, shard) / f"part-bare-{self.files:06d}.parquet"
+            write_table_atomic(tasks_to_table(rows, "bare", self.schema), path)
+
+
+def bench_resume(workdir: Path, rows: int) -> dict[str, Any]:
     """Build an output dir with ``rows`` committed rows, then time the skip set in a fresh process."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -108,26 +236,52 @@ def bench_resume(workdir: Path, rows: int) -> dict:
                 pq.write_table(t, path)
     code = (
         "import resource, time; from pathlib import Path\n"
-        "from matrix_hpc.store.resume import completed_ids\n"
+        "from matrix_hpc.store.resume import scan_output\n"
         "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"t = time.perf_counter(); ids = completed_ids(Path({str(out)!r})); dt = time.perf_counter() - t\n"
+        f"t = time.perf_counter(); ids = scan_output(Path({str(out)!r})).done; dt = time.perf_counter() - t\n"
         "r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(len(ids), dt, (r1 - r0) / 1024, r1 / 1024)\n"
     )
     times, mems = [], []
+    n = "0"
     for _ in range(3):
-        n, dt, delta_mb, peak_mb = subprocess.check_output([sys.executable, "-c", code], cwd=REPO, text=True).split()
+        n, dt, delta_mb, _peak_mb = subprocess.check_output([sys.executable, "-c", code], cwd=REPO, text=True).split()
         times.append(float(dt))
         mems.append(float(delta_mb))
-    times.sort()
-    mems.sort()
-    return {"rows": int(n), "median_s": times[1], "median_extra_rss_mb": mems[1]}
+    return {"rows": int(n), "median_s": statistics.median(times), "median_extra_rss_mb": statistics.median(mems)}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def bench_cases(cases: list[tuple[int, ...]], placements: list[str], repeats: int, workdir: Path) -> None:
+    """Every placement and the bare loop, interleaved per repeat (so a load
+    change hits all alike); medians, and matrix_hpc's ratio to the bare loop."""
+    print(f"{'case':<10} {'tasks':>6} {'conc':>6} {'tasks/s (median)':>17} {'all runs':>24} {'hops/s':>9} "
+          f"{'peak GB':>8} {'vs bare':>8}")
+    for tasks, conc in cases:
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in [*placements, BARE]}
+        for rep in range(repeats):
+            for p in runs:
+                runs[p].append(run_case(tasks, conc, p, workdir, rep))
+        bare = statistics.median(r["tasks_per_s"] for r in runs[BARE])
+        for p, rs in runs.items():
+            rate = statistics.median(r["tasks_per_s"] for r in rs)
+            each = "/".join(f"{r['tasks_per_s']:.0f}" for r in rs)
+            print(f"{p:<10} {rs[0]['tasks']:>6} {conc:>6} {rate:>17.0f} {each:>24} "
+                  f"{statistics.median(r['hops_per_s'] for r in rs):>9.0f} "
+                  f"{max(r['peak_tree_rss_gb'] for r in rs):>8.2f} {rate / bare:>7.2f}x", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=5)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one small case")
+    ap.add_argument("--cases", default="2000x1000,20000x10000", help="TASKSxCONCURRENCY, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case (medians are reported); at least 3")
+    ap.add_argument("--placements", default="colocated,per_role", help="comma-separated matrix_hpc placements")
+    ap.add_argument("--no-resume", action="store_true", help="skip the resume skip-set benchmark")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     if args.child:
@@ -135,18 +289,16 @@ def main() -> None:
         child(data, out, int(conc), placement, report)
         return
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    cases = [(2000, 1000), (20000, 10000)] if not args.quick else [(1000, 500)]
-    print(f"cores: {os.cpu_count()}  workdir: {workdir}")
-    print(f"{'placement':<10} {'tasks':>6} {'conc':>6} {'tasks/s':>9} {'hops/s':>9} {'peak GB':>8}")
-    for tasks, conc in cases:
-        for placement in ("colocated", "per_role"):
-            r = run_case(tasks, conc, placement, workdir)
-            print(f"{placement:<10} {r['tasks']:>6} {conc:>6} {r['tasks_per_s']:>9.0f} {r['hops_per_s']:>9.0f} "
-                  f"{r['peak_tree_rss_gb']:>8.2f}", flush=True)
-    rows = 1_000_000 if not args.quick else 100_000
-    r = bench_resume(workdir, rows)
-    print(f"resume skip set over {r['rows']:,} rows: {r['median_s']:.2f} s (median of 3), "
-          f"+{r['median_extra_rss_mb']:.0f} MB RSS")
+    cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")] if not args.quick else [(1000, 500)]
+    print(f"cores: {os.cpu_count()}  workdir: {workdir}  repeats: {args.repeats}")
+    print(f"load average before: {load_average()}")
+    bench_cases(cases, args.placements.split(","), max(3, args.repeats), workdir)
+    if not args.no_resume:
+        rows = 1_000_000 if not args.quick else 100_000
+        r = bench_resume(workdir, rows)
+        print(f"resume skip set over {r['rows']:,} rows: {r['median_s']:.2f} s (median of 3), "
+              f"+{r['median_extra_rss_mb']:.0f} MB RSS")
+    print(f"load average after: {load_average()}")
 
 
 if __name__ == "__main__":
