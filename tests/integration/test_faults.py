@@ -42,7 +42,7 @@ from tests.integration.runs import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray")]
 
-EXIT_LOCKED, EXIT_INCOMPLETE = 1, 3
+EXIT_LOCKED, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 1, 3, 75
 #: Slow enough (about 150 tasks/s on 2 cores) that three kills land mid-run.
 SLOW = ("workflow.step_delay_ms=40", "run.max_concurrent_tasks=60", "output.flush_interval_s=0.2",
         "run.peer_check_interval_s=0.5")
@@ -296,3 +296,26 @@ def test_retry_failed_reruns_the_rows_an_llm_outage_failed(tmp_path: Path) -> No
 def test_retry_choice_is_checked_naming_the_valid_ones(tmp_path: Path) -> None:
     r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "run.retry=everything")
     assert r.returncode == 2 and "run.retry='everything'" in r.stderr and "none, failed" in r.stderr
+
+
+def test_a_drained_run_exits_75_reporting_from_disk_and_the_rerun_completes(tmp_path: Path) -> None:
+    n = 600
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    args = (f"dataset.path={data}", f"output.dir={out}", *SLOW)
+    proc = start_cli(*args, stderr=log)
+    try:
+        wait_for_rows(out, 100)
+        proc.send_signal(signal.SIGTERM)  # as Slurm's pre-timeout signal (USR1) does: drain, commit, stop
+    except BaseException:
+        kill_tree(proc)
+        raise
+    stderr = _finish(proc, log)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr[-4000:]
+    assert "INTERRUPTED (rerun the same command to resume)" in stderr and "verify round" not in stderr
+    summary = assert_summary_matches_disk(stderr, out)
+    assert 100 <= summary["rows"] < n
+    r = run_cli(*args)
+    assert r.returncode == 0, log_of(r)[-4000:]
+    assert_each_id_once(out, _ids(n))
+    assert_summary_matches_disk(r.stderr, out)

@@ -153,3 +153,37 @@ def test_the_watch_reports_a_restarted_sink_once_and_a_sink_that_cannot_commit()
     asyncio.run(go())
     assert restarted == [1]
     assert len(stalled) == 1 and stalled[0][0] == 0 and "No space left on device" in stalled[0][1]
+
+
+def _result(outcome: str, missing: int = 0, duplicates: int = 0, problems: tuple[str, ...] = ()) -> Any:
+    from matrix_hpc.runtime.driver import RunResult
+    from matrix_hpc.runtime.progress import RunStats
+    from matrix_hpc.runtime.verify import MissingIds
+    from matrix_hpc.store.input import InputItem
+    from matrix_hpc.store.verify import OutputSummary
+
+    stats = RunStats()
+    stats.record("ok", None, None, 999)  # acks: the summary must not use them
+    disk = OutputSummary({"ok": 7, "failed": 2}, 120, 30 + duplicates, 30, duplicates,
+                         ["q1"] if duplicates else [])
+    gaps = MissingIds([InputItem(f"q{i}", {}, where=f"in.jsonl:{i}") for i in range(missing)])
+    return RunResult("/out", "run-1", stats, outcome != "finished", [], outcome, disk, gaps, list(problems))
+
+
+def test_the_summary_counts_what_is_on_disk_not_the_acks() -> None:
+    from matrix_hpc.runtime.progress import render_summary
+
+    text = render_summary(_result("finished"))
+    assert "finished: every input id is in the output, once" in text
+    assert "9 written by this run, read back from disk  (ok 7, filtered 0, failed 2)" in text
+    assert "30 rows, 30 distinct ids" in text and "120 tokens" in text and "999" not in text
+
+
+def test_an_incomplete_run_says_what_is_missing_and_why() -> None:
+    from matrix_hpc.runtime.progress import render_summary
+
+    text = render_summary(_result("incomplete", missing=3, duplicates=1, problems=("sink 0 cannot commit: ENOSPC",)))
+    assert "INCOMPLETE: 3 input ids missing, 1 ids written twice, stopped by an error" in text
+    assert "MISSING:    3 input ids have no row (e.g. q0 (in.jsonl:0), q1 (in.jsonl:1), q2 (in.jsonl:2))" in text
+    assert "1 DUPLICATE ids (e.g. q1)" in text and "PROBLEM:    sink 0 cannot commit: ENOSPC" in text
+    assert "finished" not in text
