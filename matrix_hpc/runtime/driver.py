@@ -381,13 +381,14 @@ class Driver:
         self.stats.lost_sends += len(task_ids)
 
     def _on_worker_restarted(self, key: WorkerKey) -> None:
-        """Co-located, a task lives on the worker its id routes to; across role
-        groups it could be on any worker."""
+        """Co-located, a task lives on the worker its id routes to (and counts
+        the loss: a task that keeps killing its worker fails); across role
+        groups it could be on any worker, so every task goes again, uncounted."""
         colocated = len(self.handles) == 1
         first = self.workflow.first_role
         for task_id in list(self.inflight):
             if not colocated or self.router.route(first, task_id) == key:
-                self._readmit(task_id, loss=True)
+                self._readmit(task_id, loss=colocated)
         self._flush_boxes()
 
     def _on_sink_restarted(self, n: int) -> None:

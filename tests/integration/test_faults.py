@@ -94,6 +94,7 @@ def _kill_one_actor_at_moments(tmp_path: Path, actor_class: str, seed: int, n: i
     assert_each_id_once(out, _ids(n))
     assert_summary_matches_disk(stderr, out)
     assert "finished: every input id is in the output, once" in stderr
+    assert Counter(x["status"] for x in read_rows(out)) == {"ok": n}  # re-run, not given up as TaskLost
     return stderr
 
 
