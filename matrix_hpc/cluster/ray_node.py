@@ -85,6 +85,13 @@ def _agent_ports() -> list[str]:
             "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
 
 
+def _client_server_port() -> list[str]:
+    """A free Ray Client port: its default (10001) is one per host, and a second head there fails."""
+    from ray._private.utils import get_ray_client_dependency_error  # private: `ray start` refuses the flag without it
+
+    return [] if get_ray_client_dependency_error() is not None else ["--ray-client-server-port", str(free_port())]
+
+
 @dataclass
 class NodeSpec:
     role: str  # head | worker
@@ -116,6 +123,7 @@ class RayNode:
             cmd += ["--object-store-memory", str(int(self.spec.object_store_gb * 2**30))]
         if head_address is None:
             cmd += ["--head", "--port", str(gcs_port), "--node-ip-address", node_ip()]
+            cmd += _client_server_port()
             cmd += ["--include-dashboard", "true" if self.spec.include_dashboard else "false"]
             if dashboard_port:
                 cmd += ["--dashboard-port", str(dashboard_port), "--dashboard-host", self.spec.dashboard_host]
