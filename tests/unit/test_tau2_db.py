@@ -45,3 +45,24 @@ def test_state_dict_is_plain_json() -> None:
 
     state = new_environment("telecom").state_dict()
     assert json.loads(json.dumps(state))["user_db"]["device"]["sim_card_status"] == "active"
+
+
+def test_copy_on_access_tables_track_every_way_of_changing_them() -> None:
+    from matrix_hpc.workflows.tau2.db import CopyOnAccessDict
+    from matrix_hpc.workflows.tau2.domains.retail.models import UserName
+
+    shared = {"a": UserName(first_name="A", last_name="B"), "b": UserName(first_name="C", last_name="D")}
+    table = CopyOnAccessDict(shared)
+    assert table.untouched and table["a"] is not shared["a"] and not table.untouched
+    for change in (
+        lambda t: t.update(b=UserName(first_name="X", last_name="Y")),
+        lambda t: t.setdefault("c", UserName(first_name="X", last_name="Y")),
+        lambda t: t.pop("b"),
+        lambda t: t.popitem(),
+        lambda t: t.clear(),
+        lambda t: t.__delitem__("a"),
+    ):
+        fresh = CopyOnAccessDict(shared)
+        change(fresh)
+        assert not fresh.untouched
+    assert shared["a"].first_name == "A" and len(shared) == 2

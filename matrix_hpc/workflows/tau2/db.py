@@ -114,7 +114,13 @@ class CopyOnAccessDict(dict):  # type: ignore[type-arg]
 
     def __init__(self, shared: dict[Any, BaseModel]) -> None:
         super().__init__(shared)
-        self._own: set[Any] = set()
+        self._own: set[Any] = set()  # keys whose record is this table's own copy (or was replaced)
+        self.removed = False  # whether a key was ever removed
+
+    @property
+    def untouched(self) -> bool:
+        """Whether every record is still the template's and none was removed."""
+        return not self._own and not self.removed
 
     def __getitem__(self, key: Any) -> Any:
         value = super().__getitem__(key)
@@ -135,8 +141,36 @@ class CopyOnAccessDict(dict):  # type: ignore[type-arg]
         if key in self:
             value = self[key]
             super().pop(key)
+            self.removed = True
             return value
         return super().pop(key, *default)
+
+    # dict's C methods bypass __getitem__/__setitem__: route them through the tracked paths
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self.removed = True
+
+    def popitem(self) -> tuple[Any, Any]:
+        if not self:
+            raise KeyError("popitem(): dictionary is empty")
+        key = next(reversed(self))
+        return key, self.pop(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self.removed = True
+
+    def copy(self) -> dict[Any, Any]:
+        return {key: self[key] for key in self}
 
 
 class DBTemplate:
@@ -152,6 +186,7 @@ class DBTemplate:
         self.db = db
         self._tables = list(type(db).model_fields)
         self._encoded: dict[int, str] = {}  # id(template record) -> its JSON, filled lazily
+        self._untouched_tables: dict[str, str] = {}  # table name -> its JSON while no task touched it
 
     def fresh(self) -> BaseModel:
         tables: dict[str, Any] = {name: CopyOnAccessDict(getattr(self.db, name)) for name in self._tables}
@@ -161,17 +196,25 @@ class DBTemplate:
         """tau2's hash of ``db``, a DB made by :meth:`fresh` (or the template itself)."""
         parts = []
         for name in sorted(self._tables):
-            table = getattr(db, name)
-            shared = getattr(self.db, name)
-            entries = []
-            for key in sorted(table):
-                record: BaseModel = dict.__getitem__(table, key)
-                if dict.get(shared, key) is record:
-                    encoded = self._encoded.get(id(record))
-                    if encoded is None:
-                        encoded = self._encoded[id(record)] = _encode(record.model_dump(warnings=False))
-                else:
-                    encoded = _encode(record.model_dump(warnings=False))
-                entries.append(f"{json.dumps(key)}: {encoded}")
-            parts.append(f"{json.dumps(name)}: {{{', '.join(entries)}}}")
+            parts.append(f"{json.dumps(name)}: {self._table_json(name, getattr(db, name))}")
         return hashlib.sha256(("{" + ", ".join(parts) + "}").encode()).hexdigest()
+
+    def _table_json(self, name: str, table: dict[Any, BaseModel]) -> str:
+        shared = getattr(self.db, name)
+        untouched = isinstance(table, CopyOnAccessDict) and table.untouched
+        if untouched and name in self._untouched_tables:
+            return self._untouched_tables[name]
+        entries = []
+        for key in sorted(table):
+            record: BaseModel = dict.__getitem__(table, key)
+            if dict.get(shared, key) is record:
+                encoded = self._encoded.get(id(record))
+                if encoded is None:
+                    encoded = self._encoded[id(record)] = _encode(record.model_dump(warnings=False))
+            else:
+                encoded = _encode(record.model_dump(warnings=False))
+            entries.append(f"{json.dumps(key)}: {encoded}")
+        text = "{" + ", ".join(entries) + "}"
+        if untouched:
+            self._untouched_tables[name] = text
+        return text

@@ -115,11 +115,6 @@ class ToolKit:
         except Exception as exc:  # every tool failure is shown to the caller, as tau2 does
             return ToolOutput(ok=False, text=error_text(exc))
 
-    def db_hash(self) -> str:
-        from matrix_hpc.workflows.tau2.db import db_hash
-
-        return db_hash(self.db)
-
 
 def error_text(exc: BaseException) -> str:
     """tau2's convention for a failed call: ``"Error: "`` followed by the message."""

@@ -21,7 +21,6 @@ from matrix_hpc.workflows.tau2.domains.telecom.user_models import (
     NetworkModePreference,
     NetworkStatus,
     NetworkTechnology,
-    PaymentRequest,
     PerformanceLevel,
     SignalStrength,
     SimStatus,
@@ -665,7 +664,3 @@ class TelecomUserTools(ToolKit):  # the class name shows in argument errors, as 
 
     def assert_mobile_data_usage_exceeded(self, expected_status: bool) -> bool:
         return self.surroundings.mobile_data_usage_exceeded == expected_status
-
-    # kept for the payment flow in sync: the phone's pending request, if any
-    def payment_request(self) -> PaymentRequest | None:
-        return self.surroundings.payment_request
