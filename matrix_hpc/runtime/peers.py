@@ -83,7 +83,12 @@ class PeerWatch:
             self.events.lost_ids(lost)
         if incarnation == self.worker_incarnations.get(key):
             return
-        self.worker_incarnations[key] = await worker.connect.remote(*self.connect_args)
+        try:
+            self.worker_incarnations[key] = await worker.connect.remote(*self.connect_args)
+        except Exception as e:  # died again while connecting: the next heartbeat sees the next incarnation
+            log.warning("worker %s/%d restarted but could not be reconnected yet (%s); retrying", key[0], key[1],
+                        str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return
         log.warning("worker %s/%d restarted (incarnation %s); reconnected, re-admitting the tasks it may have held",
                     key[0], key[1], incarnation)
         self.events.worker_restarted(key)
