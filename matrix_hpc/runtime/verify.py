@@ -30,8 +30,9 @@ class MissingIds:
 
 
 def missing_input(out_dir: Path, dataset: DatasetConf) -> MissingIds:
-    """Input rows whose id has no row in ``out_dir`` (a repeated input id counts once)."""
-    done = scan_output(out_dir).done
+    """Input rows whose id has no row in ``out_dir`` (a repeated input id counts once).
+    Only reads: the sinks may still be writing (no temp file or compaction is touched)."""
+    done = scan_output(out_dir, repair=False).done
     missing = MissingIds()
     seen: set[str] = set()  # only missing ids: small unless the run lost much
     for item in iter_input(dataset):
