@@ -19,6 +19,11 @@ One domain, gold actions of one split, or a custom action list::
 
     python scripts/tau2_golden.py --tau2-root /work/tau2ref --domain telecom --split base --output t.jsonl
     python scripts/tau2_golden.py --tau2-root /work/tau2ref --domain retail --input probes.jsonl --output p.jsonl
+    python scripts/tau2_golden.py --tau2-root /work/tau2ref --domain airline --rewards --output r.jsonl.gz
+
+With ``--rewards`` it runs tau2's evaluator instead, on scripted trajectories
+(the gold actions as a dialogue, with and without the last successful write),
+and records every reward component.
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ ALL_JOBS: tuple[tuple[str, str, str | None, str], ...] = (
     ("retail", "base", "retail_probes_input.jsonl", "retail_probes.jsonl"),
     ("airline", "base", "airline_probes_input.jsonl", "airline_probes.jsonl"),
     ("telecom", "full", "telecom_probes_input.jsonl", "telecom_probes.jsonl"),
+)
+# What --all also writes: tau2's evaluator on scripted trajectories (REWARDS marks the job).
+REWARDS = "rewards"
+ALL_REWARD_JOBS: tuple[tuple[str, str, str], ...] = (
+    ("retail", "base", "retail_rewards.jsonl.gz"),
+    ("airline", "base", "airline_rewards.jsonl.gz"),
+    ("telecom", "base", "telecom_rewards.jsonl.gz"),
 )
 
 
@@ -102,6 +114,89 @@ def replay_task(domain: str, task: Any, actions: list[dict[str, Any]]) -> dict[s
     }
 
 
+def _scripted_messages(domain: str, task: Any, skip: set[int]) -> list[Any]:
+    """The dialogue matrix_hpc's ``scripted.gold_trajectory`` builds, made of tau2's own messages."""
+    from tau2.data_model.message import AssistantMessage, ToolCall, UserMessage
+
+    env = _fresh_environment(domain, task)
+    messages: list[Any] = [UserMessage(role="user", content="Hi, I need help.")]
+    criteria = task.evaluation_criteria
+    for index, action in enumerate(criteria.actions or []):
+        if index in skip:
+            continue
+        call = ToolCall(id=f"call_{index}", name=action.name, arguments=action.arguments, requestor=action.requestor)
+        message_cls = UserMessage if action.requestor == "user" else AssistantMessage
+        messages.append(message_cls(role=action.requestor, content=None, tool_calls=[call]))
+        messages.append(env.get_response(call))
+    summary = " ".join(criteria.communicate_info or []) or "Done."
+    messages.append(AssistantMessage(role="assistant", content=summary))
+    return messages
+
+
+def _last_successful_write(domain: str, task: Any) -> int | None:
+    env = _fresh_environment(domain, task)
+    messages = _scripted_messages(domain, task, set())
+    failed = {m.id for m in messages if getattr(m, "role", None) == "tool" and m.error}
+    writes = [
+        i
+        for i, action in enumerate(task.evaluation_criteria.actions or [])
+        if env._has_tool(action.name) and env._is_mutating_tool(action.name) and f"call_{i}" not in failed
+    ]
+    return writes[-1] if writes else None
+
+
+def reward_row(domain: str, task: Any, variant: str, skip: set[int]) -> dict[str, Any]:
+    """tau2's evaluator on one scripted trajectory: every component, and the reward where no LLM is needed."""
+    from tau2.data_model.simulation import SimulationRun, TerminationReason
+    from tau2.data_model.tasks import RewardType
+    from tau2.evaluator.evaluator import EvaluationType, evaluate_simulation
+    from tau2.evaluator.evaluator_action import ActionEvaluator
+    from tau2.evaluator.evaluator_communicate import CommunicateEvaluator
+    from tau2.evaluator.evaluator_env import EnvironmentEvaluator
+    from tau2.registry import registry
+
+    messages = _scripted_messages(domain, task, skip)
+    env_info = EnvironmentEvaluator.calculate_reward(
+        environment_constructor=registry.get_env_constructor(domain), task=task, full_trajectory=messages
+    )
+    action_info = ActionEvaluator.calculate_reward(task=task, full_trajectory=messages)
+    communicate_info = CommunicateEvaluator.calculate_reward(task=task, full_trajectory=messages)
+    reward = None
+    if RewardType.NL_ASSERTION not in task.evaluation_criteria.reward_basis:  # the rest needs an LLM judge
+        run = SimulationRun(
+            id="scripted", task_id=task.id, start_time="", end_time="", duration=0.0,
+            termination_reason=TerminationReason.AGENT_STOP, messages=messages,
+        )  # fmt: skip
+        reward = evaluate_simulation(run, task, EvaluationType.ALL, solo_mode=False, domain=domain).reward
+    return {
+        "task_id": task.id,
+        "variant": variant,
+        "skip": sorted(skip),
+        "reward": reward,
+        "env_reward": env_info.reward,
+        "db_match": env_info.db_check.db_match if env_info.db_check else None,
+        "env_assertions": [check.met for check in env_info.env_assertions or []],
+        "action_reward": action_info.reward,
+        "action_checks": [check.action_match for check in action_info.action_checks or []],
+        "communicate_reward": communicate_info.reward,
+        "communicate_checks": [check.met for check in communicate_info.communicate_checks or []],
+    }
+
+
+def run_reward_job(domain: str, split: str, output_path: Path) -> int:
+    env_module, _ = _tau2_modules(domain)
+    count = 0
+    with _open_output(output_path) as out:
+        for task in env_module.get_tasks(split):
+            out.write(json.dumps(reward_row(domain, task, "gold", set())) + "\n")
+            skipped = _last_successful_write(domain, task)
+            if skipped is not None:
+                out.write(json.dumps(reward_row(domain, task, "skip_write", {skipped})) + "\n")
+            count += 1
+    print(f"{domain}/{split} rewards: {count} tasks -> {output_path}", file=sys.stderr)
+    return count
+
+
 def _gold_inputs(tasks: Iterable[Any]) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
     for task in tasks:
         criteria = task.evaluation_criteria
@@ -150,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="base", help="task split for gold actions (default: base)")
     parser.add_argument("--input", type=Path, help="replay this action list instead of the gold actions")
     parser.add_argument("--output", type=Path, help="output JSONL (.gz for gzip)")
+    parser.add_argument("--rewards", action="store_true", help="write tau2's rewards of scripted trajectories instead")
     args = parser.parse_args(argv)
     os.environ.setdefault("TAU2_DATA_DIR", str(args.tau2_root / "data"))
     try:
@@ -162,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         for domain, split, input_name, output_name in ALL_JOBS:
             input_path = GOLDEN_DIR / input_name if input_name else None
             run_job(domain, split, input_path, GOLDEN_DIR / output_name)
+        for domain, split, output_name in ALL_REWARD_JOBS:
+            run_reward_job(domain, split, GOLDEN_DIR / output_name)
         return 0
     if args.domain is None or args.output is None:
         parser.error("give --all, or --domain and --output")
+    if args.rewards:
+        run_reward_job(args.domain, args.split, args.output)
+        return 0
     run_job(args.domain, args.split, args.input, args.output)
     return 0
 
