@@ -48,7 +48,8 @@ def service(local_ray: None, tmp_path: Path) -> Iterator[LLMService]:
         sim=SimConf(num_replicas=2, ttft_s=0.05, time_per_output_token_s=0.0005, output_tokens=20),
     )
     # Something registered in this service's registry before its replicas: dropped at start.
-    ray.get(get_or_create_registry(sim_service_ref(conf)).register.remote("sim-7", "http://127.0.0.1:9"))
+    registry = get_or_create_registry(sim_service_ref(conf))  # held: a registry ends with its last handle
+    ray.get(registry.register.remote("sim-7", "http://127.0.0.1:9"))
     svc = start_llm_service(conf, tmp_path)
     yield svc
     svc.stop()

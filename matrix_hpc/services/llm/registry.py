@@ -85,15 +85,23 @@ class ReplicaRegistry:
 def get_or_create_registry(ref: ServiceRef) -> Any:  # Any: a Ray actor handle
     """The registry of ``ref``, made if absent; refused when it belongs to another run or config.
 
-    Call it first from the driver (the registry is then the driver's); replica
-    actors of the same run find it and pass the check (same Ray job).
+    Call it first from the driver and keep the handle: the registry is then
+    the driver's, and ends when the driver drops its last handle or exits.
+    Replica actors of the same run find it and pass the check (same Ray job).
     """
     import ray
 
     job = ray.get_runtime_context().get_job_id()
     actor_cls: Any = ray.remote(num_cpus=0)(ReplicaRegistry)  # Any: Ray's actor class wrapper
-    handle = actor_cls.options(name=ref.registry, namespace=NAMESPACE, get_if_exists=True).remote(ref.digest, job)
-    digest, owner = ray.get(handle.identity.remote())
+    for attempt in range(3):
+        handle = actor_cls.options(name=ref.registry, namespace=NAMESPACE, get_if_exists=True).remote(ref.digest, job)
+        try:
+            digest, owner = ray.get(handle.identity.remote())
+            break
+        except ray.exceptions.RayActorError:
+            # Found as it was going away (the last handle of its run was dropped): make it anew.
+            if attempt == 2:
+                raise
     if digest != ref.digest or owner != job:
         raise RegistryConflictError(
             f"LLM service {ref.name!r}: registry {NAMESPACE}/{ref.registry} belongs to Ray job {owner} "
