@@ -63,12 +63,12 @@ def _parse_action(index: int, raw: Any) -> Action:
     where = f"actions[{index}]"
     if not isinstance(raw, dict):
         raise BadLine(f"{where} must be an object with name, arguments and optional requestor")
-    name, arguments = raw.get("name"), raw.get("arguments", {})
+    name, arguments = raw.get("name"), raw.get("arguments")
     requestor = raw.get("requestor", "assistant")
     if not isinstance(name, str):
         raise BadLine(f'{where}: "name" must be a string')
     if not isinstance(arguments, dict):
-        raise BadLine(f'{where}: "arguments" must be an object')
+        raise BadLine(f'{where}: "arguments" must be an object (use {{}} for a tool without parameters)')
     if requestor not in REQUESTORS:
         raise BadLine(f'{where}: "requestor" must be one of {", ".join(REQUESTORS)}, got {requestor!r}')
     return Action(name=name, arguments=arguments, requestor=requestor)
