@@ -146,6 +146,9 @@ async def test_replicas_refuse_requests_without_the_service_key(service: LLMServ
             good = {"Authorization": f"Bearer {factory.api_key.get()}"}
             async with session.post(url + "/chat/completions", json=body, headers=good) as resp:
                 assert resp.status == 200
+    from tests.integration.security_checks import cmdlines_with
+
+    assert cmdlines_with(str(factory.api_key.get())) == []  # the replicas got it as actor arguments
 
 
 def test_a_second_run_asking_for_the_same_service_is_refused(service: LLMService) -> None:
