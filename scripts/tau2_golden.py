@@ -53,6 +53,11 @@ ALL_JOBS: tuple[tuple[str, str, str | None, str], ...] = (
     ("airline", "base", "airline_probes_input.jsonl", "airline_probes.jsonl"),
     ("telecom", "full", "telecom_probes_input.jsonl", "telecom_probes.jsonl"),
 )
+# What --all also writes with --live semantics (sync after every call, as in a dialogue).
+ALL_LIVE_JOBS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("telecom", "base", None, "telecom_live.jsonl.gz"),
+    ("telecom", "full", "telecom_probes_input.jsonl", "telecom_probes_live.jsonl"),
+)
 # What --all also writes: tau2's evaluator on scripted trajectories (REWARDS marks the job).
 REWARDS = "rewards"
 ALL_REWARD_JOBS: tuple[tuple[str, str, str], ...] = (
@@ -93,12 +98,24 @@ def _fresh_environment(domain: str, task: Any) -> Any:
     return env
 
 
-def replay_task(domain: str, task: Any, actions: list[dict[str, Any]]) -> dict[str, Any]:
-    """One output line: every action through a fresh tau2 environment for ``task``."""
+def replay_task(domain: str, task: Any, actions: list[dict[str, Any]], live: bool = False) -> dict[str, Any]:
+    """One output line: every action through a fresh tau2 environment for ``task``.
+
+    ``live``: as a dialogue makes each call (``get_response``: sync after every call).
+    """
     _, environment_cls = _tau2_modules(domain)
     env = _fresh_environment(domain, task)
     outputs = []
     for action in actions:
+        if live:
+            from tau2.data_model.message import ToolCall
+
+            call = ToolCall(
+                name=action["name"], arguments=action["arguments"], requestor=action.get("requestor", "assistant")
+            )
+            message = env.get_response(call)
+            outputs.append({"ok": not message.error, "text": message.content})
+            continue
         try:
             result = env.make_tool_call(
                 tool_name=action["name"], requestor=action.get("requestor", "assistant"), **action["arguments"]
@@ -224,14 +241,14 @@ def _open_output(path: Path) -> TextIO:
     return path.open("w", encoding="utf-8")
 
 
-def run_job(domain: str, split: str, input_path: Path | None, output_path: Path) -> int:
+def run_job(domain: str, split: str, input_path: Path | None, output_path: Path, live: bool = False) -> int:
     env_module, _ = _tau2_modules(domain)
     tasks = env_module.get_tasks(split)
     pairs = _gold_inputs(tasks) if input_path is None else _file_inputs(input_path, tasks)
     count = 0
     with _open_output(output_path) as out:
         for task, actions in pairs:
-            out.write(json.dumps(replay_task(domain, task, actions), ensure_ascii=False) + "\n")
+            out.write(json.dumps(replay_task(domain, task, actions, live), ensure_ascii=False) + "\n")
             count += 1
     print(f"{domain}/{split}: {count} tasks -> {output_path}", file=sys.stderr)
     return count
@@ -246,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, help="replay this action list instead of the gold actions")
     parser.add_argument("--output", type=Path, help="output JSONL (.gz for gzip)")
     parser.add_argument("--rewards", action="store_true", help="write tau2's rewards of scripted trajectories instead")
+    parser.add_argument("--live", action="store_true", help="sync after every call, as a live dialogue does")
     args = parser.parse_args(argv)
     os.environ.setdefault("TAU2_DATA_DIR", str(args.tau2_root / "data"))
     try:
@@ -258,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         for domain, split, input_name, output_name in ALL_JOBS:
             input_path = GOLDEN_DIR / input_name if input_name else None
             run_job(domain, split, input_path, GOLDEN_DIR / output_name)
+        for domain, split, input_name, output_name in ALL_LIVE_JOBS:
+            input_path = GOLDEN_DIR / input_name if input_name else None
+            run_job(domain, split, input_path, GOLDEN_DIR / output_name, live=True)
         for domain, split, output_name in ALL_REWARD_JOBS:
             run_reward_job(domain, split, GOLDEN_DIR / output_name)
         return 0
@@ -266,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rewards:
         run_reward_job(args.domain, args.split, args.output)
         return 0
-    run_job(args.domain, args.split, args.input, args.output)
+    run_job(args.domain, args.split, args.input, args.output, live=args.live)
     return 0
 
 

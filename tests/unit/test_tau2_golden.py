@@ -83,6 +83,22 @@ def test_probe_action_lists_match_tau2(domain: str) -> None:
         _assert_same(ours, theirs)
 
 
+def test_live_calls_sync_as_tau2s_dialogue_does() -> None:
+    """Telecom with a sync after every call (tau2's get_response), gold actions and probes."""
+    tasks = tasks_by_id("telecom")
+    for row in _golden_rows("telecom_live.jsonl.gz"):
+        task = tasks[row["task_id"]]
+        _assert_same(replay_task("telecom", task, _gold_actions(task), live=True), row)
+    out, errors = io.StringIO(), io.StringIO()
+    with (GOLDEN / "telecom_probes_input.jsonl").open(encoding="utf-8") as lines:
+        replay_stream("telecom", lines, out, errors, live=True)
+    expected = _golden_rows("telecom_probes_live.jsonl")
+    got = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(got) == len(expected) == 3
+    for ours, theirs in zip(got, expected, strict=True):
+        _assert_same(ours, theirs)
+
+
 @pytest.mark.slow
 def test_all_telecom_tasks_match_tau2() -> None:
     expected = _golden_rows("telecom_full.jsonl.gz")

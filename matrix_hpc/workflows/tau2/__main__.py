@@ -22,7 +22,7 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.input.open(encoding="utf-8") as lines, args.output.open("w", encoding="utf-8") as out:
-        summary = replay_stream(args.domain, lines, out, sys.stderr)
+        summary = replay_stream(args.domain, lines, out, sys.stderr, live=args.live)
     print(f"replayed {summary.replayed} task(s) to {args.output}; {summary.bad_lines} bad line(s)", file=sys.stderr)
     return 1 if summary.bad_lines else 0
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         "--input", required=True, type=Path, help="JSONL: {task_id, actions: [{name, arguments, requestor?}]}"
     )
     replay.add_argument("--output", required=True, type=Path, help="JSONL: {task_id, outputs, db_hash, user_db_hash}")
+    replay.add_argument("--live", action="store_true", help="sync after every call, as a dialogue does (telecom)")
     replay.set_defaults(run=_replay)
     args = parser.parse_args(argv)
     return int(args.run(args))

@@ -12,6 +12,8 @@ evaluator replays gold actions. Output, one line per good input line::
     {"task_id": "...", "outputs": [{"ok": true, "text": "..."}], "db_hash": "...", "user_db_hash": "..." | null}
 
 A bad input line is reported (naming its number) and skipped; the others go on.
+With ``--live`` the environment syncs after every call, as in a dialogue
+(this matters in telecom only).
 
 Example::
 
@@ -74,10 +76,15 @@ def _parse_action(index: int, raw: Any) -> Action:
     return Action(name=name, arguments=arguments, requestor=requestor)
 
 
-def replay_task(domain: str, task: Task, actions: Iterable[Action]) -> dict[str, Any]:
-    """One output row: the actions through a fresh environment for ``task``."""
+def replay_task(domain: str, task: Task, actions: Iterable[Action], live: bool = False) -> dict[str, Any]:
+    """One output row: the actions through a fresh environment for ``task``.
+
+    ``live`` syncs after every call, as a dialogue does (``Tau2Environment.step``);
+    the default replays as tau2's evaluator replays gold actions.
+    """
     env = build_environment(domain, task)
-    outputs = [env.call(a.name, a.arguments, a.requestor) for a in actions]
+    run = env.step if live else env.call
+    outputs = [run(a.name, a.arguments, a.requestor) for a in actions]
     return {
         "task_id": task["id"],
         "outputs": [{"ok": out.ok, "text": out.text} for out in outputs],
@@ -92,7 +99,7 @@ class ReplaySummary:
     bad_lines: int = 0
 
 
-def replay_stream(domain: str, lines: Iterable[str], out: TextIO, errors: TextIO) -> ReplaySummary:
+def replay_stream(domain: str, lines: Iterable[str], out: TextIO, errors: TextIO, live: bool = False) -> ReplaySummary:
     """Replay every input line to ``out``; report bad lines to ``errors`` (``line N: ...``)."""
     known = tasks_by_id(domain)
     summary = ReplaySummary()
@@ -103,7 +110,7 @@ def replay_stream(domain: str, lines: Iterable[str], out: TextIO, errors: TextIO
             errors.write(f"line {number}: {exc}; line skipped\n")
             summary.bad_lines += 1
             continue
-        out.write(json.dumps(replay_task(domain, known[task_id], actions), ensure_ascii=False) + "\n")
+        out.write(json.dumps(replay_task(domain, known[task_id], actions, live), ensure_ascii=False) + "\n")
         summary.replayed += 1
     return summary
 
