@@ -68,6 +68,8 @@ def calculate(expression: str) -> str:
     """The result rounded to 2 decimals, as a string (tau2's ``calculate``)."""
     if not all(char in ALLOWED_CHARACTERS for char in expression):
         raise ValueError("Invalid characters in expression")
+    if not isinstance(expression, str):  # e.g. a list of characters passes the check above
+        raise TypeError("eval() arg 1 must be a string, bytes or code object")
     # eval() skips leading spaces and tabs of a source string; compile() does not.
     tree = compile(expression.lstrip(" \t"), "<string>", "eval", ast.PyCF_ONLY_AST)
     return str(round(float(_evaluate(tree)), 2))
