@@ -441,9 +441,11 @@ class Driver:
         for round_no in range(1, self.plan.run.verify_rounds + 1):
             if self._stopping:
                 return
+            t0 = time.perf_counter()
             await self._flush_sinks()
             missing = await asyncio.to_thread(missing_input, self.out_dir, self.plan.dataset)
             if not missing:
+                log.info("output checked: every input id has its row (%.2f s)", time.perf_counter() - t0)
                 return
             log.warning("verify round %d/%d: %d input id(s) have no row in %s (e.g. %s); admitting them again",
                         round_no, self.plan.run.verify_rounds, len(missing), self.out_dir,
