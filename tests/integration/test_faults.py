@@ -318,3 +318,26 @@ def test_a_drained_run_exits_75_reporting_from_disk_and_the_rerun_completes(tmp_
     assert r.returncode == 0, log_of(r)[-4000:]
     assert_each_id_once(out, _ids(n))
     assert_summary_matches_disk(r.stderr, out)
+
+
+def test_rows_lost_after_their_commit_are_found_by_the_end_check_and_written_again(tmp_path: Path) -> None:
+    """A committed file vanishes (a flaky filesystem, a user's rm): the sinks
+    acknowledged its rows, so only the end-of-run check can see the gap."""
+    n = 600
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(n))
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = start_cli(f"dataset.path={data}", f"output.dir={out}", *SLOW, stderr=log)
+    try:
+        wait_for_rows(out, 100)
+        victim = data_files(out)[0]
+        lost = len(pq.read_table(victim, columns=["id"]))
+        victim.unlink()
+    except BaseException:
+        kill_tree(proc)
+        raise
+    stderr = _finish(proc, log)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert f"verify round 1/2: {lost} input id(s) have no row" in stderr, stderr[-4000:]
+    assert f"{lost} missing at the end and admitted again" in stderr
+    assert_each_id_once(out, _ids(n))
+    assert_summary_matches_disk(stderr, out)
