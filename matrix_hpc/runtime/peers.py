@@ -50,26 +50,29 @@ class PeerWatch:
     sink_incarnations: list[str] = field(default_factory=list)
     commit_stall_timeout_s: float = 600.0  # a sink failing every commit this long fails the run (0: never)
     ping_timeout_s: float = 60.0
-    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake_workers: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake_sinks: asyncio.Event = field(default_factory=asyncio.Event)
     _loud: dict[int, int] = field(default_factory=dict)  # sink -> failures already logged
     _failing_since: dict[int, float] = field(default_factory=dict)  # sink -> first failed commit of a streak
 
     def wake(self) -> None:
         """Check now, not at the next interval (e.g. a poller lost its sink)."""
-        self._wake.set()
+        self._wake_workers.set()
+        self._wake_sinks.set()
 
-    async def _sleep(self, interval_s: float) -> None:
+    @staticmethod
+    async def _sleep(wake: asyncio.Event, interval_s: float) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), interval_s)
+            await asyncio.wait_for(wake.wait(), interval_s)
         except TimeoutError:
             pass
-        self._wake.clear()
+        wake.clear()
 
     # -- workers ----------------------------------------------------------
     async def watch_workers(self, interval_s: float, after_check: Callable[[], None] = lambda: None) -> None:
         keys = [(g, i) for g, hs in self.handles.items() for i in range(len(hs))]
         while True:
-            await self._sleep(interval_s)
+            await self._sleep(self._wake_workers, interval_s)
             await asyncio.gather(*[self._check_worker(key) for key in keys])  # one slow worker delays none
             after_check()
 
@@ -96,7 +99,7 @@ class PeerWatch:
     # -- sinks ------------------------------------------------------------
     async def watch_sinks(self, interval_s: float, after_check: Callable[[], None] = lambda: None) -> None:
         while True:
-            await self._sleep(interval_s)
+            await self._sleep(self._wake_sinks, interval_s)
             await asyncio.gather(*[self._check_sink(n) for n in range(len(self.sinks))])
             after_check()
 
