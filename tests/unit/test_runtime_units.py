@@ -187,3 +187,60 @@ def test_an_incomplete_run_says_what_is_missing_and_why() -> None:
     assert "MISSING:    3 input ids have no row (e.g. q0 (in.jsonl:0), q1 (in.jsonl:1), q2 (in.jsonl:2))" in text
     assert "1 DUPLICATE ids (e.g. q1)" in text and "PROBLEM:    sink 0 cannot commit: ENOSPC" in text
     assert "finished" not in text
+
+
+class _Box:
+    """Stands in for an Outbox: records what the driver sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[TaskState] = []
+
+    def put(self, task: TaskState) -> None:
+        self.sent.append(task)
+
+    def flush(self) -> None:
+        pass
+
+
+def _driver_with_tasks(tmp_path: Any, n: int, max_attempts: int = 3) -> Any:
+    from matrix_hpc.config.schema import OutputConf, RunConf
+    from matrix_hpc.runtime.driver import Driver, RunPlan
+    from matrix_hpc.store.input import DatasetConf, InputItem
+    from matrix_hpc.workflows.overhead import OverheadConf
+
+    plan = RunPlan(OverheadConf(), DatasetConf(path="x"), OutputConf(dir=str(tmp_path), num_shards=4, num_sinks=2),
+                   RunConf(max_attempts=max_attempts))
+    d = Driver(plan, run_id="r")
+    d.router = Router({r: "all" for r in ROLES}, {"all": 2})
+    d.handles = {"all": [object(), object()]}
+    d.sinks = [object(), object()]
+    d._first_boxes = {("all", 0): _Box(), ("all", 1): _Box()}
+    d._sink_boxes = [_Box(), _Box()]
+    for i in range(n):
+        d.inflight[f"t{i}"] = InputItem(f"t{i}", {"question": "q"}, where=f"in.jsonl:{i + 1}")
+    return d
+
+
+def _sent(d: Any) -> list[TaskState]:
+    return [t for box in [*d._first_boxes.values(), *d._sink_boxes] for t in box.sent]
+
+
+def test_a_restarted_sink_brings_back_exactly_the_tasks_routed_to_it(tmp_path: Any) -> None:
+    from matrix_hpc.store.layout import sink_of
+
+    d = _driver_with_tasks(tmp_path, 40)
+    d._on_sink_restarted(1)
+    again = sorted(t.id for t in _sent(d))
+    assert again == sorted(i for i in d.inflight if sink_of(i, 4, 2) == 1) and again
+    assert all(t.attempt == 2 and t.role == "teacher" for t in _sent(d))
+
+
+def test_a_task_that_keeps_losing_its_worker_fails_as_task_lost_but_lost_sends_do_not_count(tmp_path: Any) -> None:
+    d = _driver_with_tasks(tmp_path, 1, max_attempts=2)
+    for _ in range(5):
+        d._readmit("t0", loss=False)  # failed sends, lost sinks: not the task's doing
+    assert [t.status for t in _sent(d)] == [None] * 5
+    d._readmit("t0", loss=True)
+    d._readmit("t0", loss=True)
+    last = _sent(d)[-1]
+    assert last.status == "failed" and last.error_type == "TaskLost" and "run.retry=failed" in last.error
