@@ -242,16 +242,17 @@ class Driver:
 
     def _start_background(self) -> list[asyncio.Task[None]]:
         """The driver's loops, each supervised: an unexpected exception is
-        logged and the loop restarted; one that keeps failing stops the run."""
+        logged and the loop restarted; one that keeps failing stops the run
+        (the progress line, cosmetic, just stops)."""
         interval_s = self.plan.run.peer_check_interval_s
         loops: list[tuple[Callable[[], Awaitable[None]], str]] = [
             (functools.partial(self._poll_commits, sink), f"commit poller of sink {n}")
             for n, sink in enumerate(self.sinks)]
         loops += [(functools.partial(self._watch.watch_workers, interval_s, self._after_peer_check), "worker watch"),
-                  (functools.partial(self._watch.watch_sinks, interval_s, self._after_peer_check), "sink watch"),
-                  (self._show_progress, "progress line")]
-        return [supervise(fn, name, max_restarts=5, on_fatal=functools.partial(self._on_loop_fatal, name))
-                for fn, name in loops]
+                  (functools.partial(self._watch.watch_sinks, interval_s, self._after_peer_check), "sink watch")]
+        essential = [supervise(fn, name, max_restarts=5, on_fatal=functools.partial(self._on_loop_fatal, name))
+                     for fn, name in loops]
+        return [*essential, supervise(self._show_progress, "progress line", restart=False)]
 
     def _on_loop_fatal(self, name: str, error: BaseException) -> None:
         self._fail(f"the driver's {name} keeps failing ({type(error).__name__}: {error})")
