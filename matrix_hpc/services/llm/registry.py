@@ -91,17 +91,40 @@ def get_or_create_registry(ref: ServiceRef) -> Any:  # Any: a Ray actor handle
     """
     import ray
 
-    job = ray.get_runtime_context().get_job_id()
-    actor_cls: Any = ray.remote(num_cpus=0)(ReplicaRegistry)  # Any: Ray's actor class wrapper
     for attempt in range(3):
-        handle = actor_cls.options(name=ref.registry, namespace=NAMESPACE, get_if_exists=True).remote(ref.digest, job)
+        handle, job = _registry_handle(ref)
         try:
-            digest, owner = ray.get(handle.identity.remote())
-            break
+            return _checked(handle, ref, job, ray.get(handle.identity.remote()))
         except ray.exceptions.RayActorError:
-            # Found as it was going away (the last handle of its run was dropped): make it anew.
+            if attempt == 2:  # found as it was going away (its run dropped the last handle): made anew
+                raise
+    raise AssertionError("unreachable")
+
+
+async def get_or_create_registry_async(ref: ServiceRef) -> Any:  # Any: a Ray actor handle
+    """:func:`get_or_create_registry` for code running in an event loop (replica actors)."""
+    import ray
+
+    for attempt in range(3):
+        handle, job = _registry_handle(ref)
+        try:
+            return _checked(handle, ref, job, await handle.identity.remote())
+        except ray.exceptions.RayActorError:
             if attempt == 2:
                 raise
+    raise AssertionError("unreachable")
+
+
+def _registry_handle(ref: ServiceRef) -> tuple[Any, str]:
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    actor_cls: Any = ray.remote(num_cpus=0)(ReplicaRegistry)  # Any: Ray's actor class wrapper
+    return actor_cls.options(name=ref.registry, namespace=NAMESPACE, get_if_exists=True).remote(ref.digest, job), job
+
+
+def _checked(handle: Any, ref: ServiceRef, job: str, identity: tuple[str, str]) -> Any:
+    digest, owner = identity
     if digest != ref.digest or owner != job:
         raise RegistryConflictError(
             f"LLM service {ref.name!r}: registry {NAMESPACE}/{ref.registry} belongs to Ray job {owner} "

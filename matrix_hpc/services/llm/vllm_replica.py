@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from matrix_hpc.services.llm.registry import NAMESPACE, ServiceRef, config_digest, get_or_create_registry
+from matrix_hpc.services.llm.registry import (NAMESPACE, ServiceRef, config_digest, get_or_create_registry,
+                                             get_or_create_registry_async)
 
 if TYPE_CHECKING:  # client.py imports config.py, which imports this module
     from matrix_hpc.services.llm.client import Secret
@@ -315,7 +316,7 @@ class VLLMReplica:
         self._call(self._stop())
 
     async def _start(self) -> str:
-        self._registry = get_or_create_registry(self.ref)
+        self._registry = await get_or_create_registry_async(self.ref)
         try:
             await self._launch()
         except Exception:
@@ -327,7 +328,7 @@ class VLLMReplica:
 
     async def _recover(self) -> None:
         """After an actor restart: drop the dead URL, then start as after a server death."""
-        self._registry = get_or_create_registry(self.ref)
+        self._registry = await get_or_create_registry_async(self.ref)
         log.warning("vLLM replica %s: actor restarted; starting its server again", self.replica_id)
         if await self._restart("the replica actor was restarted"):
             self._watch_task = asyncio.get_running_loop().create_task(self._watch())
