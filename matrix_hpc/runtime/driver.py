@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from matrix_hpc.background import supervise
-from matrix_hpc.config.schema import OutputConf, RunConf
+from matrix_hpc.config.schema import OutputConf
+from matrix_hpc.runtime.conf import RunConf
 from matrix_hpc.runtime.message import FAILED, TaskState
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey

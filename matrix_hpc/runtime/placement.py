@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from matrix_hpc.config.schema import Placement
+from matrix_hpc.runtime.conf import Placement
 
 
 @dataclass(frozen=True)
