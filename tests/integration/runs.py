@@ -180,3 +180,13 @@ def committed_rows(out: Path) -> int:
         except (FileNotFoundError, OSError):
             time.sleep(0.1)
     return len(read_rows(out))
+
+
+def wait_for_log(path: Path, text: str, count: int = 1, timeout_s: float = 60) -> None:
+    """Wait until a running job's log (a file) holds ``text`` at least ``count`` times."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if path.exists() and path.read_text(errors="replace").count(text) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not say {text!r} {count} time(s) in {timeout_s} s")

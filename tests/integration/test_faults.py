@@ -36,6 +36,7 @@ from tests.integration.runs import (
     start_cli,
     summary_of,
     wait_for_actors,
+    wait_for_log,
     wait_for_rows,
     write_jsonl,
 )
@@ -59,7 +60,7 @@ def _ids(n: int) -> list[str]:
 def _kill_fractions(seed: int) -> list[float]:
     """Three moments (shares of the rows committed), spread over the run."""
     rng = random.Random(seed)
-    return [rng.uniform(0.1, 0.25), rng.uniform(0.35, 0.5), rng.uniform(0.6, 0.75)]
+    return [rng.uniform(0.1, 0.25), rng.uniform(0.3, 0.45), rng.uniform(0.5, 0.65)]
 
 
 def _finish(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 240) -> str:
@@ -78,14 +79,14 @@ def _kill_one_actor_at_moments(tmp_path: Path, actor_class: str, seed: int, n: i
     proc = start_cli(f"dataset.path={data}", f"output.dir={out}", *SLOW, *overrides, stderr=log)
     rng = random.Random(seed)
     try:
-        for fraction in _kill_fractions(seed):
+        for kills, fraction in enumerate(_kill_fractions(seed), 1):
             wait_for_rows(out, int(fraction * n))
+            time.sleep(rng.uniform(0.0, 0.5))  # anywhere: mid-step, mid-batch, mid-commit
             live = wait_for_actors(proc, actor_class, 1)
             victim = rng.choice(live)
             victim.kill()
             victim.wait(timeout=30)
-            wait_for_actors(proc, actor_class, len(live))  # restarted by Ray
-            time.sleep(rng.uniform(0.0, 0.5))
+            wait_for_log(log, "restarted (incarnation", kills)  # noticed while the run goes on
     except BaseException:
         kill_tree(proc)
         raise
@@ -100,16 +101,13 @@ def _kill_one_actor_at_moments(tmp_path: Path, actor_class: str, seed: int, n: i
 
 def test_a_killed_sink_is_noticed_at_once_and_loses_nothing(tmp_path: Path) -> None:
     t0 = time.time()
-    stderr = _kill_one_actor_at_moments(tmp_path, "ShardSink", 11, 1500)
-    assert stderr.count("restarted (incarnation") >= 3, stderr[-4000:]
+    _kill_one_actor_at_moments(tmp_path, "ShardSink", 11, 1500)
     assert time.time() - t0 < 200  # re-admitted at once, not after run.task_timeout_s (1 h)
 
 
 @pytest.mark.parametrize("placement", ["colocated", "per_role"])
 def test_a_killed_worker_loses_nothing(tmp_path: Path, placement: str) -> None:
-    stderr = _kill_one_actor_at_moments(tmp_path, "Worker", 12, 1200, f"run.placement={placement}",
-                                        "run.num_workers=2")
-    assert stderr.count("restarted (incarnation") >= 3, stderr[-4000:]
+    _kill_one_actor_at_moments(tmp_path, "Worker", 12, 1200, f"run.placement={placement}", "run.num_workers=2")
 
 
 def test_a_killed_driver_leaves_nothing_running_and_the_rerun_completes(tmp_path: Path) -> None:
