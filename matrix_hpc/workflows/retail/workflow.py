@@ -40,6 +40,7 @@ from matrix_hpc.workflows.retail import dialogue as dlg
 from matrix_hpc.workflows.retail.reward import compute_reward
 from matrix_hpc.workflows.retail.sessions import SERVICE_NAME, EnvSessions, tool_error_is_fatal
 from matrix_hpc.workflows.retail.tasks import RetailTask
+from matrix_hpc.workflows.tau2 import workflow as _tau2_workflow  # noqa: F401  registers workflow=tau2 (runtime's built-in list names retail only)
 
 log = logging.getLogger(__name__)
 
