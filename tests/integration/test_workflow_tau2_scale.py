@@ -1,0 +1,57 @@
+"""workflow=tau2 (telecom, the paper's workload) with 1,026 dialogues in flight at once on llm=sim.
+
+Environments run in-process (``sandbox=disabled``): a thousand bubblewrap
+sandboxes do not fit a 2-core CI box; the sandboxed path is
+test_workflow_tau2_bwrap.py. Each dialogue is cut at 4 steps, so every task
+makes LLM calls, runs tool calls (both sides' in telecom) and is scored.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from matrix_hpc.workflows.tau2.rows import task_rows
+from tests.integration.runs import read_rows, run_cli, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+TRIALS = 9  # 114 base tasks x 9 = 1,026 rows
+
+
+def test_a_thousand_concurrent_telecom_dialogues(tmp_path: Path) -> None:
+    rows = list(task_rows("telecom", trials=TRIALS))
+    data = write_jsonl(tmp_path / "tasks.jsonl", rows)
+    t0 = time.monotonic()
+    proc = run_cli(
+        "workflow=tau2", "workflow.domain=telecom", f"workflow.trials={TRIALS}", "workflow.max_steps=4",
+        "llm=sim", "sandbox=disabled", f"dataset.path={data}", f"output.dir={tmp_path / 'out'}",
+        "run.max_concurrent_tasks=2000", "llm.sim.capacity=2000", "llm.sim.ttft_s=0.01",
+        "llm.sim.output_tokens=16", "llm.sim.output_tokens_jitter=8", "llm.sim.tool_call_rate=0.7",
+        timeout_s=360,
+    )
+    wall_s = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = read_rows(tmp_path / "out")
+    assert len(out) == len(rows) and {r["id"] for r in out} == {r["id"] for r in rows}
+    assert {r["status"] for r in out} == {"ok"}, [r["error"] for r in out if r["error"]][:2]
+    assert all(0.0 <= r["reward"] <= 1.0 for r in out)
+    assert {r["termination_reason"] for r in out} <= {"max_steps", "user_stop", "agent_stop", "user_error",
+                                                       "agent_error", "too_many_errors"}
+    assert sum(r["num_user_tool_calls"] for r in out) > 0 and sum(r["num_tool_calls"] for r in out) > len(out) / 2
+    assert len({r["seed"] for r in out}) == TRIALS
+    peak = max_in_flight(out)
+    assert peak >= 1000
+    print(f"{len(out)} telecom dialogues on llm=sim: {wall_s:.0f} s wall (startup included), {peak} in flight")
+
+
+def max_in_flight(rows: list[dict[str, Any]]) -> int:
+    events = sorted([(r["t_admitted"], 1) for r in rows] + [(r["t_finished"], -1) for r in rows])
+    live = peak = 0
+    for _, step in events:
+        live += step
+        peak = max(peak, live)
+    return peak
