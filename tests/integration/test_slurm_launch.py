@@ -82,6 +82,38 @@ def test_multi_node_sbatch_on_one_node_runs_the_driver_on_its_ray(tmp_path: Path
     assert not find_by_marker(str(cluster_dir)), "Ray processes outlived the job"
 
 
+def test_multi_node_sbatch_stops_its_driver_when_the_ray_head_dies(tmp_path: Path) -> None:
+    """A head that dies (a port taken, a node lost) must end the job, not leave the driver
+    retrying its Ray until the time limit."""
+    import psutil
+
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(3000))
+    out, log, cluster_dir = tmp_path / "out", tmp_path / "job.log", tmp_path / "cluster"
+    os.environ["MATRIX_CLUSTER_DIR"] = str(cluster_dir)
+    try:
+        proc = sbatch("multi_node.sbatch", log, f"dataset.path={data}", f"output.dir={out}", "run.max_concurrent_tasks=4",
+                      "workflow.step_delay_ms=50", "output.flush_interval_s=0.2", "run.progress_interval_s=0")
+    finally:
+        del os.environ["MATRIX_CLUSTER_DIR"]
+    job_id = proc.stdout.strip()
+    try:
+        wait_for_rows(out, 10, timeout_s=300, poll_s=0.5)
+        heads = [p for p in find_by_marker(str(cluster_dir)) if p.name() != "srun"
+                 and "matrix_hpc.cluster.ray_node" in p.cmdline() and "head" in p.cmdline()]
+        assert len(heads) == 1, [p.cmdline() for p in find_by_marker(str(cluster_dir))]
+        heads[0].send_signal(15)  # the head node stops its Ray and exits, as after a failure
+        deadline = time.time() + 240
+        while job_state(job_id) and time.time() < deadline:
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", job_id])
+    text = log.read_text()
+    assert "the Ray head stopped" in text and "driver exited with code" in text, text[-3000:]
+    assert sacct_state(job_id) == "FAILED", text[-3000:]
+    assert not [p for p in find_by_marker(str(cluster_dir)) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE], "processes outlived the job"
+
+
 def test_hydra_multirun_sweep_on_slurm_gives_one_output_dir_per_point(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", _rows(80))
     cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", "-m", "hydra/launcher=submitit_slurm",
