@@ -81,7 +81,7 @@ def scenario_text(scenario: Mapping[str, Any]) -> str:
 
 
 def user_system_prompt(scenario: Mapping[str, Any], with_tools: bool) -> str:
-    return f"{user_guidelines(with_tools)}\n<scenario>\n{scenario_text(scenario)}\n</scenario>"
+    return f"{user_guidelines(with_tools)}\n\n<scenario>\n{scenario_text(scenario)}\n</scenario>".strip()
 
 
 # tau2's NL-assertion judge (evaluator_nl_assertions.py); the indentation is part of tau2's prompt.
