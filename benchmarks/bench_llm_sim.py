@@ -66,9 +66,11 @@ def main() -> None:
             for mode in args.modes:
                 cpu0 = server_cpu_s(server.proc.pid)
                 report = run_in_loop(run_load(server.url, concurrency, args.duration_s, args.warmup_s, mode,
-                                              max_tokens=args.max_tokens), args.loop)
+                                              max_tokens=args.max_tokens, api_key=server.api_key), args.loop)
                 server_cpu = (server_cpu_s(server.proc.pid) - cpu0) / max(report.calls, 1)
-                with urllib.request.urlopen(server.url + "/sim/stats", timeout=30) as resp:
+                stats_req = urllib.request.Request(server.url + "/sim/stats",
+                                                   headers={"Authorization": f"Bearer {server.api_key.get()}"})
+                with urllib.request.urlopen(stats_req, timeout=30) as resp:
                     max_in_flight = json.load(resp)["max_in_flight"]
                 row = {**asdict(report), "loop": args.loop, "server_cpu_s_per_call_incl_warmup": round(server_cpu, 7),
                        "server_workers": args.server_workers, "cpus": psutil.cpu_count(),
