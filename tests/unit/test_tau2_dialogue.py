@@ -297,9 +297,9 @@ async def test_selection_by_task_ids_and_trials_filters_rows() -> None:
     assert [r["trial"] for r in rows] == [0, 1, 2] and len({r["seed"] for r in rows}) == 3
     llm = ScriptedLLM(agent=[text("x")], user=[text("###STOP###")])
     state = await run_dialogue(llm, rows[2], domain="airline", trials=2)
-    assert state.status == FILTERED and "workflow.trials=2" in state.reason
+    assert state.status == FILTERED and "workflow.trials=2" in str(state.reason)
     state = await run_dialogue(llm, rows[0], domain="airline", task_ids=["nope"])
-    assert state.status == FILTERED and "workflow.task_ids" in state.reason
+    assert state.status == FILTERED and "workflow.task_ids" in str(state.reason)
 
 
 def test_bad_rows_and_settings_are_named() -> None:

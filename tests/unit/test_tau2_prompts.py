@@ -65,3 +65,11 @@ def test_judge_verdicts_by_position_and_unreadable_answers_rule_unmet() -> None:
     assert parse_verdicts("```json\n" + answer + "\n```", ["a", "b"])[0] == (True, "yes")
     assert parse_verdicts(answer, ["a", "b", "c"])[2] == (False, "the judge gave no verdict for assertion 2")
     assert all(not met for met, _ in parse_verdicts("sure", ["a", "b"]))
+
+
+def test_the_judge_prompt_is_tau2s_indented_text() -> None:
+    text = prompts.judge_user_prompt([{"role": "assistant", "content": "Hi"}, {"role": "tool", "content": "x"}], ["a"])
+    assert text == "\n        conversation:\n        assistant: Hi\ntool: x\n        \n" \
+                   "        expectedOutcomes:\n        ['a']\n        "
+    assert prompts.JUDGE_SYSTEM_PROMPT.startswith("\n        TASK\n") and "\n        \n        Example" in \
+        prompts.JUDGE_SYSTEM_PROMPT

@@ -84,7 +84,8 @@ def user_system_prompt(scenario: Mapping[str, Any], with_tools: bool) -> str:
     return f"{user_guidelines(with_tools)}\n\n<scenario>\n{scenario_text(scenario)}\n</scenario>".strip()
 
 
-# tau2's NL-assertion judge (evaluator_nl_assertions.py); the indentation is part of tau2's prompt.
+# tau2's NL-assertion judge (evaluator_nl_assertions.py); the indentation is part of tau2's prompt
+# (its two whitespace-only lines are written '       \x20' so that linters keep them).
 JUDGE_SYSTEM_PROMPT = """
         TASK
         - You will be given a list of expected outcomes and a conversation that was collected during a test case run.
@@ -97,7 +98,7 @@ JUDGE_SYSTEM_PROMPT = """
         - `reasoning`: a short explanation for your classification
         - `metExpectation`: `true` if the agent satisfies the expected outcomes, `false` otherwise
         - `expectedOutcome`: repeat the expectation from the input that you are grading
-        
+       \x20
         Example response structure:
         {
             "results": [
@@ -116,7 +117,7 @@ def judge_user_prompt(messages: Sequence[Mapping[str, Any]], assertions: Sequenc
     return f"""
         conversation:
         {conversation}
-        
+       \x20
         expectedOutcomes:
         {list(assertions)}
         """

@@ -46,7 +46,7 @@ def _declared_types() -> dict[str, dict[str, Any]]:
         "update_reservation_flights": {"cabin": air.CabinClass, "flights": flights},
         "update_reservation_passengers": {"passengers": passengers},
         "set_network_mode_preference": {"mode": phone.NetworkModePreference | str},
-        "set_apn_settings": {"apn_settings": phone.APNSettings | dict},  # type: ignore[type-arg]
+        "set_apn_settings": {"apn_settings": phone.APNSettings | dict},
     }
 
 
