@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,8 +318,9 @@ def cluster_main(action: str, conf: Any) -> int:
     Errors print their message (id, state, logs, stderr tail) and return 2."""
     import sys
 
-    actions = {"up": lambda c: cluster_up(c), "status": lambda c: cluster_status(c),
-               "down": lambda c: f"cancelled jobs: {', '.join(cluster_down(c)) or 'none'}"}
+    actions: dict[str, Callable[[Any], object]] = {
+        "up": cluster_up, "status": cluster_status,
+        "down": lambda c: f"cancelled jobs: {', '.join(cluster_down(c)) or 'none'}"}
     if action not in actions:
         print(f"matrix-hpc cluster: unknown action {action!r}; valid actions: up, status, down", file=sys.stderr)
         return 2

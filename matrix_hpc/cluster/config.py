@@ -115,7 +115,8 @@ def as_cluster_conf(obj: Any) -> ClusterConf:
         obj = OmegaConf.to_container(obj, resolve=True)
     data = dict(obj or {})
     cls = SlurmClusterConf if data.get("backend", "local") == "slurm" else LocalClusterConf
-    return _build(cls, data, "cluster")
+    conf: ClusterConf = _build(cls, data, "cluster")
+    return conf
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

@@ -31,8 +31,14 @@ from typing import Any
 
 from matrix_hpc.cluster.config import as_cluster_conf
 from matrix_hpc.cluster.errors import ClusterError, JobFailedError, tail
-from matrix_hpc.cluster.ray_node import (NodeSpec, RayNode, ignore_preempt_signals, job_identity, kill_tree,
-                                         port_available)
+from matrix_hpc.cluster.ray_node import (
+    NodeSpec,
+    RayNode,
+    ignore_preempt_signals,
+    job_identity,
+    kill_tree,
+    port_available,
+)
 from matrix_hpc.cluster.slurm import ACTIVE_STATES, SlurmBackend
 from matrix_hpc.cluster.state import ClusterState, JobRecord
 

@@ -59,7 +59,7 @@ def format_sweep(points: list[SweepPoint]) -> str:
     rows = [(p.num, p.varied, str(p.ok), str(p.filtered), str(p.failed), f"{p.wall_s:.1f}", p.output_dir)
             for p in points]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
 def main(argv: list[str] | None = None) -> int:

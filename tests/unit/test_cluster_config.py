@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from matrix_hpc.cluster.config import (ClusterConf, JobShapeConf, LocalClusterConf, SlurmClusterConf,
-                                       as_cluster_conf)
+from matrix_hpc.cluster.config import ClusterConf, JobShapeConf, LocalClusterConf, SlurmClusterConf, as_cluster_conf
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,8 @@ a non-retryable error fails it at once) but no Ray and no sinks."""
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow

@@ -363,7 +363,7 @@ class LLMClient:
     # -- sending -------------------------------------------------------
 
     async def _send_with_retries(
-        self, body: bytes, sticky_key: str | None, timeout: aiohttp.ClientTimeout, unwrap: bool
+        self, body: bytes, sticky_key: str | None, http_timeout: aiohttp.ClientTimeout, unwrap: bool
     ) -> ChatResult:
         started = time.perf_counter()
         tried: list[str] = []
@@ -372,11 +372,12 @@ class LLMClient:
         for attempt in range(1, self.conf.max_attempts + 1):
             if attempt > 1:
                 self.retries += 1
-                await asyncio.sleep(backoff_s(attempt - 1, self.conf.backoff_base_s, self.conf.backoff_max_s, self._rng))
+                conf = self.conf
+                await asyncio.sleep(backoff_s(attempt - 1, conf.backoff_base_s, conf.backoff_max_s, self._rng))
             try:
                 async with self._gate:  # max_connections: wait here, outside the timeout
                     replica = await self._pick(sticky_key, tried)
-                    data = await self._attempt(replica, body, timeout)
+                    data = await self._attempt(replica, body, http_timeout)
             except _Retryable as exc:
                 last_reason = self._redact(f"{replica.base_url}: {exc}")
                 tried.append(replica.replica_id)
@@ -391,17 +392,17 @@ class LLMClient:
             "Check the replicas' logs, or raise llm.client.max_attempts / llm.client.timeout_s."
         )
 
-    async def _attempt(self, replica: Replica, body: bytes, timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
+    async def _attempt(self, replica: Replica, body: bytes, http_timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
         assert self._session is not None
         self.router.acquire(replica)
         try:
             async with self._session.post(
-                replica.base_url + "/chat/completions", data=body, headers=self._headers, timeout=timeout
+                replica.base_url + "/chat/completions", data=body, headers=self._headers, timeout=http_timeout
             ) as resp:
                 payload = await resp.read()  # bytes: json.loads needs no charset sniffing
                 status = resp.status
         except TimeoutError:
-            raise _Retryable(f"no answer within {timeout.total:.1f} s") from None
+            raise _Retryable(f"no answer within {http_timeout.total:.1f} s") from None
         except aiohttp.ClientConnectorError as exc:
             raise _Retryable(f"cannot connect ({exc.os_error})", replica_down=True) from None
         except (aiohttp.ClientError, OSError) as exc:

@@ -185,7 +185,7 @@ class SimReplicaActor:
 
         from matrix_hpc.services.llm.sim_server import SimServerThread
 
-        node_ip = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        node_ip = str(ray.util.get_node_ip_address())
         advertise = node_ip if conf.host in ("0.0.0.0", "::") else conf.host
         self.server = SimServerThread(conf, advertise_host=advertise, api_key=api_key)
         self.replica_id = replica_id

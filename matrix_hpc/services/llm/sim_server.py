@@ -175,7 +175,8 @@ def _sample_number(schema: dict[str, Any], rng: random.Random, root: Any = None,
     return value
 
 
-def _bounds(schema: dict[str, Any], default_low: float, default_high: float) -> tuple[tuple[float, bool], tuple[float, bool]]:
+def _bounds(schema: dict[str, Any], default_low: float,
+            default_high: float) -> tuple[tuple[float, bool], tuple[float, bool]]:
     """((low, exclusive), (high, exclusive)); accepts draft-4 boolean and draft-6+ numeric exclusives."""
     low, low_open = _bound(schema, "minimum", "exclusiveMinimum")
     high, high_open = _bound(schema, "maximum", "exclusiveMaximum")
@@ -235,7 +236,8 @@ class SimEndpoint:
         self._fault_rng = random.Random(conf.seed)
         self._id_prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
-        self._model_card = {"object": "list", "data": [{"id": conf.model, "object": "model", "owned_by": "matrix_hpc-sim"}]}
+        card = {"id": conf.model, "object": "model", "owned_by": "matrix_hpc-sim"}
+        self._model_card = {"object": "list", "data": [card]}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2, middlewares=[self._require_key])

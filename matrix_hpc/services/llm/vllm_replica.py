@@ -41,8 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from matrix_hpc.services.llm.registry import (NAMESPACE, ServiceRef, config_digest, get_or_create_registry,
-                                             get_or_create_registry_async)
+from matrix_hpc.services.llm.registry import (
+    NAMESPACE,
+    ServiceRef,
+    config_digest,
+    get_or_create_registry,
+    get_or_create_registry_async,
+)
 
 if TYPE_CHECKING:  # client.py imports config.py, which imports this module
     from matrix_hpc.services.llm.client import Secret
@@ -342,8 +347,7 @@ class VLLMReplica:
         self.state = "starting"
         header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start #{self.restarts} of {self.replica_id}: "
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(header + shlex.join(cmd) + "\n")
+        await asyncio.to_thread(_append, self.log_path, header + shlex.join(cmd) + "\n")
         install_auth_middleware(self.log_path.parent / HOOK_DIR)
         self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu, self.api_key),
                                       self.log_path, grace_s=self.conf.stop_grace_s)
@@ -390,7 +394,7 @@ class VLLMReplica:
             timeout = aiohttp.ClientTimeout(total=self.conf.health_timeout_s)
             async with self._session.get(self._root_url() + "/health", timeout=timeout) as resp:
                 return bool(resp.status == 200)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _watch(self) -> None:
@@ -514,7 +518,7 @@ def _pid_alive(pid: int) -> bool:
 def _node_ip() -> str:
     import ray
 
-    return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+    return str(ray.util.get_node_ip_address())
 
 
 # -- the service -------------------------------------------------------------------------
@@ -578,7 +582,7 @@ class VLLMService:
 def _cluster_has_gpus() -> bool:
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0)) > 0  # type: ignore[no-untyped-call]
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
 
 
 def _server_host(conf: VLLMConf) -> str:
@@ -587,7 +591,7 @@ def _server_host(conf: VLLMConf) -> str:
 
     if conf.host != "auto":
         return conf.host
-    alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
     return "127.0.0.1" if len(alive) <= 1 else NODE_IP
 
 
@@ -651,3 +655,7 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path, api_ke
         raise
     return service
 
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
