@@ -254,6 +254,34 @@ def run_job(domain: str, split: str, input_path: Path | None, output_path: Path,
     return count
 
 
+def write_llm_views(output_dir: Path) -> None:
+    """What tau2 shows the LLMs: every tool schema, and sha256 of its agent and user system prompts."""
+    import hashlib
+
+    from tau2.agent.llm_agent import LLMAgent
+    from tau2.registry import registry
+    from tau2.user.user_simulator import UserSimulator
+
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    schemas: dict[str, Any] = {}
+    prompts: dict[str, Any] = {}
+    for domain in DOMAINS:
+        env = registry.get_env_constructor(domain)()
+        user_tools = env.get_user_tools() if env.user_tools is not None else []
+        schemas[domain] = {"assistant": [t.openai_schema for t in env.get_tools()],
+                           "user": [t.openai_schema for t in user_tools]}
+        agent = LLMAgent(tools=env.get_tools(), domain_policy=env.get_policy(), llm="none")
+        users = {task.id: sha(UserSimulator(llm="none", instructions=str(task.user_scenario),
+                                            tools=user_tools or None).system_prompt)
+                 for task in registry.get_tasks_loader(domain)()[:5]}
+        prompts[domain] = {"agent_system_prompt_sha256": sha(agent.system_prompt), "user_system_prompt_sha256": users}
+    for name, data in (("tool_schemas.json", schemas), ("prompts.json", prompts)):
+        with open(output_dir / name, "w") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tau2-root", type=Path, required=True, help="tau2-bench checkout (its data/ is used)")
@@ -264,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="output JSONL (.gz for gzip)")
     parser.add_argument("--rewards", action="store_true", help="write tau2's rewards of scripted trajectories instead")
     parser.add_argument("--live", action="store_true", help="sync after every call, as a live dialogue does")
+    parser.add_argument("--llm-views", action="store_true",
+                        help="write tool_schemas.json and prompts.json (what tau2 shows the LLMs) and exit")
     args = parser.parse_args(argv)
     os.environ.setdefault("TAU2_DATA_DIR", str(args.tau2_root / "data"))
     try:
@@ -272,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         loguru.logger.remove()  # tau2 logs every tool call; the output file is what matters
     except ImportError:
         pass
+    if args.llm_views or args.all:
+        write_llm_views(GOLDEN_DIR)
+        if args.llm_views:
+            return 0
     if args.all:
         for domain, split, input_name, output_name in ALL_JOBS:
             input_path = GOLDEN_DIR / input_name if input_name else None
