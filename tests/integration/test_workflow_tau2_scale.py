@@ -28,7 +28,7 @@ def test_a_thousand_concurrent_telecom_dialogues(tmp_path: Path) -> None:
     t0 = time.monotonic()
     proc = run_cli(
         "workflow=tau2", "workflow.domain=telecom", f"workflow.trials={TRIALS}", "workflow.max_steps=4",
-        "llm=sim", "sandbox=disabled", f"dataset.path={data}", f"output.dir={tmp_path / 'out'}",
+        "llm=sim", "sandbox=disabled", "dataset=tau2_telecom", f"dataset.path={data}", f"output.dir={tmp_path / 'out'}",
         "run.max_concurrent_tasks=2000", "llm.sim.capacity=2000", "llm.sim.ttft_s=0.01",
         "llm.sim.output_tokens=16", "llm.sim.output_tokens_jitter=8", "llm.sim.tool_call_rate=0.7",
         timeout_s=360,
