@@ -1,0 +1,98 @@
+"""tau2 environment benchmark: a task's sandboxed environment from lease to ready, per domain.
+
+    .venv/bin/python benchmarks/bench_tau2.py                        # bwrap, 1 and 8 concurrent, 3 domains
+    .venv/bin/python benchmarks/bench_tau2.py --concurrency 1 64 512 --json out.json
+
+Start-to-ready is what the workflow's ``env`` role pays before a dialogue's
+first turn: lease a sandbox (start included), write the server's code and the
+domain's data into its scratch dir, start ``python -m matrix_hpc.workflows.tau2.server``
+and get the answer to ``open`` (the task's environment built inside). Also the
+in-process cost of a fresh environment (``sandbox=disabled``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from matrix_hpc.services.sandbox.client import make_sandbox_pool  # noqa: E402
+from matrix_hpc.services.sandbox.contract import SandboxConf  # noqa: E402
+from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf  # noqa: E402
+from matrix_hpc.workflows.tau2.sessions import EnvSessions  # noqa: E402
+from matrix_hpc.workflows.tau2.tasks import build_environment, load_tasks  # noqa: E402
+
+
+def summary_ms(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"p50_ms": round(ordered[len(ordered) // 2] * 1e3, 1),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3, 1),
+            "mean_ms": round(statistics.fmean(values) * 1e3, 1), "n": len(values)}
+
+
+async def sandboxed(domain: str, n: int, root: str) -> dict[str, Any]:
+    pool = make_sandbox_pool(SandboxConf(backend="bwrap", scratch_root=root, pool=SandboxPoolConf(
+        mode="local", size=n, max_per_node=n, lease_wait_s=600)))
+    sessions = EnvSessions(domain, pool, start_timeout_s=600, request_timeout_s=60)
+    tasks = load_tasks(domain)
+
+    async def one(i: int) -> float:
+        t0 = time.perf_counter()
+        env = await sessions.open(f"bench-{i}", 1, tasks[i % len(tasks)])
+        await env.step([{"name": "calculate", "arguments": {"expression": "1+1"}, "requestor": "assistant"}]
+                       if domain != "telecom" else
+                       [{"name": "check_status_bar", "arguments": {}, "requestor": "user"}])
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    times = await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await sessions.close()
+    await pool.close()
+    return {"domain": domain, "concurrent": n, **summary_ms(list(times)), "wall_s": round(wall, 2)}
+
+
+def in_process(domain: str, n: int = 50) -> dict[str, Any]:
+    tasks = load_tasks(domain)
+    build_environment(domain, tasks[0])  # the template, once per process
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        build_environment(domain, tasks[i % len(tasks)])
+        times.append(time.perf_counter() - t0)
+    return {"domain": domain, "in_process": True, **summary_ms(times)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--domains", nargs="+", default=["retail", "airline", "telecom"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--json", default=None, help="write the results here too")
+    args = parser.parse_args()
+    results = [in_process(d) for d in args.domains]
+    root = tempfile.mkdtemp(prefix="bench-tau2-")
+    try:
+        for domain in args.domains:
+            for n in args.concurrency:
+                results.append(await sandboxed(domain, n, root))
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for r in results[:len(args.domains)]:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
