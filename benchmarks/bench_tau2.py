@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -90,8 +91,7 @@ async def main() -> None:
     for r in results[:len(args.domains)]:
         print(json.dumps(r))
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
