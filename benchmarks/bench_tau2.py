@@ -91,7 +91,7 @@ async def main() -> None:
     for r in results[:len(args.domains)]:
         print(json.dumps(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
