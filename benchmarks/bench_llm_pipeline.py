@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import statistics
 import sys
@@ -36,14 +37,17 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
 
-async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens: int,
+               api_key: Any) -> dict[str, Any]:  # Any: client.Secret (the server's key)
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
     tokens = 0
     errors = 0
     conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    headers = {"Authorization": f"Bearer {api_key.get()}"} if api_key else {}
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600),
+                                     headers=headers) as session:
         async def one(i: int) -> None:
             nonlocal tokens, errors
             body = {"model": model, "messages": [{"role": "user", "content": f"Question {i}?"}],
@@ -51,6 +55,7 @@ async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens
             async with sem:
                 try:
                     async with session.post(f"{urls[i % len(urls)]}/chat/completions", json=body) as r:
+                        r.raise_for_status()  # a 401 (no or wrong key) is an error, not a KeyError below
                         data = await r.json(content_type=None)
                         tokens += data["usage"]["completion_tokens"]
                 except Exception:
@@ -124,7 +129,6 @@ def main() -> None:
 
     import ray
 
-    from matrix_hpc.services.llm.client import Secret
     from matrix_hpc.services.llm.config import ClientConf, SimConf
     from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url
     from matrix_hpc.services.llm.service import LLMClientFactory
@@ -138,33 +142,36 @@ def main() -> None:
         sim = SimConf(capacity=1_000_000, ttft_s=args.ttft_s, time_per_output_token_s=args.tpot_s,
                       output_tokens=args.max_tokens, output_tokens_jitter=0)
         server = SimServerProcess(sim).start()
-        urls, model, stop = [normalize_base_url(server.url)], "sim", server.stop
+        urls, model, stop, api_key = [normalize_base_url(server.url)], "sim", server.stop, server.api_key
     else:
+        from matrix_hpc.services.llm.registry import get_or_create_registry
         from matrix_hpc.services.llm.vllm_replica import VLLMConf, start_vllm_service
 
         service = start_vllm_service(VLLMConf(model="models/tiny-llama", num_replicas=2), workdir)
-        urls = list(ray.get(__import__("matrix_hpc.services.llm.registry", fromlist=["x"])
-                            .get_or_create_registry(service.service).snapshot.remote())[1].values())
-        model, stop = "", service.stop
-        import urllib.request
-
-        model = json.load(urllib.request.urlopen(f"{urls[0]}/models"))["data"][0]["id"]
-    factory = LLMClientFactory(StaticEndpoints(urls), ClientConf(), model, Secret(None))
-    print(f"backend {args.backend}: {urls}  (median of {args.repeats}, bare and pipeline interleaved)")
+        stop, api_key, model = service.stop, service.api_key, service.model_name
+        # The service's registry (this run's: start_vllm_service made it), by its ref: name + config digest.
+        urls = sorted(ray.get(get_or_create_registry(service.ref).snapshot.remote())[1].values())
+    # Static URLs, the ones bare() uses: both sides reach the same replicas.
+    factory = LLMClientFactory(StaticEndpoints(urls), ClientConf(), model, api_key)
+    print(f"backend {args.backend}: {urls}  (median of {args.repeats}, bare and pipeline interleaved; "
+          f"load avg {os.getloadavg()[0]:.1f})")
     print(f"{'conc':>6} {'tasks':>6} {'bare calls/s':>13} {'pipe calls/s':>13} {'ratio':>6} "
-          f"{'bare out tok/s':>14} {'pipe out tok/s':>14} {'bare CPU ms/call':>16} {'pipe CPU ms/call':>16}")
+          f"{'bare out tok/s':>14} {'pipe out tok/s':>14} {'bare CPU ms/call':>16} {'pipe CPU ms/call':>16} "
+          f"{'bare err':>8} {'pipe failed':>11} {'load':>5}")
     try:
         for conc in args.concurrency:
             n = args.tasks or args.rounds * conc
             b_runs, p_runs = [], []
             for _ in range(args.repeats):
-                b_runs.append(asyncio.run(bare(urls, model, n, conc, args.max_tokens)))
+                b_runs.append(asyncio.run(bare(urls, model, n, conc, args.max_tokens, api_key)))
                 p_runs.append(pipeline(factory, n, conc, args.max_tokens, workdir))
             med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
             b, p = med(b_runs, "calls_per_s"), med(p_runs, "calls_per_s")
-            print(f"{conc:>6} {n:>6} {b:>13.0f} {p:>13.0f} {p / b:>6.2f} {med(b_runs, 'tokens_per_s'):>14.0f} "
+            ratio = p / b if b else float("nan")
+            print(f"{conc:>6} {n:>6} {b:>13.0f} {p:>13.0f} {ratio:>6.2f} {med(b_runs, 'tokens_per_s'):>14.0f} "
                   f"{med(p_runs, 'tokens_per_s'):>14.0f} {1000 * med(b_runs, 'cpu_s_per_call'):>16.2f} "
-                  f"{1000 * med(p_runs, 'cpu_s_per_call'):>16.2f}", flush=True)
+                  f"{1000 * med(p_runs, 'cpu_s_per_call'):>16.2f} {sum(r['errors'] for r in b_runs):>8} "
+                  f"{sum(r['failed'] for r in p_runs):>11} {os.getloadavg()[0]:>5.1f}", flush=True)
     finally:
         stop()
         ray.shutdown()
