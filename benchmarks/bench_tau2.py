@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from matrix_hpc.services.sandbox.client import make_sandbox_pool  # noqa: E402
 from matrix_hpc.services.sandbox.contract import SandboxConf  # noqa: E402
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf  # noqa: E402
+from matrix_hpc.workflows.tau2.db import data_dir  # noqa: E402
 from matrix_hpc.workflows.tau2.sessions import EnvSessions  # noqa: E402
 from matrix_hpc.workflows.tau2.tasks import build_environment, load_tasks  # noqa: E402
 
@@ -40,10 +41,12 @@ def summary_ms(values: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(values) * 1e3, 1), "n": len(values)}
 
 
-async def sandboxed(domain: str, n: int, root: str) -> dict[str, Any]:
-    pool = make_sandbox_pool(SandboxConf(backend="bwrap", scratch_root=root, pool=SandboxPoolConf(
+async def sandboxed(domain: str, n: int, root: str, bind_data: bool) -> dict[str, Any]:
+    inside = f"/data/tau2_{domain}" if bind_data else None
+    binds = [f"{data_dir(domain)}:{inside}:ro"] if inside else []
+    pool = make_sandbox_pool(SandboxConf(backend="bwrap", scratch_root=root, binds=binds, pool=SandboxPoolConf(
         mode="local", size=n, max_per_node=n, lease_wait_s=600)))
-    sessions = EnvSessions(domain, pool, start_timeout_s=600, request_timeout_s=60)
+    sessions = EnvSessions(domain, pool, start_timeout_s=600, request_timeout_s=60, data_dir_inside=inside)
     tasks = load_tasks(domain)
 
     async def one(i: int) -> float:
@@ -59,7 +62,8 @@ async def sandboxed(domain: str, n: int, root: str) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     await sessions.close()
     await pool.close()
-    return {"domain": domain, "concurrent": n, **summary_ms(list(times)), "wall_s": round(wall, 2)}
+    return {"domain": domain, "concurrent": n, "data": "bound" if bind_data else "copied", **summary_ms(list(times)),
+            "wall_s": round(wall, 2)}
 
 
 def in_process(domain: str, n: int = 50) -> dict[str, Any]:
@@ -77,6 +81,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--domains", nargs="+", default=["retail", "airline", "telecom"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--bind-data", action="store_true", help="bind the data read-only instead of copying it")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args()
     results = [in_process(d) for d in args.domains]
@@ -84,7 +89,7 @@ async def main() -> None:
     try:
         for domain in args.domains:
             for n in args.concurrency:
-                results.append(await sandboxed(domain, n, root))
+                results.append(await sandboxed(domain, n, root, args.bind_data))
                 print(json.dumps(results[-1]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -59,3 +59,16 @@ def test_an_open_is_milliseconds_once_the_server_is_up() -> None:
     for i in range(20):
         server.handle({"id": i, "op": "open", "task": task})
     assert (time.perf_counter() - t0) / 20 < 0.05
+
+
+def test_sandbox_files_carry_the_package_and_the_data_unless_the_data_is_bound() -> None:
+    from matrix_hpc.workflows.tau2.sessions import EnvSessions
+
+    copied = EnvSessions("telecom", None, 60, 30)
+    files = copied.server_files()
+    assert {"data/db.toml", "data/user_db.toml", "data/tasks.json",
+            "matrix_hpc/workflows/tau2/server.py", "matrix_hpc/workflows/tau2/domains/telecom/tools.py"} <= set(files)
+    assert copied.server_argv()[-2:] == ["--data-dir", "/scratch/data"]
+    bound = EnvSessions("telecom", None, 60, 30, data_dir_inside="/data/tau2_telecom")
+    assert not [p for p in bound.server_files() if p.startswith("data/")]
+    assert bound.server_argv()[-2:] == ["--data-dir", "/data/tau2_telecom"]

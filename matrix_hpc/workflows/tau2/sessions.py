@@ -4,6 +4,8 @@ With a sandbox service, a task's environment is :mod:`server` inside a
 sandbox leased for that task: the package's code and the domain's data files
 are written into the sandbox's scratch dir (nothing of the host is writable
 inside, no binds needed), and requests travel over the pool's stdio relay.
+With ``workflow.sandbox_data_dir`` the data is read where the run's
+``sandbox.binds`` mount it instead of being copied per task.
 Without one (``sandbox=disabled``) it is an in-process environment.
 
 :class:`EnvSessions` sits in ``ctx.services`` so the worker's ``on_task_end``
@@ -104,8 +106,10 @@ class _Held:
 class EnvSessions:
     """This process's task environments by task id."""
 
-    def __init__(self, domain: str, sandboxes: Any, start_timeout_s: float, request_timeout_s: float) -> None:
+    def __init__(self, domain: str, sandboxes: Any, start_timeout_s: float, request_timeout_s: float,
+                 data_dir_inside: str | None = None) -> None:
         self.domain = domain
+        self.data_dir_inside = data_dir_inside  # the domain's data bound read-only here; None: copied per task
         self.sandboxes = sandboxes  # Any: SandboxPoolClient, or None to run in-process
         self.start_timeout_s = start_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -151,16 +155,17 @@ class EnvSessions:
 
     def server_argv(self) -> list[str]:
         return [sys.executable, "-m", "matrix_hpc.workflows.tau2.server", "--domain", self.domain,
-                "--data-dir", "/scratch/data"]
+                "--data-dir", self.data_dir_inside or "/scratch/data"]
 
     def server_files(self) -> dict[str, bytes]:
         """The server's code and the domain's data, as scratch-relative paths (read once per process)."""
         if self._files is None:
             files = {f"{_PACKAGE_IN_SCRATCH}/{p.relative_to(_PACKAGE_DIR)}": p.read_bytes()
                      for p in sorted(_PACKAGE_DIR.rglob("*.py"))}
-            folder = data_dir(self.domain)
-            files.update({f"data/{name}": (folder / name).read_bytes() for name in _DATA_FILES[self.domain]})
-            files["data/tasks.json"] = b"[]"  # the task arrives with 'open'; the lookup wants the file
+            if self.data_dir_inside is None:
+                folder = data_dir(self.domain)
+                files.update({f"data/{name}": (folder / name).read_bytes() for name in _DATA_FILES[self.domain]})
+                files["data/tasks.json"] = b"[]"  # the task arrives with 'open'; the lookup wants the file
             self._files = files
         return self._files
 

@@ -76,6 +76,7 @@ class Tau2Conf(WorkflowConf):
     agent_llm: RoleLLMConf = field(default_factory=RoleLLMConf)  # the agent's model/endpoint (default: the run's)
     user_llm: RoleLLMConf = field(default_factory=RoleLLMConf)  # the user simulator's
     judge_llm: RoleLLMConf = field(default_factory=RoleLLMConf)  # the NL-assertion judge's
+    sandbox_data_dir: str | None = None  # the domain's data as bound inside sandboxes (sandbox.binds); null: copied
     server_start_timeout_s: float = 60.0  # sandboxed environment: start to ready
     tool_timeout_s: float = 30.0  # sandboxed environment: one request
 
@@ -315,7 +316,8 @@ class Tau2Workflow(Workflow):
         sessions: EnvSessions | None = ctx.services.get(SERVICE_NAME)
         if sessions is None:
             pool = ctx.services.get("sandbox") if self.conf.use_sandbox else None
-            sessions = EnvSessions(self.conf.domain, pool, self.conf.server_start_timeout_s, self.conf.tool_timeout_s)
+            sessions = EnvSessions(self.conf.domain, pool, self.conf.server_start_timeout_s, self.conf.tool_timeout_s,
+                                   self.conf.sandbox_data_dir)
             ctx.services[SERVICE_NAME] = sessions
         return sessions
 
