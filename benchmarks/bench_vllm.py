@@ -5,8 +5,10 @@ No runtime, no router: ``--concurrency`` aiohttp coroutines each send chat
 completions round-robin over the replicas until ``--requests`` are done. This
 is the ceiling the full workflow run is compared with.
 
-Either point it at running servers (``--urls``) or let it start replicas on a
-local Ray (``--model``, ``--replicas``) and stop them afterwards.
+Either point it at running servers (``--urls``; their key, if they ask for
+one, in ``$VLLM_API_KEY``, as vLLM itself reads it) or let it start replicas
+on a local Ray (``--model``, ``--replicas``), send them the service's key, and
+stop them afterwards.
 
 Example::
 
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import random
 import statistics
 import sys
@@ -46,7 +49,15 @@ async def _one(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
     return int(data["usage"]["completion_tokens"]), time.perf_counter() - started
 
 
-async def run_load(urls: list[str], model: str, args: argparse.Namespace) -> dict[str, Any]:
+#: Where the key of --urls servers is read from (vLLM's own variable); never from argv.
+KEY_ENV = "VLLM_API_KEY"
+
+
+def auth_headers(api_key: Any) -> dict[str, str]:  # api_key: a client.Secret
+    return {"Authorization": f"Bearer {api_key.get()}"} if api_key else {}
+
+
+async def run_load(urls: list[str], model: str, args: argparse.Namespace, api_key: Any) -> dict[str, Any]:
     rng = random.Random(args.seed)
     bodies = [
         {"model": model, "messages": make_prompt(rng, args.prompt_words), "max_tokens": args.max_tokens,
@@ -57,7 +68,8 @@ async def run_load(urls: list[str], model: str, args: argparse.Namespace) -> dic
     queue = list(zip(targets, bodies, strict=False))  # targets is an endless cycle
     results: list[tuple[int, float]] = []
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600),
+                                     headers=auth_headers(api_key)) as session:
         await asyncio.gather(*[_one(session, u, {**b, "max_tokens": 4}) for u, b in queue[: len(urls)]])  # warm-up
 
         async def worker() -> None:
@@ -116,24 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=32, help="prompt length in words")
     p.add_argument("--seed", type=int, default=0, help="prompt seed")
     args = p.parse_args(argv)
+    from matrix_hpc.services.llm.client import Secret
+
     service = None
     urls = list(args.urls)
     model = args.served_model_name
+    api_key = Secret(os.environ.get(KEY_ENV))
     if not urls:
         service, urls = start_replicas(args)
-        model = "bench"
+        model, api_key = "bench", service.api_key
     try:
         if not model:
-            model = asyncio.run(_model_of(urls[0]))
-        print(json.dumps(asyncio.run(run_load(urls, model, args))))
+            model = asyncio.run(_model_of(urls[0], api_key))
+        print(json.dumps(asyncio.run(run_load(urls, model, args, api_key))))
     finally:
         if service is not None:
             service.stop()
     return 0
 
 
-async def _model_of(url: str) -> str:
-    async with aiohttp.ClientSession() as session, session.get(url + "/models") as resp:
+async def _model_of(url: str, api_key: Any) -> str:
+    async with (aiohttp.ClientSession(headers=auth_headers(api_key)) as session,
+                session.get(url + "/models") as resp):
+        if resp.status != 200:
+            raise RuntimeError(f"{url}/models: HTTP {resp.status} (the servers' key goes in ${KEY_ENV})")
         return str((await resp.json())["data"][0]["id"])
 
 
