@@ -41,6 +41,8 @@ from make_workflow_samples import mmlu_pro_rows, web_doc_rows, write_jsonl  # no
 SIM = {"capacity": 128, "ttft_s": 0.05, "time_per_output_token_s": 0.002, "output_tokens": 48,
        "output_tokens_jitter": 16, "seed": 0}
 SIM_WORKERS = 2
+#: The variable `matrix-hpc run` reads the sim's key from (llm.openai.api_key_env names it; the key is never in argv).
+RUN_KEY_ENV = "MATRIX_BENCH_SIM_API_KEY"
 MATRIX_EXTRA: list[str] = []  # more `matrix-hpc run` overrides (--matrix-workers)
 WORKFLOW_OVERRIDES = {
     "coral": ["workflow.max_turns=6", "workflow.speaker_max_tokens=96"],
@@ -58,17 +60,24 @@ def retail_rows(n: int) -> list[dict[str, Any]]:
     return [r for row in base for r in trial_rows(row, trials)][:n]
 
 
-def start_sim(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_sim(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
+    """A sim server asking for a fresh key, given to it in its environment (never argv, which /proc shows).
+
+    Returns the process, its base URL and the key (a ``client.Secret``, for the clients)."""
+    from matrix_hpc.services.llm.sim_server import API_KEY_ENV, new_api_key
+
+    key = new_api_key()
     port_file = workdir / f"sim-{time.time_ns()}.port"
     proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.services.llm.sim_server", "--conf-json", json.dumps(SIM),
                              "--workers", str(SIM_WORKERS), "--port-file", str(port_file)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, API_KEY_ENV: key.get()})
     deadline = time.time() + 60
     while not port_file.exists():
         if time.time() > deadline or proc.poll() is not None:
             raise SystemExit("the sim server did not start")
         time.sleep(0.1)
-    return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
+    return proc, f"http://127.0.0.1:{port_file.read_text()}/v1", key
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -90,7 +99,7 @@ def workflow_conf(name: str) -> Any:
 # -- matrix_hpc ----------------------------------------------------------------------
 
 
-def run_matrix(name: str, data: Path, url: str, concurrency: int, workdir: Path) -> dict[str, Any]:
+def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, workdir: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from matrix_hpc.store.layout import data_files
@@ -98,10 +107,10 @@ def run_matrix(name: str, data: Path, url: str, concurrency: int, workdir: Path)
     out = workdir / f"out-{name}-{time.time_ns()}"
     cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", f"workflow={name}", f"dataset.path={data}",
            f"output.dir={out}", "dataset.id_column=null", "llm=openai", f"llm.openai.base_url={url}",
-           "llm.openai.dialect=vllm", "llm.openai.api_key_env=", "llm.openai.model=sim",
+           "llm.openai.dialect=vllm", f"llm.openai.api_key_env={RUN_KEY_ENV}", "llm.openai.model=sim",
            f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
            "run.num_cpus=2", *WORKFLOW_OVERRIDES[name], *MATRIX_EXTRA]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, RUN_KEY_ENV: key.get()})
     if proc.returncode != 0:
         raise SystemExit(f"matrix-hpc run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     t = pq.read_table(data_files(out), columns=["status", "prompt_tokens", "completion_tokens", "t_admitted",
@@ -151,7 +160,8 @@ async def _steps(workflow: Any, task: Any, ctx: Any) -> None:
     task.finish(OK)
 
 
-async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, concurrency: int) -> dict[str, Any]:
+async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, key: Any,
+                            concurrency: int) -> dict[str, Any]:
     from matrix_hpc.runtime.message import TaskState
     from matrix_hpc.runtime.workflow import AgentContext, build_workflow
     from matrix_hpc.services.llm.client import LLMClient
@@ -159,7 +169,7 @@ async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, con
     from matrix_hpc.services.llm.endpoints import StaticEndpoints
 
     workflow = build_workflow(workflow_conf(name))
-    client = LLMClient(StaticEndpoints([url]), ClientConf(), model="sim")
+    client = LLMClient(StaticEndpoints([url]), ClientConf(), model="sim", api_key=key)
     ctx = AgentContext(0, {"llm": client})
     gate = asyncio.Semaphore(concurrency)
 
@@ -175,8 +185,8 @@ async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, con
     return _measure(len(tasks), t0, t1, tokens, [t.status for t in tasks])
 
 
-def run_asyncio(name: str, rows: list[dict[str, Any]], url: str, concurrency: int) -> dict[str, Any]:
-    return asyncio.run(_asyncio_baseline(name, rows, url, concurrency))
+def run_asyncio(name: str, rows: list[dict[str, Any]], url: str, key: Any, concurrency: int) -> dict[str, Any]:
+    return asyncio.run(_asyncio_baseline(name, rows, url, key, concurrency))
 
 
 # -- batch-synchronous Ray Data ---------------------------------------------------------
@@ -186,10 +196,10 @@ class Stage:
     """A map_batches UDF running one natural_reasoning stage over a whole batch:
     the batch's calls go out together and the batch waits for the slowest."""
 
-    def __init__(self, role: str, url: str) -> None:
+    def __init__(self, role: str, url: str, key: Any) -> None:  # key: a client.Secret, pickled to the actors
         from matrix_hpc.runtime.workflow import build_workflow
 
-        self.role, self.url = role, url
+        self.role, self.url, self.key = role, url, key
         self.workflow = build_workflow(workflow_conf("natural_reasoning"))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +212,7 @@ class Stage:
         from matrix_hpc.services.llm.config import ClientConf
         from matrix_hpc.services.llm.endpoints import StaticEndpoints
 
-        client = LLMClient(StaticEndpoints([self.url]), ClientConf(), model="sim")
+        client = LLMClient(StaticEndpoints([self.url]), ClientConf(), model="sim", api_key=self.key)
         ctx = AgentContext(0, {"llm": client})
 
         async def one(state_json: str) -> str:
@@ -228,7 +238,7 @@ class Stage:
         return {"state": list(states)}
 
 
-def run_ray_data(rows: list[dict[str, Any]], url: str, batch_size: int) -> dict[str, Any]:
+def run_ray_data(rows: list[dict[str, Any]], url: str, key: Any, batch_size: int) -> dict[str, Any]:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -242,7 +252,7 @@ def run_ray_data(rows: list[dict[str, Any]], url: str, batch_size: int) -> dict[
                  for i, r in enumerate(rows)]
         ds = ray.data.from_items(items)
         for role in ("filter", "score", "question"):
-            ds = ds.map_batches(Stage, fn_constructor_args=(role, url), batch_size=batch_size, concurrency=2)
+            ds = ds.map_batches(Stage, fn_constructor_args=(role, url, key), batch_size=batch_size, concurrency=2)
         t0 = time.time()
         states = [json.loads(r["state"]) for r in ds.take_all()]
         wall_with_startup_s = time.time() - t0
@@ -264,14 +274,14 @@ def bench(name: str, rows: list[dict[str, Any]], concurrency: int, batch_size: i
     results: dict[str, Any] = {}
     systems = ["matrix_hpc", "asyncio"] + (["ray_data"] if name == "natural_reasoning" else [])
     for system in systems:
-        sim, url = start_sim(workdir)  # a fresh server per system: same capacity, empty queues
+        sim, url, key = start_sim(workdir)  # a fresh server (and key) per system: same capacity, empty queues
         try:
             if system == "matrix_hpc":
-                results[system] = run_matrix(name, data, url, concurrency, workdir)
+                results[system] = run_matrix(name, data, url, key, concurrency, workdir)
             elif system == "asyncio":
-                results[system] = run_asyncio(name, rows, url, concurrency)
+                results[system] = run_asyncio(name, rows, url, key, concurrency)
             else:
-                results[system] = run_ray_data(rows, url, batch_size)
+                results[system] = run_ray_data(rows, url, key, batch_size)
         finally:
             stop(sim)
         print(f"  {name:18s} {system:10s} {json.dumps(results[system])}", flush=True)
