@@ -3,6 +3,7 @@
     matrix-hpc run workflow=overhead dataset.path=in.jsonl output.dir=out run.max_concurrent_tasks=1000
     matrix-hpc inspect out
     matrix-hpc cluster up|status|down cluster=slurm ...
+    matrix-hpc sweep multirun/<date>/<time>
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ commands:
   run       run a workflow (Hydra config; rerun the same command to resume)
   inspect   summarise an output directory: matrix-hpc inspect OUTPUT_DIR
   cluster   matrix-hpc cluster up|status|down cluster=slurm ...
+  sweep     one line per point of a Hydra multirun: matrix-hpc sweep SWEEP_DIR
 
 examples:
   matrix-hpc run workflow=overhead dataset.path=data/in.jsonl output.dir=out/demo
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.cluster_cmd import cluster_command
 
         return cluster_command(rest)
-    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, cluster\n", file=sys.stderr)
+    if command == "sweep":
+        from matrix_hpc.cli.sweep_cmd import sweep_command
+
+        return sweep_command(rest)
+    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, cluster, sweep\n",
+          file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
 

@@ -20,7 +20,7 @@ _EXPORTS = {
     "cluster_up": "cluster_cli", "cluster_status": "cluster_cli", "cluster_down": "cluster_cli",
     "ClusterStatus": "cluster_cli", "ray_address_for": "cluster_cli", "cluster_main": "cluster_cli",
     "submit_run": "slurm_run", "maybe_submit_run": "slurm_run",
-    "slurm_available": "slurm", "sweep_points": "sweep", "format_sweep": "sweep",
+    "slurm_available": "slurm",
 }
 
 __all__ = sorted(_EXPORTS)

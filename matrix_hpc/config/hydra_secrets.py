@@ -31,7 +31,7 @@ from matrix_hpc.config.secrets import (
     secret_values,
 )
 
-#: Where the files go, under the job's output dir (Hydra's default name, which `cluster.sweep` reads).
+#: Where the files go, under the job's output dir (Hydra's default name, which `matrix-hpc sweep` reads).
 HYDRA_SUBDIR = ".hydra"
 
 

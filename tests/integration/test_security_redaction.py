@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from matrix_hpc.cluster.sweep import sweep_points
+from matrix_hpc.cli.sweep_cmd import sweep_points
 from tests.integration.runs import REPO, read_rows, run_cli, write_jsonl
 from tests.integration.security_checks import files_with
 

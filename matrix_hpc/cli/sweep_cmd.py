@@ -1,7 +1,10 @@
 """A summary table of a Hydra multirun sweep (e.g. on Slurm through the
 submitit launcher): one line per point, with what varied and what came out.
 
-    python -m matrix_hpc.cluster.sweep multirun/2026-11-25/01-45-27
+    matrix-hpc sweep multirun/2026-11-25/01-45-27
+
+It reads each point's output, so it lives with the commands (the cluster
+package below knows nothing of outputs).
 """
 
 from __future__ import annotations
@@ -62,14 +65,10 @@ def format_sweep(points: list[SweepPoint]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m matrix_hpc.cluster.sweep SWEEP_DIR", file=sys.stderr)
+def sweep_command(args: list[str]) -> int:
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: matrix-hpc sweep SWEEP_DIR  (a Hydra multirun dir, e.g. multirun/<date>/<time>)",
+              file=sys.stderr)
         return 2
     print(format_sweep(sweep_points(Path(args[0]))))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
