@@ -11,32 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matrix_hpc.runtime.conf import RETRY_CHOICES, Placement, ResumeMode, RunConf
+from matrix_hpc.store.conf import OutputConf
 from matrix_hpc.store.input import DatasetConf
 
 __all__ = ["RETRY_CHOICES", "DatasetConf", "MatrixConf", "OutputConf", "Placement", "ResumeMode", "RunConf",
            "register_configs"]
-
-
-@dataclass
-class OutputConf:
-    dir: str = "???"  # output directory (created; rerun the same command to resume)
-    num_shards: int = 4  # shards by hash of task id (shard=NNNNN directories)
-    num_sinks: int = 2  # sink actors writing the shards (each owns num_shards / num_sinks)
-    flush_interval_s: float = 0.2  # how often buffered rows are committed (credits wait for it)
-    max_buffered_rows: int = 20000  # commit early at this many rows (or half the concurrency per sink)
-    compact_min_files: int = 64  # merge a shard's small files once it has this many
-    compression: str = "zstd"  # Parquet compression codec
-    keep: str = "all"  # all | ok: with ok, filtered/failed rows go to _rejected/ (still counted)
-    commit_retry_max_s: float = 30.0  # a failed commit is retried after flush_interval_s, doubling up to this
-
-    def __post_init__(self) -> None:
-        if self.num_sinks > self.num_shards:
-            raise ValueError(f"output.num_sinks={self.num_sinks} > output.num_shards={self.num_shards}: "
-                             "a sink owns whole shards; lower num_sinks or raise num_shards")
-        if self.keep not in ("all", "ok"):
-            raise ValueError(f"output.keep={self.keep!r}; valid choices: all, ok")
-        if self.commit_retry_max_s <= 0:
-            raise ValueError(f"output.commit_retry_max_s={self.commit_retry_max_s}: must be > 0 (seconds)")
 
 
 @dataclass

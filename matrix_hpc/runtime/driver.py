@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from matrix_hpc.background import supervise
-from matrix_hpc.config.schema import OutputConf
 from matrix_hpc.runtime.conf import RunConf
 from matrix_hpc.runtime.message import FAILED, TaskState
 from matrix_hpc.runtime.outbox import Outbox
@@ -36,6 +35,7 @@ from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, Progr
 from matrix_hpc.runtime.verify import MissingIds, missing_input
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
+from matrix_hpc.store.conf import OutputConf
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
 from matrix_hpc.store.layout import META_DIR, sink_of
 from matrix_hpc.store.resume import scan_output
