@@ -63,8 +63,8 @@ def _submit_to_slurm(cfg: DictConfig) -> int | None:
 
 def run_from_config(cfg: DictConfig) -> int:
     """Run one job from a composed config; returns the process exit code."""
+    from matrix_hpc.app.run import execute
     from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
-    from matrix_hpc.runtime.run import execute
     from matrix_hpc.store.input import InputPathError
     from matrix_hpc.store.lock import OutputLocked
     from matrix_hpc.store.resume import ResumeRefused

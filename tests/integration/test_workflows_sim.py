@@ -51,8 +51,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(overrides: list[str]) -> Any:
+    from matrix_hpc.app.run import execute
     from matrix_hpc.cli.config_check import compose
-    from matrix_hpc.runtime.run import execute
 
     cfg = compose([*overrides, "run.progress_interval_s=0", "run.summary=false",
                    f"run.max_concurrent_tasks={N_TASKS}"], str(REPO_ROOT / "conf"))

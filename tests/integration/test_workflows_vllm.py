@@ -65,9 +65,9 @@ def llm_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def run_with(llm_factory: Any, overrides: list[str]) -> Any:
     """The real driver and workers, with the module's vLLM service as the run's `llm`."""
+    from matrix_hpc.app.run import plan_from_config
     from matrix_hpc.cli.config_check import compose
     from matrix_hpc.runtime.driver import Driver
-    from matrix_hpc.runtime.run import plan_from_config
 
     cfg = compose([*overrides, "llm=none", "run.progress_interval_s=0", "run.max_concurrent_tasks=16"],
                   str(REPO_ROOT / "conf"))
