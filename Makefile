@@ -36,7 +36,7 @@ demo-overhead: setup
 
 # pytest exits 5 when it collected no test: that is a failure here.
 test: setup
-	@$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@$(PY) -m pytest tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # ruff (rules in pyproject.toml) and mypy --strict on the library.
 lint: setup
