@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from matrix_hpc.background import supervise
 from matrix_hpc.services.llm.config import ClientConf
 from matrix_hpc.services.llm.endpoints import EndpointSource
 from matrix_hpc.services.llm.routing import Replica, Router
@@ -451,8 +452,8 @@ class LLMClient:
         self._has_replicas = asyncio.Event()
         self._first_fetch = asyncio.ensure_future(self._refresh())
         if self.endpoints.refresh_interval_s > 0:
-            self._tasks.append(asyncio.ensure_future(self._refresh_loop()))
-        self._tasks.append(asyncio.ensure_future(self._probe_loop()))
+            self._tasks.append(supervise(self._refresh_loop, "LLM replica table refresh"))
+        self._tasks.append(supervise(self._probe_loop, "LLM replica health probe"))
 
     async def _wait_for_replicas(self) -> None:
         assert self._has_replicas is not None and self._first_fetch is not None

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from matrix_hpc.background import supervise
 from matrix_hpc.services.llm.registry import (
     NAMESPACE,
     ServiceRef,
@@ -328,7 +329,7 @@ class VLLMReplica:
             await self._terminate()
             self.state = "failed"
             raise
-        self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+        self._watch_task = supervise(self._watch, f"vLLM replica {self.replica_id} health watch")
         return self.base_url
 
     async def _recover(self) -> None:
@@ -336,7 +337,7 @@ class VLLMReplica:
         self._registry = await get_or_create_registry_async(self.ref)
         log.warning("vLLM replica %s: actor restarted; starting its server again", self.replica_id)
         if await self._restart("the replica actor was restarted"):
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+            self._watch_task = supervise(self._watch, f"vLLM replica {self.replica_id} health watch")
 
     async def _launch(self) -> None:
         from matrix_hpc.services.llm.process import HOOK_DIR, server_pgid, spawn_supervised

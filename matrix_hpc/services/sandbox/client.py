@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+from matrix_hpc.background import supervise
 from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Command, SandboxConf
 from matrix_hpc.services.sandbox.lease import LeaseGrant, LeaseLost, LeaseOwner, PoolStats, this_process_owner
 from matrix_hpc.services.sandbox.process import ExecResult
@@ -177,7 +178,7 @@ class SandboxPoolClient:
 
     def _ensure_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
-            self._heartbeat = asyncio.ensure_future(self._renew_forever())
+            self._heartbeat = supervise(self._renew_forever, "sandbox lease heartbeat")
 
     async def _renew_forever(self) -> None:
         interval = self.conf.pool.lease_ttl_s / 4

@@ -7,8 +7,10 @@ pool actor runs one over its host actors.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
+from matrix_hpc.background import supervise
 from matrix_hpc.services.sandbox.contract import SandboxConf
 from matrix_hpc.services.sandbox.host import HostRef, LocalHostRef, SandboxHost
 from matrix_hpc.services.sandbox.lease import LeaseGrant, LeaseOwner, PoolStats
@@ -38,7 +40,7 @@ class LocalPoolBackend:
 
     async def acquire(self, owner: LeaseOwner, wait_s: float | None, shared: bool = False) -> LeaseGrant:
         if self._reaper is None:
-            self._reaper = asyncio.ensure_future(run_reaper(self.core, self.dead_owner))
+            self._reaper = supervise(functools.partial(run_reaper, self.core, self.dead_owner), "sandbox reaper")
         lease = await self.core.acquire(owner, wait_s, shared)
         return LeaseGrant(lease.lease_id, lease.sandbox_id, self.core.hosts[lease.host_index], lease.node_id)
 
