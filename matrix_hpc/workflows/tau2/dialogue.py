@@ -176,33 +176,27 @@ def _openai_calls(calls: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def agent_view(system_prompt: str, trajectory: Sequence[Message]) -> list[dict[str, Any]]:
     """The agent's chat: its own turns, the user's text messages, answers to its own calls."""
-    view: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}]
-    for m in trajectory:
-        role = m["role"]
-        if role == "assistant":
-            entry: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
-            if m.get("tool_calls"):
-                entry["tool_calls"] = _openai_calls(m["tool_calls"])
-            view.append(entry)
-        elif role == "user" and not m.get("tool_calls"):
-            view.append({"role": "user", "content": m.get("content")})
-        elif role == "tool" and m.get("requestor") == "assistant":
-            view.append({"role": "tool", "tool_call_id": m["id"], "content": m["content"]})
-    return view
+    return _chat_view(system_prompt, trajectory, me="assistant", other="user")
 
 
 def user_view(system_prompt: str, trajectory: Sequence[Message]) -> list[dict[str, Any]]:
     """The simulator's chat, roles flipped (tau2's ``flip_roles``): its turns are 'assistant'."""
+    return _chat_view(system_prompt, trajectory, me="user", other="assistant")
+
+
+def _chat_view(system_prompt: str, trajectory: Sequence[Message], me: str, other: str) -> list[dict[str, Any]]:
+    """One side's chat: ``me``'s turns as 'assistant' (with its tool calls), ``other``'s text
+    messages as 'user', and the tool answers to ``me``'s own calls."""
     view: list[dict[str, Any]] = [{"role": "system", "content": system_prompt}]
     for m in trajectory:
         role = m["role"]
-        if role == "user":
+        if role == me:
             entry: dict[str, Any] = {"role": "assistant", "content": m.get("content")}
             if m.get("tool_calls"):
                 entry["tool_calls"] = _openai_calls(m["tool_calls"])
             view.append(entry)
-        elif role == "assistant" and not m.get("tool_calls"):
+        elif role == other and not m.get("tool_calls"):
             view.append({"role": "user", "content": m.get("content")})
-        elif role == "tool" and m.get("requestor") == "user":
+        elif role == "tool" and m.get("requestor") == me:
             view.append({"role": "tool", "tool_call_id": m["id"], "content": m["content"]})
     return view
