@@ -33,8 +33,8 @@ class RunConf:
     placement: Placement = Placement.colocated  # where roles run
     num_workers: int = 1  # colocated: worker processes, each hosting every role
     role_workers: dict[str, int] = field(default_factory=dict)  # per_role: instances of a role (default 1)
-    # Spread worker actors over the cluster's nodes (Ray's SPREAD, best effort);
-    # false leaves it to Ray, which packs CPU-less actors onto the driver's node.
+    # Spread worker actors round robin over the cluster's alive nodes (a node lost
+    # later falls back to another); false lets Ray pack CPU-less actors onto the driver's node.
     spread_workers: bool = True
     batch_size: int = 256  # messages per cross-process call
     batch_delay_ms: float = 2.0  # longest wait before a partial batch is sent

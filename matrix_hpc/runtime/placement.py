@@ -24,3 +24,12 @@ def plan_groups(roles: tuple[str, ...], placement: Placement, num_workers: int,
     if placement is Placement.colocated:
         return [Group("all", roles, num_workers)]
     return [Group(role, (role,), max(1, role_workers.get(role, 1))) for role in roles]
+
+
+def spread_nodes(node_ids: list[str], count: int) -> list[str]:
+    """The node each of ``count`` workers goes to: round robin over the
+    cluster's alive nodes (sorted, so a rerun places alike)."""
+    if not node_ids:
+        return []
+    nodes = sorted(node_ids)
+    return [nodes[i % len(nodes)] for i in range(count)]

@@ -244,3 +244,12 @@ def test_a_task_that_keeps_losing_its_worker_fails_as_task_lost_but_lost_sends_d
     d._readmit("t0", loss=True)
     last = _sent(d)[-1]
     assert last.status == "failed" and last.error_type == "TaskLost" and "run.retry=failed" in last.error
+
+
+def test_spread_nodes_puts_workers_round_robin_on_every_node_in_a_stable_order() -> None:
+    from matrix_hpc.runtime.placement import spread_nodes
+
+    assert spread_nodes(["c", "a", "b"], 5) == ["a", "b", "c", "a", "b"]
+    assert spread_nodes(["b", "a", "c"], 5) == spread_nodes(["c", "b", "a"], 5)  # order of ray.nodes() is not kept
+    assert spread_nodes(["a", "b", "c"], 2) == ["a", "b"]
+    assert spread_nodes([], 3) == []
