@@ -10,14 +10,7 @@ from omegaconf import DictConfig
 
 from matrix_hpc.cli.config_check import ConfigError, compose
 from matrix_hpc.cli.main import conf_dir, fail
-
-#: Exit code of a run that stopped before finishing (signal, drain): rerun to resume.
-EXIT_INTERRUPTED = 75
-#: Exit code of a run that ended without a verified output: input ids missing
-#: or written twice, or an error that stopped it (the summary names which).
-EXIT_INCOMPLETE = 3
-#: Exit code when another run holds the output directory.
-EXIT_LOCKED = 1
+from matrix_hpc.procs import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_LOCKED
 
 _result: dict[str, int] = {}
 

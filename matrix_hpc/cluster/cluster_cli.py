@@ -20,11 +20,12 @@ from typing import Any
 
 from matrix_hpc.cluster.auth import create_token, ensure_private_dir, use_cluster_token
 from matrix_hpc.cluster.config import ClusterConf, JobShapeConf, as_cluster_conf
-from matrix_hpc.cluster.errors import ClusterError, JobFailedError, tail
+from matrix_hpc.cluster.errors import ClusterError, JobFailedError
 from matrix_hpc.cluster.local import LocalBackend
-from matrix_hpc.cluster.ray_node import NodeSpec, RayHead, RayWorker, find_by_marker, kill_by_marker, port_available
+from matrix_hpc.cluster.ray_node import NodeSpec, RayHead, RayWorker, port_available
 from matrix_hpc.cluster.slurm import ACTIVE_STATES, SlurmBackend
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, JobRecord
+from matrix_hpc.procs import find_by_marker, kill_by_marker, tail_text
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def _wait_workers(conf: ClusterConf, state: ClusterState, backend: Backend, jobs
 
 
 def _job_error(what: str, job: JobRecord, job_state: str, hint: str = "") -> JobFailedError:
-    stderr = "\n".join(t for t in (tail(job.stderr()), tail(job.ray_log(), max_lines=10)) if t)
+    stderr = "\n".join(t for t in (tail_text(job.stderr()), tail_text(job.ray_log(), max_lines=10)) if t)
     return JobFailedError(what, job.job_id, job_state, job.log_paths(), stderr, hint)
 
 

@@ -21,15 +21,3 @@ class JobFailedError(ClusterError):
         message = f"{what}: job {job_id} is {state}; logs: {logs}\n--- stderr tail ---\n{tail}"
         super().__init__(message + (f"\n{hint}" if hint else ""))
 
-
-def tail(path: Path, max_lines: int = 20, max_bytes: int = 8192) -> str:
-    """The last lines of a log file ('' when it does not exist yet)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-max_lines:])

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from matrix_hpc.cluster.ray_node import kill_tree
+from matrix_hpc.procs import kill_tree
 
 
 class LocalBackend:

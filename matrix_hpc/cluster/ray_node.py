@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from matrix_hpc.cluster.auth import check_token, create_token, node_env, use_cluster_token
-from matrix_hpc.cluster.errors import ClusterError, tail
+from matrix_hpc.cluster.errors import ClusterError
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, write_json_atomic
+from matrix_hpc.procs import free_port, kill_by_marker, kill_tree, tail_text
 
 #: ray start prints this once its node has registered with the head.
 READY_LINE = "Ray runtime started"
@@ -42,12 +43,6 @@ def ignore_preempt_signals() -> None:
     """
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
 
 
 def node_ip() -> str:
@@ -174,12 +169,12 @@ class RayNode:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise ClusterError(f"ray start ({self.spec.role}) exited with code {self.proc.returncode}; "
-                                   f"log {self.log_path}:\n{tail(self.log_path)}")
+                                   f"log {self.log_path}:\n{tail_text(self.log_path)}")
             if READY_LINE in _read_from(self.log_path, offset):
                 return
             time.sleep(0.5)
         raise ClusterError(f"ray start ({self.spec.role}) not ready after {timeout_s:.0f} s; "
-                           f"log {self.log_path}:\n{tail(self.log_path)}")
+                           f"log {self.log_path}:\n{tail_text(self.log_path)}")
 
     def _write_node_file(self) -> None:
         assert self.proc is not None
@@ -219,50 +214,6 @@ def _read_from(path: Path, offset: int) -> str:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read().decode("utf-8", errors="replace")
-
-
-def kill_tree(pid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process and its descendants; SIGKILL survivors after ``grace_s``."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    _terminate(procs, grace_s)
-
-
-def kill_by_marker(marker: str, grace_s: float = 10.0) -> int:
-    """Kill processes on this host whose command line mentions ``marker``
-    (a node's unique tmp dir): Ray processes that lost their parent."""
-    procs = find_by_marker(marker)
-    _terminate(procs, grace_s)
-    return len(procs)
-
-
-def find_by_marker(marker: str) -> list[Any]:
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        with contextlib.suppress(psutil.Error, TypeError):
-            if p.pid != os.getpid() and any(marker in part for part in p.info["cmdline"] or []):
-                found.append(p)
-    return found
-
-
-def _terminate(procs: list[Any], grace_s: float) -> None:
-    import psutil
-
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def wait_for_head(state: ClusterState, timeout_s: float, head_job_id: str | None = None) -> HeadInfo:
@@ -324,7 +275,7 @@ def _run_node(node: RayNode, head_address: str | None) -> int:
         node.stop()
     if code != 0:
         raise ClusterError(f"ray {node.spec.role} exited with code {code}; log {node.log_path}:\n"
-                           f"{tail(node.log_path)}")
+                           f"{tail_text(node.log_path)}")
     return code
 
 

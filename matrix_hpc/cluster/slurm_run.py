@@ -30,22 +30,20 @@ from pathlib import Path
 from typing import Any
 
 from matrix_hpc.cluster.config import as_cluster_conf
-from matrix_hpc.cluster.errors import ClusterError, JobFailedError, tail
+from matrix_hpc.cluster.errors import ClusterError, JobFailedError
 from matrix_hpc.cluster.ray_node import (
     NodeSpec,
     RayNode,
     ignore_preempt_signals,
     job_identity,
-    kill_tree,
     port_available,
 )
 from matrix_hpc.cluster.slurm import ACTIVE_STATES, SlurmBackend
 from matrix_hpc.cluster.state import ClusterState, JobRecord
+from matrix_hpc.procs import EXIT_INTERRUPTED, kill_tree, tail_text
 
 log = logging.getLogger(__name__)
 
-#: The driver's exit code when it stopped early (drained): rerun to resume (matrix_hpc.cli.run_cmd).
-EXIT_INTERRUPTED = 75
 #: Preemption signal of run jobs; the driver drains on it (submitit's default, USR2, would kill Ray).
 PREEMPT_SIGNAL = "USR1"
 
@@ -174,11 +172,11 @@ def wait_run(job: Any, conf: Any, poll_s: float = 2.0) -> int:
         except Exception as e:  # submitit's FailedJobError
             # The run's own error is in the job's stderr log, above submitit's
             # traceback (which only says that `matrix-hpc run` failed).
-            stderr = tail(paths[1], max_lines=60, max_bytes=16384) or str(e)[-4000:]
+            stderr = tail_text(paths[1], max_lines=60, max_bytes=16384) or str(e)[-4000:]
             raise JobFailedError("the run job failed", job_id, final, paths, stderr) from None
         log.info("run job %s finished (%s)", job_id, final)
         return int(value or 0)
-    raise JobFailedError("the run job ended without a result", job_id, final, paths, tail(paths[1]))
+    raise JobFailedError("the run job ended without a result", job_id, final, paths, tail_text(paths[1]))
 
 
 def maybe_submit_run(cfg: Any) -> int | None:

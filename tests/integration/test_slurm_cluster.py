@@ -17,9 +17,9 @@ import pytest
 
 from matrix_hpc.cluster import SlurmClusterConf, cluster_down, cluster_status, cluster_up, slurm_available
 from matrix_hpc.cluster.errors import JobFailedError
-from matrix_hpc.cluster.ray_node import find_by_marker
 from matrix_hpc.cluster.slurm_run import submit_run, wait_run
 from matrix_hpc.cluster.state import ClusterState
+from matrix_hpc.procs import find_by_marker
 from tests.conftest import require_component
 from tests.integration.runs import REPO, read_rows, wait_for_rows, write_jsonl
 

@@ -13,7 +13,7 @@ import pytest
 
 from matrix_hpc.cli.sweep_cmd import format_sweep, sweep_points
 from matrix_hpc.cluster import slurm_available
-from matrix_hpc.cluster.ray_node import find_by_marker
+from matrix_hpc.procs import find_by_marker
 from tests.conftest import require_component
 from tests.integration.runs import REPO, wait_for_rows, write_jsonl
 from tests.integration.test_slurm_cluster import _rows, assert_each_id_once, job_state, release_requeued

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_main, cluster_status
-from matrix_hpc.cluster.ray_node import find_by_marker
 from matrix_hpc.cluster.state import ClusterState
+from matrix_hpc.procs import find_by_marker
 from tests.integration.runs import REPO
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from matrix_hpc.cluster.errors import JobFailedError, tail
+from matrix_hpc.cluster.errors import JobFailedError
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, JobRecord
+from matrix_hpc.procs import tail_text as tail
 
 
 def _head(job_id: str = "7") -> HeadInfo:

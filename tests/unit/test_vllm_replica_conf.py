@@ -11,7 +11,6 @@ from matrix_hpc.services.llm.vllm_replica import (
     as_vllm_conf,
     cpu_bind_list,
     engine_args_list,
-    log_tail,
     server_command,
     server_env,
 )
@@ -87,11 +86,14 @@ def test_conf_validation_names_the_setting(kwargs: dict, message: str) -> None:
         VLLMConf(**kwargs)
 
 
-def test_log_tail(tmp_path) -> None:
+def test_tail_text(tmp_path) -> None:
+    from matrix_hpc.procs import tail_text
+
     log = tmp_path / "x.log"
     log.write_text("".join(f"line {i}\n" for i in range(100)))
-    assert log_tail(log, 3) == "line 97\nline 98\nline 99"
-    assert log_tail(tmp_path / "missing.log") == "(no log)"
+    assert tail_text(log, 3) == "line 97\nline 98\nline 99"
+    assert tail_text(log, 3, max_bytes=20) == "line 98\nline 99"  # a partial first line is cut at the byte limit
+    assert tail_text(tmp_path / "missing.log") == ""
 
 
 def test_import_stays_light() -> None:

@@ -32,7 +32,6 @@ import logging
 import os
 import shlex
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from matrix_hpc.background import supervise
+from matrix_hpc.procs import free_port, tail_text
 from matrix_hpc.services.llm.registry import (
     NAMESPACE,
     ServiceRef,
@@ -249,22 +249,6 @@ def install_auth_middleware(hook_dir: Path) -> None:
         os.replace(tmp, target)
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def log_tail(path: Path, max_lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 64_000))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(lines[-max_lines:])
-
-
 class ReplicaStartError(RuntimeError):
     """A vLLM server did not become healthy; the message carries its log's tail."""
 
@@ -380,7 +364,8 @@ class VLLMReplica:
     def _start_error(self, what: str) -> ReplicaStartError:
         return ReplicaStartError(
             f"vLLM replica {self.replica_id} (model {self.conf.model!r}) {what}; "
-            f"full log: {self.log_path}\n--- last lines ---\n{log_tail(self.log_path)}"
+            f"full log: {self.log_path}\n--- last lines ---\n"
+            f"{tail_text(self.log_path, max_lines=40, max_bytes=64_000) or '(no log)'}"
         )
 
     def _root_url(self) -> str:

@@ -18,7 +18,7 @@ import os
 import shlex
 from pathlib import Path
 
-from matrix_hpc.services.sandbox.kill import kill_until_gone
+from matrix_hpc.procs import kill_until_gone
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "matrix_hpc_sandboxes"  # our subtree under the pool process's own cgroup

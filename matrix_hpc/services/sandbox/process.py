@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from matrix_hpc.services.sandbox.kill import kill_group
+from matrix_hpc.procs import kill_group
 
 _CHUNK = 64 * 1024
 _DRAIN_GRACE_S = 0.5  # after exit, how long leftover writers may keep the pipes open

@@ -7,8 +7,8 @@ import os
 import stat
 from pathlib import Path
 
+from matrix_hpc.procs import kill_group
 from matrix_hpc.services.sandbox.errors import SandboxError
-from matrix_hpc.services.sandbox.kill import kill_group
 
 
 class ServerProcess:

@@ -16,7 +16,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from matrix_hpc.services.sandbox.kill import kill_uid_processes
+from matrix_hpc.procs import kill_uid_processes
 from matrix_hpc.services.sandbox.limits import SandboxLimitsConf
 from matrix_hpc.services.sandbox.safe_path import ensure_private_dir, open_dir, open_lock_file
 
