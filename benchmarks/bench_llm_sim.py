@@ -27,8 +27,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.loadgen import run_in_loop, run_load  # noqa: E402
 from matrix_hpc.services.llm.config import SimConf  # noqa: E402
-from matrix_hpc.services.llm.loadgen import run_in_loop, run_load  # noqa: E402
 from matrix_hpc.services.llm.sim_server import SimServerProcess  # noqa: E402
 
 

@@ -8,21 +8,16 @@ than once or files were unreadable, 2 on usage errors."""
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from matrix_hpc.cli.main import fail
-from matrix_hpc.store.layout import META_DIR, data_files, read_columns
+from matrix_hpc.store.layout import META_DIR, data_files
 from matrix_hpc.store.lock import OutputLock, OutputLocked
 from matrix_hpc.store.resume import scan_output
-from matrix_hpc.store.verify import OutputSummary, summarize_output
-
-COLUMNS = ["id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens", "attempts"]
+from matrix_hpc.store.verify import OutputSummary, output_totals, summarize_output
 
 
 def inspect_command(args: list[str]) -> int:
@@ -75,7 +70,7 @@ def render(out: Path, files: list[Path], summary: OutputSummary) -> str:
     lines = [f"{out}: {summary.rows} rows in {len(files)} files ({summary.distinct_ids} distinct ids)"]
     by_status = sorted(summary.by_status.items(), key=lambda kv: -kv[1])
     lines.append("  by status: " + ", ".join(f"{k} {v} ({v / n:.1%})" for k, v in by_status))
-    totals = _aggregate(files)
+    totals = output_totals(files)
     prompt, completion = totals.prompt_tokens, totals.completion_tokens
     lines.append(f"  tokens: prompt {prompt:,}, completion {completion:,}, total {prompt + completion:,}")
     lines.append(f"  rows whose steps were retried: {totals.retried}")
@@ -83,56 +78,17 @@ def render(out: Path, files: list[Path], summary: OutputSummary) -> str:
         lines.append(f"  error {etype} x{count}, e.g. {totals.examples[etype][:200]}")
     for reason, count in totals.reasons.most_common(10):
         lines.append(f"  filtered x{count}: {reason[:120]}")
-    cfg = out / META_DIR / "workflow.yaml"
-    if cfg.exists():
-        first = cfg.read_text().splitlines()[:1]
-        lines.append(f"  workflow: {' '.join(first)}   (config: {out / META_DIR / 'config.yaml'})")
-        lines += [f"  {k}: {_fmt(v)}" for k, v in workflow_metrics(cfg, files).items()]
+    name = workflow_line(out)
+    if name is not None:
+        lines.append(f"  workflow: {name}   (config: {out / META_DIR / 'config.yaml'})")
+        lines += [f"  {k}: {fmt(v)}" for k, v in workflow_metrics(out / META_DIR / "workflow.yaml", files).items()]
     return "\n".join(lines)
 
 
-@dataclass
-class _Totals:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    retried: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
-    reasons: Counter[str] = field(default_factory=Counter)
-
-
-def _aggregate(files: list[Path]) -> _Totals:
-    totals = _Totals()
-    for f in files:
-        names = set(pq.read_schema(f).names)
-        t = read_columns(f, [c for c in COLUMNS if c in names])
-        totals.prompt_tokens += _sum(t, "prompt_tokens")
-        totals.completion_tokens += _sum(t, "completion_tokens")
-        if "attempts" in names:
-            totals.retried += int(pc.sum(pc.greater(t.column("attempts"), 1)).as_py() or 0)
-        if "error_type" in names:
-            _count_errors(t, totals)
-        if "reason" in names:
-            totals.reasons.update(_value_counts(t.column("reason")))
-    return totals
-
-
-def _count_errors(t: pa.Table, totals: _Totals) -> None:
-    failed = t.filter(pc.is_valid(t.column("error_type")))
-    for etype, count in _value_counts(failed.column("error_type")).items():
-        totals.errors[etype] += count
-        if etype not in totals.examples:
-            row = failed.filter(pc.equal(failed.column("error_type"), etype)).slice(0, 1).to_pylist()[0]
-            totals.examples[etype] = f"[{row.get('id')}] {row.get('error')}"
-
-
-def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
-    valid = column.filter(pc.is_valid(column))
-    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(valid).to_pylist() if v["values"]}
-
-
-def _sum(t: pa.Table, column: str) -> int:
-    return int(pc.sum(t.column(column)).as_py() or 0) if column in t.column_names else 0
+def workflow_line(out: Path) -> str | None:
+    """The first line of the recorded workflow config (``name: coral``), or None."""
+    cfg = out / META_DIR / "workflow.yaml"
+    return " ".join(cfg.read_text().splitlines()[:1]) if cfg.exists() else None
 
 
 def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object]:
@@ -156,7 +112,7 @@ def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object
     return {k: v for k, v in metrics.items() if k not in ("rows", "by_status")}
 
 
-def _fmt(v: object) -> str:
+def fmt(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 

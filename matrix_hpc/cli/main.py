@@ -2,6 +2,7 @@
 
     matrix-hpc run workflow=overhead dataset.path=in.jsonl output.dir=out run.max_concurrent_tasks=1000
     matrix-hpc inspect out
+    matrix-hpc report out --out report.html
     matrix-hpc cluster up|status|down cluster=slurm ...
     matrix-hpc sweep multirun/<date>/<time>
 """
@@ -17,6 +18,7 @@ USAGE = """usage: matrix-hpc <command> [hydra overrides...]
 commands:
   run       run a workflow (Hydra config; rerun the same command to resume)
   inspect   summarise an output directory: matrix-hpc inspect OUTPUT_DIR
+  report    HTML report with plots (opens offline): matrix-hpc report OUTPUT_DIR [--out FILE] [--png DIR]
   cluster   matrix-hpc cluster up|status|down cluster=slurm ...
   sweep     one line per point of a Hydra multirun: matrix-hpc sweep SWEEP_DIR
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.inspect_cmd import inspect_command
 
         return inspect_command(rest)
+    if command == "report":
+        from matrix_hpc.cli.report_cmd import report_command
+
+        return report_command(rest)
     if command == "cluster":
         from matrix_hpc.cli.cluster_cmd import cluster_command
 
@@ -57,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.sweep_cmd import sweep_command
 
         return sweep_command(rest)
-    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, cluster, sweep\n",
+    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, report, cluster, sweep\n",
           file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2

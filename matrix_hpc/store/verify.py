@@ -109,3 +109,54 @@ def _duplicates(files: list[Path], hashes: np.ndarray) -> tuple[int, list[str]]:
             counts.update(ids.filter(pa.array(hit)).to_pylist())
     extra = {i: n - 1 for i, n in counts.items() if n > 1}
     return sum(extra.values()), sorted(extra)[:MAX_EXAMPLES]
+
+
+TOTALS_COLUMNS = ("id", "status", "error_type", "error", "reason", "prompt_tokens", "completion_tokens", "attempts")
+
+
+@dataclass
+class OutputTotals:
+    """Tokens, retries, error kinds (with one example each) and filter reasons
+    of a set of part files: what ``inspect`` and ``report`` show."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retried: int = 0  # rows whose steps were retried (attempts > 1)
+    errors: Counter[str] = field(default_factory=Counter)  # error_type -> rows
+    examples: dict[str, str] = field(default_factory=dict)  # error_type -> "[id] error"
+    reasons: Counter[str] = field(default_factory=Counter)  # filter reason -> rows
+
+
+def output_totals(files: list[Path]) -> OutputTotals:
+    """Aggregated file by file with Arrow (no Python object per row)."""
+    totals = OutputTotals()
+    for f in files:
+        names = set(pq.read_schema(f).names)
+        t = read_columns(f, [c for c in TOTALS_COLUMNS if c in names])
+        totals.prompt_tokens += _sum_present(t, "prompt_tokens")
+        totals.completion_tokens += _sum_present(t, "completion_tokens")
+        if "attempts" in names:
+            totals.retried += int(pc.sum(pc.greater(t.column("attempts"), 1)).as_py() or 0)
+        if "error_type" in names:
+            _count_errors(t, totals)
+        if "reason" in names:
+            totals.reasons.update(_value_counts(t.column("reason")))
+    return totals
+
+
+def _count_errors(t: pa.Table, totals: OutputTotals) -> None:
+    failed = t.filter(pc.is_valid(t.column("error_type")))
+    for etype, count in _value_counts(failed.column("error_type")).items():
+        totals.errors[etype] += count
+        if etype not in totals.examples:
+            row = failed.filter(pc.equal(failed.column("error_type"), etype)).slice(0, 1).to_pylist()[0]
+            totals.examples[etype] = f"[{row.get('id')}] {row.get('error')}"
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    valid = column.filter(pc.is_valid(column))
+    return {str(v["values"]): int(v["counts"]) for v in pc.value_counts(valid).to_pylist() if v["values"]}
+
+
+def _sum_present(t: pa.Table, column: str) -> int:
+    return _sum(t, column) if column in t.column_names else 0

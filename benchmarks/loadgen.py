@@ -6,7 +6,7 @@ posts with a bare aiohttp session; ``mode='client'`` goes through
 :class:`LLMClient` (routing, retries), so the two show the client's own cost.
 
     MATRIX_SIM_API_KEY=<the server's key> \
-        python -m matrix_hpc.services.llm.loadgen --url http://127.0.0.1:8000 --concurrency 1000 --duration-s 20
+        python benchmarks/loadgen.py --url http://127.0.0.1:8000 --concurrency 1000 --duration-s 20
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ import asyncio
 import json
 import os
 import resource
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from matrix_hpc.services.llm.client import LLMClient, Secret
-from matrix_hpc.services.llm.config import ClientConf
-from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url
-from matrix_hpc.services.llm.sim_server import API_KEY_ENV
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
+
+from matrix_hpc.services.llm.client import LLMClient, Secret  # noqa: E402
+from matrix_hpc.services.llm.config import ClientConf  # noqa: E402
+from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url  # noqa: E402
+from matrix_hpc.services.llm.sim_server import API_KEY_ENV  # noqa: E402
 
 
 @dataclass
