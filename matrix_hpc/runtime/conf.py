@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from matrix_hpc.runtime.progress import ProgressMode
+
 
 class Placement(Enum):
     colocated = "colocated"  # all roles in each worker process: a hop is an in-process call
@@ -29,6 +31,9 @@ class RunConf:
     backoff_base_s: float = 0.5  # first retry delay of a failed step (doubles each retry)
     backoff_max_s: float = 30.0  # longest retry delay
     seed: int = 0  # seeds every task's random generator (same rows in every placement)
+    # Tasks per input row (rejection sampling): sample k of row <id> is task <id>#s<k> (k=0: <id>), with its
+    # own seed; raising it on a resumed output adds the missing samples (docs/datasets.md).
+    samples_per_input: int = 1
     resume: ResumeMode = ResumeMode.auto  # see ResumeMode
     placement: Placement = Placement.colocated  # where roles run
     num_workers: int = 1  # colocated: worker processes, each hosting every role
@@ -39,6 +44,7 @@ class RunConf:
     batch_size: int = 256  # messages per cross-process call
     batch_delay_ms: float = 2.0  # longest wait before a partial batch is sent
     progress_interval_s: float = 5.0  # live progress line period; 0 turns it off
+    progress: ProgressMode = ProgressMode.auto  # auto: a live bar on a terminal, greppable lines in a log; bar | lines
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGUSR1: wait this long for in-flight tasks, then stop
     task_timeout_s: float = 3600.0  # re-admit a task not committed after this long (0: never); a late copy is dropped
     num_cpus: int | None = None  # CPUs of the local Ray (default: all)
@@ -59,6 +65,8 @@ class RunConf:
                              "(0: report missing ids, re-admit none)")
         if self.peer_check_interval_s <= 0:
             raise ValueError(f"run.peer_check_interval_s={self.peer_check_interval_s} must be > 0")
+        if self.samples_per_input < 1:
+            raise ValueError(f"run.samples_per_input={self.samples_per_input} must be >= 1 (tasks per input row)")
         if self.max_attempts < 1:
             raise ValueError("run.max_attempts must be >= 1")
         if self.num_workers < 1:

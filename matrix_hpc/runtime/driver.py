@@ -263,10 +263,10 @@ class Driver:
         interval_s = self.plan.run.progress_interval_s
         if interval_s <= 0:
             return
-        printer = ProgressPrinter()
+        printer = ProgressPrinter(mode=self.plan.run.progress)
         try:
             while True:
-                await asyncio.sleep(interval_s)
+                await asyncio.sleep(printer.interval_s(interval_s))
                 printer.show(self.stats)
         finally:
             printer.end()

@@ -6,10 +6,13 @@ read from the output on disk (what a reader will get).
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -127,22 +130,109 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class ProgressPrinter:
-    """One line, rewritten in place on a terminal, appended otherwise."""
+class ProgressMode(Enum):
+    """How the live progress is shown (``run.progress``)."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    auto = "auto"  # bar on a terminal, lines otherwise (a Slurm log, a pipe, a file)
+    bar = "bar"  # one line redrawn in place: a bar of the status mix, counts, rates, ETA
+    lines = "lines"  # one greppable line per interval, starting "[matrix] done"
+
+
+BAR_REDRAW_S = 1.0  # a bar redraws at least this often, whatever run.progress_interval_s says
+BAR_MIN_CELLS = 10
+RATE_WINDOW_MIN_S = 0.5  # the "now" rate is measured over at least this long
+BAR_MAX_CELLS = 40
+#: The bar's cells per status (ok, filtered, failed, then any other); pending cells are blank.
+BAR_CHARS = {"ok": "█", "filtered": "▒", "failed": "░"}
+BAR_OTHER = "▓"
+
+
+class ProgressPrinter:
+    """The live progress on ``stream``: a bar redrawn in place (carriage
+    return) on a terminal, appended greppable lines elsewhere; ``mode``
+    overrides the choice."""
+
+    def __init__(self, stream: TextIO | None = None, mode: ProgressMode | str = ProgressMode.auto) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        mode = ProgressMode(mode.value if isinstance(mode, Enum) else mode)
+        self.bar = mode == ProgressMode.bar or (mode == ProgressMode.auto and _isatty(self.stream))
+        self._last: tuple[float, int] | None = None  # (time, done) at the start of the rate's window
+        self._rate = 0.0  # tasks/s over the last window
+        self._drawn = False
+
+    def interval_s(self, configured_s: float) -> float:
+        """How often to show: a bar redraws at least every second."""
+        return min(configured_s, BAR_REDRAW_S) if self.bar else configured_s
 
     def show(self, stats: RunStats) -> None:
-        line = stats.progress_line()
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
+        if self.bar:
+            self.stream.write("\r\x1b[2K" + self.bar_line(stats, _columns(self.stream)))
+            self._drawn = True
         else:
-            self.stream.write(line + "\n")
+            self.stream.write(stats.progress_line() + "\n")
         self.stream.flush()
 
+    def bar_line(self, stats: RunStats, columns: int, now: float | None = None) -> str:
+        """``[matrix] [██████▒░    ]  61% 6,100/10,000 | ok 6,000 filtered 60 failed 40 | ETA 0:00:05 |
+        820.3/s | in flight 1,000 | 45,000 tok/s | avg 790.1/s``, fitted to ``columns``: the bar
+        narrows first, then the least useful fields go (avg, tok/s, in flight)."""
+        now = time.time() if now is None else now
+        done = stats.done
+        elapsed_s = max(1e-9, now - stats.t_start)
+        avg = done / elapsed_s
+        if self._last is None or now - self._last[0] >= RATE_WINDOW_MIN_S:
+            self._rate = avg if self._last is None else (done - self._last[1]) / (now - self._last[0])
+            self._last = (now, done)
+        total = None if stats.total_input is None else max(0, stats.total_input - stats.skipped_done)
+        fields = [" ".join(f"{s} {n:,}" for s, n in _status_mix(stats.by_status)) or "nothing done yet"]
+        if total:
+            fields.append(f"ETA {_hms(max(0, total - done) / avg) if avg > 0 else '?'}")
+        fields += [f"{self._rate:,.1f}/s", f"in flight {stats.in_flight:,}", f"{stats.tokens / elapsed_s:,.0f} tok/s",
+                   f"avg {avg:,.1f}/s"]
+        width = max(columns - 1, 1)
+        while True:
+            tail = "".join(f" | {f}" for f in fields)
+            if not total:
+                line = f"[matrix] done {done:,}{tail}"
+            else:
+                head = f"[matrix] [] {min(done / total, 1):4.0%} {done:,}/{total:,}"
+                cells = max(BAR_MIN_CELLS, min(BAR_MAX_CELLS, width - len(head) - len(tail)))
+                line = head.replace("[]", f"[{_cells(stats.by_status, total, cells)}]") + tail
+            if len(line) <= width or len(fields) <= 1:
+                return line[:width]
+            fields.pop()
+
     def end(self) -> None:
-        if self.tty:
+        if self.bar and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream
+        return False
+
+
+def _columns(stream: TextIO) -> int:
+    """The terminal's width (the bar must fit one line, or a redraw cannot erase it)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return shutil.get_terminal_size().columns
+
+
+def _status_mix(by_status: Counter[str]) -> list[tuple[str, int]]:
+    first = [s for s in BAR_CHARS if by_status.get(s)]
+    return [(s, by_status[s]) for s in first + sorted(s for s in by_status if s not in BAR_CHARS and by_status[s])]
+
+
+def _cells(by_status: Counter[str], total: int, cells: int) -> str:
+    """``cells`` characters: each status's share of ``total``, then blanks for what is pending."""
+    out = ""
+    done = 0
+    for status, n in _status_mix(by_status):
+        done += n
+        out += BAR_CHARS.get(status, BAR_OTHER) * (round(cells * min(done, total) / total) - len(out))
+    return out + " " * (cells - len(out))
