@@ -21,6 +21,8 @@ commands:
   report    HTML report with plots (opens offline): matrix-hpc report OUTPUT_DIR [--out FILE] [--png DIR]
   cluster   matrix-hpc cluster up|status|down cluster=slurm ...
   sweep     one line per point of a Hydra multirun: matrix-hpc sweep SWEEP_DIR
+  export    rows for trainers: matrix-hpc export hf|jsonl OUTPUT_DIR DEST [--status ok,failed | --all]
+  curate    matrix-hpc curate dedup|decontaminate OUTPUT_DIR --column COL --dest DEST ...
 
 examples:
   matrix-hpc run workflow=overhead dataset.path=data/in.jsonl output.dir=out/demo
@@ -63,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.sweep_cmd import sweep_command
 
         return sweep_command(rest)
-    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, report, cluster, sweep\n",
-          file=sys.stderr)
+    if command == "export":
+        from matrix_hpc.cli.export_cmd import export_command
+
+        return export_command(rest)
+    if command == "curate":
+        from matrix_hpc.cli.curate_cmd import curate_command
+
+        return curate_command(rest)
+    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, report, cluster, sweep, export, "
+          "curate\n", file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
 

@@ -18,12 +18,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "matrix_hpc"
 
 #: Modules below everything, importable from every package: supervised loops
-#: (background) and processes, ports, exit codes (procs).
-BOTTOM = {"background", "procs"}
+#: (background), processes, ports, exit codes (procs) and Ray metrics
+#: (metrics: every layer records through it; it imports nothing of matrix_hpc).
+BOTTOM = {"background", "procs", "metrics"}
 
 #: package -> the packages it may import (besides BOTTOM).
 ALLOWED: dict[str, set[str]] = {
-    "cli": {"app", "config", "workflows", "runtime", "store", "services.llm", "services.sandbox", "cluster", "report"},
+    "cli": {"app", "config", "workflows", "runtime", "store", "services.llm", "services.sandbox", "cluster", "report",
+            "data"},
+    # export and curation read outputs through the store; only the cli calls them
+    "data": {"store"},
     # the HTML report reads part files; its counts come ready-made from the cli (inspect's code)
     "report": {"store"},
     "app": {"config", "workflows", "runtime", "store", "services.llm", "services.sandbox", "cluster"},
