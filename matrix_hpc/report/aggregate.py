@@ -80,7 +80,8 @@ def timeline(t_admitted: pa.ChunkedArray, t_finished: pa.ChunkedArray, status: p
         status, pa.ChunkedArray) else pc.dictionary_encode(statuses(status))
     names = status_codes.dictionary.to_pylist()
     codes = np.asarray(status_codes.indices.to_numpy(zero_copy_only=False))[timed]
-    by_status = {str(name): np.histogram(rel[codes == k], edges)[0] for k, name in enumerate(names)}
+    by_status = {str(name): np.histogram(rel[codes == k], edges)[0] for k, name in enumerate(names)
+                 if (codes == k).any()}
     token_bins = np.histogram(rel, edges, weights=tokens[timed])[0]
     return Timeline(t0, edges, order_statuses(by_status), token_bins, untimed=int((~timed).sum()))
 

@@ -9,6 +9,7 @@ matplotlib is imported here only; the report package is imported only by
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,13 +26,26 @@ SIZE_IN = (7.5, 3.4)
 DPI = 110
 
 
-def new_figure(size_in: tuple[float, float] = SIZE_IN) -> tuple[Figure, Axes]:
+def new_figure(size_in: tuple[float, float] = SIZE_IN, left_in: float = 0.8) -> tuple[Figure, Axes]:
+    """A figure with fixed margins (inches): a layout engine would draw every figure twice."""
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # a dependency of matrix_hpc; missing only in a hand-made environment
         raise RuntimeError("matrix-hpc report needs matplotlib: pip install matplotlib") from e
-    fig = Figure(figsize=size_in, dpi=DPI, layout="constrained")
+    width, height = size_in
+    fig = Figure(figsize=size_in, dpi=DPI)
+    fig.subplots_adjust(left=left_in / width, right=1 - 0.8 / width, bottom=0.6 / height, top=1 - 0.4 / height)
     return fig, fig.subplots()
+
+
+def number(v: float) -> str:
+    """3 significant digits below 1,000, thousands separated above (never 6.45e+03)."""
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _label_width_in(labels: Iterable[str]) -> float:
+    """Room for y tick labels (about 0.075 in a character at the default 10 pt font)."""
+    return min(3.5, 0.3 + 0.075 * max((len(s) + 10 for s in labels), default=8))
 
 
 def png(fig: Figure) -> bytes:
@@ -89,16 +103,16 @@ def histogram(d: Distribution, title: str, xlabel: str, unit: str = "rows", mark
     if marks:
         for p, style in ((50, "-"), (95, "--"), (99, ":")):
             if p in d.percentiles:
-                ax.axvline(d.percentiles[p], color="#c62828", linestyle=style, label=f"p{p} {d.percentiles[p]:.3g}")
+                ax.axvline(d.percentiles[p], color="#c62828", linestyle=style, label=f"p{p} {number(d.percentiles[p])}")
         ax.legend(loc="upper right")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(unit)
-    ax.set_title(f"{title} (n={d.count:,}, mean {d.mean:.3g})")
+    ax.set_title(f"{title} (n={d.count:,}, mean {number(d.mean)})")
     return png(fig)
 
 
 def step_latency(roles: list[RoleLatency]) -> bytes:
-    fig, ax = new_figure((7.5, max(2.4, 0.55 * len(roles) + 1.2)))
+    fig, ax = new_figure((7.5, max(2.4, 0.55 * len(roles) + 1.2)), left_in=_label_width_in(r.role for r in roles))
     if not roles:
         _empty(ax, "timed messages")
         return png(fig)
@@ -116,7 +130,8 @@ def step_latency(roles: list[RoleLatency]) -> bytes:
 def bars(panel: WorkflowPanel) -> bytes:
     if panel.distribution is not None:
         return histogram(panel.distribution, panel.title, panel.xlabel, panel.unit, marks=False)
-    fig, ax = new_figure((7.5, max(2.4, 0.45 * len(panel.bars) + 1.2)))
+    fig, ax = new_figure((7.5, max(2.4, 0.45 * len(panel.bars) + 1.2)),
+                         left_in=_label_width_in(label for label, _ in panel.bars))
     if not panel.bars:
         _empty(ax, "values")
         return png(fig)
@@ -126,7 +141,7 @@ def bars(panel: WorkflowPanel) -> bytes:
     ax.barh(y, values, color="#1565c0", alpha=0.85)
     ax.set_yticks(y, labels)
     for yi, v in zip(y, values, strict=True):
-        ax.text(v, yi, f" {v:,.3g}" if v < 10 else f" {v:,.0f}", va="center")
+        ax.text(v, yi, " " + number(v), va="center")
     ax.set_xlabel(panel.unit)
     ax.set_xlim(0, max(float(values.max()), 1e-9) * 1.15)
     ax.set_title(panel.title)

@@ -15,6 +15,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from matrix_hpc.report.aggregate import Distribution, RoleLatency, Timeline
+from matrix_hpc.report.figures import number
 
 if TYPE_CHECKING:
     from matrix_hpc.report.build import Figure, ReportInput
@@ -48,7 +49,7 @@ def render_page(inp: ReportInput, figs: list[Figure], tl: Timeline, latency: Dis
 
 def _num(key: str, value: int | float | str) -> str:
     if isinstance(value, float):
-        text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+        text = number(value)
     else:
         text = f"{value:,}" if isinstance(value, int) else value
     return f"<td class=n data-key=\"{escape(key)}\">{escape(text)}</td>"
