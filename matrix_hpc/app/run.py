@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from matrix_hpc.cluster.auth import private_local_token
 from matrix_hpc.config.secrets import redact, redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
-from matrix_hpc.runtime.identity import resume_identity
+from matrix_hpc.runtime.identity import GROWABLE_IDENTITY_KEYS, resume_identity
 from matrix_hpc.runtime.progress import render_summary
 from matrix_hpc.store.input import check_input
 from matrix_hpc.store.lock import OutputLock
@@ -52,9 +52,10 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
     lock = OutputLock(out_dir, run_id)
     lock.acquire()
     try:
-        identity, defaults = resume_identity(plan.workflow, plan.dataset)
+        identity, defaults = resume_identity(plan.workflow, plan.dataset, plan.run)
         identity, defaults = redact(identity), redact(defaults)  # recorded in _matrix/: secrets as ***
-        check_and_record_config(out_dir, identity, defaults, plan.full_yaml, force=plan.run.resume.value == "force")
+        check_and_record_config(out_dir, identity, defaults, plan.full_yaml, force=plan.run.resume.value == "force",
+                                growable=GROWABLE_IDENTITY_KEYS)
         result = _run_with_ray(cfg, plan, run_id, driver_hook)
     finally:
         lock.release()

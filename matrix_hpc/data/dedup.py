@@ -155,9 +155,11 @@ def read_unit(out_dir: Path, unit: Unit, columns: list[str] | None, statuses: An
 
 def signatures(texts: list[str | None], ngram: int, num_perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per text: the exact key, the MinHash values (datasketch) and whether it has any text."""
+    import xxhash
     from datasketch import MinHash
 
-    base = MinHash(num_perm=num_perm, seed=SEED)  # copies share its permutations
+    # xxHash for the shingles (datasketch's hashfunc hook): ~10x faster than its default SHA-1, same 32 bits
+    base = MinHash(num_perm=num_perm, seed=SEED, hashfunc=xxhash.xxh32_intdigest)  # copies share permutations
     exact = np.zeros(len(texts), np.uint64)
     sigs = np.zeros((len(texts), num_perm), np.uint32)
     has_text = np.zeros(len(texts), bool)

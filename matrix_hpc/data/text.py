@@ -11,7 +11,6 @@ it: ``result.answer``, ``input.question``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 _NOT_WORD = re.compile(r"[^\w]+")
 
@@ -38,8 +38,8 @@ def ngrams(tokens: Sequence[str], n: int) -> list[str]:
 
 
 def hash64(text: str) -> int:
-    """A stable 64-bit hash (the same in every process, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    """A stable 64-bit hash (the same in every process, unlike ``hash``): xxHash's XXH3."""
+    return int(xxhash.xxh3_64_intdigest(text.encode()))
 
 
 def ngram_hashes(text: str, n: int) -> tuple[np.ndarray, list[str]]:

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey
 from matrix_hpc.runtime.placement import Group, plan_groups, spread_nodes
 from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, ProgressPrinter, RunStats
+from matrix_hpc.runtime.samples import expand_samples
 from matrix_hpc.runtime.verify import MissingIds, missing_input
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
@@ -162,7 +163,7 @@ class Driver:
     def _start_counting_input(self) -> None:
         def count() -> None:
             try:
-                self.stats.total_input = count_input_rows(self.plan.dataset)
+                self.stats.total_input = count_input_rows(self.plan.dataset) * self.plan.run.samples_per_input
             except Exception:  # only the ETA needs it
                 pass
 
@@ -274,7 +275,7 @@ class Driver:
     # -- admission --------------------------------------------------------
     async def _admit_all(self, done: Any) -> None:
         self.stats.t_admit_start = time.time()
-        for n, item in enumerate(iter_input(self.plan.dataset)):
+        for n, item in enumerate(self._tasks_of_input()):
             if item.id in done:
                 self.stats.skipped_done += 1
                 continue
@@ -286,6 +287,13 @@ class Driver:
             if n % 512 == 0:
                 await asyncio.sleep(0)  # let the commit pollers run
         self._flush_boxes()
+
+    def _tasks_of_input(self) -> Iterator[InputItem]:
+        """The input rows, each as its ``run.samples_per_input`` tasks (see runtime.samples)."""
+        return expand_samples(iter_input(self.plan.dataset), self.plan.run.samples_per_input, self.plan.run.seed)
+
+    def _missing_input(self) -> MissingIds:
+        return missing_input(self.out_dir, self.plan.dataset, self.plan.run.samples_per_input, self.plan.run.seed)
 
     def _skip_duplicate(self, item: InputItem) -> bool:
         """A repeated input id runs once; the repeat is reported with where it is."""
@@ -321,7 +329,7 @@ class Driver:
             self._sink_box(item.id).put(_failed_input(item, attempt))
             return
         first = self.workflow.first_role
-        task = TaskState(item.id, item.row, first, attempt=attempt)
+        task = TaskState(item.id, item.row, first, attempt=attempt, sample=item.sample, seed=item.seed)
         try:
             self.workflow.validate_input(item.row)
         except ValueError as e:
@@ -446,7 +454,7 @@ class Driver:
                 return
             t0 = time.perf_counter()
             await self._flush_sinks()
-            missing = await asyncio.to_thread(missing_input, self.out_dir, self.plan.dataset)
+            missing = await asyncio.to_thread(self._missing_input)
             if not missing:
                 log.info("output checked: every input id has its row (%.2f s)", time.perf_counter() - t0)
                 return
@@ -507,7 +515,7 @@ class Driver:
         """What the output holds, read from disk: the run's only report."""
         # A drained run (signal) leaves work for the rerun and has no time to spare; a failed one says what it lacks.
         checked = self.problems or not interrupted
-        missing = missing_input(self.out_dir, self.plan.dataset) if checked else None
+        missing = self._missing_input() if checked else None
         disk = summarize_output(self.out_dir, self.run_id)
         if disk.unreadable:
             self.problems.append(f"{len(disk.unreadable)} output file(s) cannot be read, e.g. {disk.unreadable[0]}; "
@@ -554,13 +562,15 @@ def _actor_class(cls: type) -> Any:  # Any: a Ray ActorClass
 
 
 def _failed_input(item: InputItem, attempt: int = 1) -> TaskState:
-    task = TaskState(item.id, item.raw if item.raw is not None else {}, "", attempt)  # type: ignore[arg-type]
+    task = TaskState(item.id, item.raw if item.raw is not None else {}, "", attempt,  # type: ignore[arg-type]
+                     sample=item.sample, seed=item.seed)
     task.finish(FAILED, error_type="InputError", error=item.error)
     return task
 
 
 def _lost_task(item: InputItem, dispatches: int, losses: int) -> TaskState:
-    task = TaskState(item.id, item.row if item.row is not None else {}, "", dispatches)
+    task = TaskState(item.id, item.row if item.row is not None else {}, "", dispatches, sample=item.sample,
+                     seed=item.seed)
     task.finish(FAILED, error_type="TaskLost",
                 error=f"sent {dispatches} times and never committed ({losses} lost with a worker that died or "
                       "past run.task_timeout_s); rerun with run.retry=failed to try it again")

@@ -21,15 +21,19 @@ class TaskState:
 
     ``role`` is the role that must run next; ``data`` is the workflow's own
     scratch state; ``result`` holds the workflow's output fields;
-    ``history`` is the message list written to the output row.
+    ``history`` is the message list written to the output row. ``sample``
+    is which of ``run.samples_per_input`` draws of its input row the task is,
+    ``seed`` that draw's seed (None with one draw per row): a workflow passes
+    it to what samples (``llm_steps.chat`` sends it with every LLM request).
     """
 
     __slots__ = (
         "id", "input", "role", "history", "data", "result", "attempt", "attempts",
-        "status", "error_type", "error", "reason", "t_admitted", "t_finished", "hops",
+        "status", "error_type", "error", "reason", "t_admitted", "t_finished", "hops", "sample", "seed",
     )
 
-    def __init__(self, task_id: str, input_row: dict[str, Any], role: str, attempt: int = 1) -> None:
+    def __init__(self, task_id: str, input_row: dict[str, Any], role: str, attempt: int = 1, sample: int = 0,
+                 seed: int | None = None) -> None:
         self.id = task_id
         self.input = input_row
         self.role = role
@@ -45,6 +49,8 @@ class TaskState:
         self.t_admitted = time.time()
         self.t_finished: float | None = None
         self.hops = 0
+        self.sample = sample
+        self.seed = seed
 
     # Explicit pickling keeps the payload a plain tuple (smaller, faster).
     def __getstate__(self) -> tuple[Any, ...]:

@@ -1,4 +1,5 @@
-"""Input: JSONL (optionally .zst) and Parquet files matched by a glob, streamed
+"""Input: JSONL (optionally .zst) and Parquet files matched by a glob, or a
+Hugging Face dataset (by hub name, or a ``save_to_disk`` directory), streamed
 row by row. A row that cannot be read becomes an :class:`InputItem` with an
 error (naming file and line) instead of stopping the run; so does a row whose
 id is null or empty, and a file that cannot be read at all (truncated Parquet,
@@ -6,9 +7,9 @@ bad compression, a non-data file matched by the glob): its rows read before
 the damage stay, and one failed item with the id ``__input_error__:<path>``
 stands for the rest. Duplicate ids are marked (``duplicate_of``).
 
-Path mistakes (no such file, a glob matching nothing, a plain directory) are
-config errors: :func:`check_input` raises :class:`InputPathError` for them
-before anything starts."""
+Path mistakes (no such file, a glob matching nothing, a plain directory, a
+hub dataset neither reachable nor cached) are config errors: :func:`check_input`
+raises :class:`InputPathError` for them before anything starts."""
 
 from __future__ import annotations
 
@@ -27,13 +28,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class HFDatasetConf:
+    """A dataset on the Hugging Face Hub, read through ``datasets`` (docs/datasets.md)."""
+
+    name: str | None = None  # hub dataset id (e.g. TIGER-Lab/MMLU-Pro); set it instead of dataset.path
+    config: str | None = None  # the dataset's configuration (subset); null: its default
+    split: str = "train"  # which split to read
+    revision: str | None = None  # branch, tag or commit; null: main (offline: the cached copy)
+    streaming: bool = False  # read rows as they download (no prepared copy in the cache); for huge inputs
+
+
+@dataclass
 class DatasetConf:
-    path: str = "???"  # file or glob of .jsonl / .jsonl.zst / .parquet files, or a saved HF dataset dir
+    path: str | None = None  # file or glob of .jsonl / .jsonl.zst / .parquet files, or a saved HF dataset dir
     split: str | None = None  # HF dataset dir holding several splits: which one
     format: str = "auto"  # auto | jsonl | parquet (auto: by file extension)
     id_column: str | None = "id"  # column holding the task id; null: a stable hash of the row
     required_columns: list[str] = field(default_factory=list)  # rows missing one fail with a clear error
     limit: int | None = None  # process at most this many input rows (first N)
+    hf: HFDatasetConf = field(default_factory=HFDatasetConf)  # a hub dataset by name (instead of path)
 
 
 @dataclass
@@ -44,6 +57,8 @@ class InputItem:
     raw: str | None = None  # the unparseable text, kept in the failed row
     where: str = ""  # file:line (or file:row N) for error messages
     duplicate_of: str | None = None  # this id was seen before, at this file:line (the driver reports it)
+    sample: int = 0  # which of run.samples_per_input draws of the row this task is (set by the runtime)
+    seed: int | None = None  # that draw's seed (None: one draw per row, no per-task seed)
 
 
 INPUT_ERROR_ID_PREFIX = "__input_error__:"  # id of the failed item that stands for an unreadable file
@@ -67,8 +82,16 @@ def check_input(conf: DatasetConf) -> None:
     """
     if conf.format not in FORMATS:
         raise InputPathError(f"dataset.format={conf.format!r}; valid choices: {', '.join(FORMATS)}")
+    if conf.hf.name:
+        if _path_set(conf):
+            raise InputPathError(f"dataset.path={conf.path!r} and dataset.hf.name={conf.hf.name!r} are both set; "
+                                 "keep one (dataset.path=null, or dataset=hf on the command line)")
+        from matrix_hpc.store.hf_input import check_hf_dataset
+
+        check_hf_dataset(conf.hf)
+        return
     files = input_files(conf)
-    named = Path(conf.path).expanduser()
+    named = Path(str(conf.path)).expanduser()
     if conf.format == "auto" and files == [named] and named.is_file():  # one file named outright
         try:
             _format_of(named)
@@ -76,9 +99,17 @@ def check_input(conf: DatasetConf) -> None:
             raise InputPathError(f"dataset.path={conf.path!r}: {e}") from None
 
 
+def _path_set(conf: DatasetConf) -> bool:
+    return conf.path not in (None, "", "???")
+
+
 def input_files(conf: DatasetConf) -> list[Path]:
     from matrix_hpc.store.hf_input import is_hf_dataset_dir
 
+    if not _path_set(conf):
+        raise InputPathError("dataset.path is not set: give a JSONL/Parquet file or glob, a save_to_disk "
+                             "directory, or a hub dataset with dataset.hf.name=<id>")
+    assert conf.path is not None
     pattern = str(Path(conf.path).expanduser())
     if not glob.has_magic(pattern):
         path = Path(pattern)
@@ -104,14 +135,25 @@ def iter_input(conf: DatasetConf) -> Iterator[InputItem]:
     """
     count = 0
     seen = SeenIds()
+    for item in _iter_sources(conf):
+        if item.row is not None:
+            item.duplicate_of = seen.first_place(item.id, item.where)
+        yield item
+        count += 1
+        if conf.limit is not None and count >= conf.limit:
+            return
+
+
+def _iter_sources(conf: DatasetConf) -> Iterator[InputItem]:
+    if conf.hf.name:
+        from matrix_hpc.store.hf_input import hf_source, iter_hf_batches, load_hf_split
+
+        source = hf_source(conf.hf)
+        yield from _iter_safely(_rows_of_batches(iter_hf_batches(load_hf_split(conf.hf)), conf, source,
+                                                 f"{conf.hf.name}:row"), source)
+        return
     for path in input_files(conf):
-        for item in _iter_file_safely(path, conf):
-            if item.row is not None:
-                item.duplicate_of = seen.first_place(item.id, item.where)
-            yield item
-            count += 1
-            if conf.limit is not None and count >= conf.limit:
-                return
+        yield from _iter_safely(_iter_file(path, conf), str(path))
 
 
 EXACT_INPUT_IDS_ENV = "MATRIX_HPC_INPUT_EXACT_IDS"
@@ -159,21 +201,21 @@ class SeenIds:
                     EXACT_INPUT_IDS_ENV)
 
 
-def _iter_file_safely(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
-    """The rows of one file; if the file breaks off, the rows read so far and
-    one failed item naming the file and the point where reading stopped."""
+def _iter_safely(items: Iterator[InputItem], source: str) -> Iterator[InputItem]:
+    """The rows of one file (or hub dataset); if it breaks off, the rows read so
+    far and one failed item naming it and the point where reading stopped."""
     rows = 0
     try:
-        for item in _iter_file(path, conf):
+        for item in items:
             rows += 1
             yield item
     except InputPathError:
         raise
     except Exception as e:  # any reader error: the rest of the input goes on
-        yield unreadable_file_item(path, rows, e)
+        yield unreadable_file_item(source, rows, e)
 
 
-def unreadable_file_item(path: Path, rows_read: int, error: BaseException) -> InputItem:
+def unreadable_file_item(path: Path | str, rows_read: int, error: BaseException) -> InputItem:
     where = f"{path}" if rows_read == 0 else f"{path} after {rows_read} row(s)"
     message = (f"{where}: input file unreadable ({type(error).__name__}: {str(error)[:300]}); "
                f"{'no row' if rows_read == 0 else 'no further row'} of it was read. Fix or remove the file and "
@@ -286,12 +328,18 @@ def _iter_parquet(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
 
 
 def _iter_hf_dir(path: Path, conf: DatasetConf) -> Iterator[InputItem]:
-    from matrix_hpc.store.hf_input import load_hf_dataset_dir
+    from matrix_hpc.store.hf_input import iter_hf_batches, load_hf_dataset
 
+    yield from _rows_of_batches(iter_hf_batches(load_hf_dataset(path, conf.split)), conf, str(path),
+                                f"{path.name}:row")
+
+
+def _rows_of_batches(batches: Iterator[Any], conf: DatasetConf, source: str, fallback: str) -> Iterator[InputItem]:
+    """Items of Arrow record batches / tables, each row named ``source:row N``."""
     offset = 0
-    for batch in load_hf_dataset_dir(path, conf.split).to_batches(max_chunksize=4096):
+    for batch in batches:
         for i, row in enumerate(batch.to_pylist(), offset):
-            yield _item(row, conf, f"{path}:row {i}", f"{path.name}:row{i}")
+            yield _item(row, conf, f"{source}:row {i}", f"{fallback}{i}")
         offset += batch.num_rows
 
 
@@ -320,7 +368,13 @@ def stable_row_hash(row: dict[str, Any]) -> str:
 
 
 def count_input_rows(conf: DatasetConf) -> int:
-    """Rows in the input (for the ETA): lines of JSONL, metadata of Parquet."""
+    """Rows in the input (for the ETA): lines of JSONL, metadata of Parquet,
+    the split's size recorded with a Hugging Face dataset."""
+    if conf.hf.name:
+        from matrix_hpc.store.hf_input import count_hf_rows
+
+        total = count_hf_rows(conf.hf)
+        return min(total, conf.limit) if conf.limit is not None else total
     total = 0
     for path in input_files(conf):
         try:
@@ -332,9 +386,9 @@ def count_input_rows(conf: DatasetConf) -> int:
 
 def _count_rows(path: Path, conf: DatasetConf) -> int:
     if path.is_dir():
-        from matrix_hpc.store.hf_input import load_hf_dataset_dir
+        from matrix_hpc.store.hf_input import load_hf_dataset
 
-        return int(load_hf_dataset_dir(path, conf.split).num_rows)
+        return int(load_hf_dataset(path, conf.split).num_rows)
     if (conf.format if conf.format != "auto" else _format_of(path)) == "parquet":
         import pyarrow.parquet as pq
 

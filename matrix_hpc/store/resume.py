@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 IDENTITY_FILE = "identity.json"
 LEGACY_WORKFLOW_FILE = "workflow.yaml"
-DATASET_IDENTITY_KEYS = ("path", "id_column")
+DATASET_IDENTITY_KEYS = ("path", "id_column", "hf.name", "hf.config", "hf.split", "hf.revision")
 
 __all__ = ["IdSet", "OutputScan", "ResumeRefused", "check_and_record_config", "scan_output"]
 
@@ -221,13 +221,15 @@ def supersede_failed_rows(out_dir: Path, path: Path) -> int:
 
 # -- the config check ----------------------------------------------------------
 def check_and_record_config(out_dir: Path, identity: dict[str, Any], defaults: dict[str, Any],
-                            full_yaml: str, force: bool) -> bool:
+                            full_yaml: str, force: bool, growable: tuple[str, ...] = ()) -> bool:
     """Refuse a resume whose workflow config or dataset differs (unless ``force``).
 
     ``identity`` = {"workflow": {...resolved plain values...}, "dataset": {"path": ..., "id_column": ...}};
     ``defaults`` has the same shape with each field's default. Values are compared, not text: a key
     new in this run whose value equals its default is compatible, and so is a removed key that was
-    at its default. Returns True when the directory already had a run (this is a resume).
+    at its default. A ``growable`` key (dotted, e.g. ``run.samples_per_input``) may grow: the run
+    adds to the output, and the larger value is recorded; a smaller one is a difference.
+    Returns True when the directory already had a run (this is a resume).
 
     >>> check_and_record_config(Path("out"), {"workflow": {"name": "coral", "max_turns": 20}},
     ...                         {"workflow": {"max_turns": 20}}, "...", force=False)  # doctest: +SKIP
@@ -238,13 +240,17 @@ def check_and_record_config(out_dir: Path, identity: dict[str, Any], defaults: d
     if recorded is None:
         _record(meta, identity, full_yaml)
         return False
-    differences = compare_identity(recorded, identity, defaults)
+    differences = compare_identity(recorded, identity, defaults, growable)
     if differences and not force:
         raise ResumeRefused(_refusal(out_dir, differences))
     if differences:
         log.warning("resuming %s with a different config (run.resume=force): %s", out_dir, "; ".join(differences))
-    if not (meta / IDENTITY_FILE).exists():
-        _write_json(meta / IDENTITY_FILE, _merge_missing(identity, recorded))
+    grown = _grown(recorded, identity, defaults, growable)
+    if grown:
+        log.info("resuming %s with %s: the run adds what the larger value asks for", out_dir,
+                 ", ".join(f"{k} raised to {v}" for k, v in grown.items()))
+    if grown or not (meta / IDENTITY_FILE).exists():
+        _write_json(meta / IDENTITY_FILE, _with_values(_merge_missing(identity, recorded), grown))
     return True
 
 
@@ -283,9 +289,11 @@ def _merge_missing(identity: dict[str, Any], recorded: dict[str, Any]) -> dict[s
 _MISSING = object()
 
 
-def compare_identity(recorded: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+def compare_identity(recorded: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any],
+                     growable: tuple[str, ...] = ()) -> list[str]:
     """Lines ``workflow.x: recorded 1 -> now 2`` for every incompatible difference."""
     before, after, default = _flatten(recorded), _flatten(now), _flatten(defaults)
+    grown = _grown(recorded, now, defaults, growable)
     if "dataset" not in recorded:  # a legacy record: the dataset was not recorded, nothing to compare
         after = {k: v for k, v in after.items() if not k.startswith("dataset.")}
     lines = []
@@ -297,8 +305,35 @@ def compare_identity(recorded: dict[str, Any], now: dict[str, Any], defaults: di
             continue  # a setting this release added, at its default
         if new is _MISSING and _same(old, default.get(key, _MISSING)):
             continue  # a setting this release removed, that was at its default
-        lines.append(_difference(key, old, new))
+        if key in grown:
+            continue
+        lines.append(_difference(key, old, new)
+                     + ("  (it may grow, not shrink: the output holds more)" if key in growable else ""))
     return lines
+
+
+def _grown(recorded: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any],
+           growable: tuple[str, ...]) -> dict[str, Any]:
+    """The ``growable`` keys whose value is larger now than recorded (a missing record: its default)."""
+    before, after, default = _flatten(recorded), _flatten(now), _flatten(defaults)
+    grown = {}
+    for key in growable:
+        old, new = before.get(key, default.get(key)), after.get(key)
+        if isinstance(old, int) and isinstance(new, int) and new > old:
+            grown[key] = new
+    return grown
+
+
+def _with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with the dotted keys of ``values`` set."""
+    out = json.loads(json.dumps(tree, default=str))
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return dict(out)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -24,6 +24,8 @@ class TaskLike(Protocol):
     reason: str | None
     t_admitted: float
     t_finished: float | None
+    sample: int
+    seed: int | None
 
 
 MESSAGE_TYPE = pa.struct([
@@ -52,6 +54,8 @@ BASE_FIELDS: list[tuple[str, pa.DataType]] = [
     ("t_finished", pa.float64()),
     ("duration_s", pa.float64()),
     ("run_id", pa.string()),
+    ("sample", pa.int32()),  # which of run.samples_per_input draws of the input row (0..N-1)
+    ("seed", pa.int64()),  # that draw's seed (null with one draw per row)
 ]
 
 #: Columns that differ between two runs of the same tasks (timing, run identity).
@@ -83,6 +87,8 @@ def task_row(task: TaskLike, run_id: str, extra: Iterable[str] = ()) -> dict[str
         "t_finished": finished,
         "duration_s": finished - task.t_admitted,
         "run_id": run_id,
+        "sample": task.sample,
+        "seed": task.seed,
     }
     for name in extra:
         row[name] = task.result.get(name)

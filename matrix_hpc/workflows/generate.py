@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from matrix_hpc.runtime.message import TaskState
 from matrix_hpc.runtime.workflow import AgentContext, Workflow, WorkflowConf, register_workflow
+from matrix_hpc.workflows.llm_steps import with_task_seed
 
 
 @dataclass
@@ -42,8 +43,9 @@ class Generate(Workflow):
         messages = [{"role": "system", "content": self.conf.system_prompt}] if self.conf.system_prompt else []
         messages.append({"role": "user", "content": task.input[self.conf.prompt_column]})
         t0 = time.time()
-        out = await ctx.llm.chat(messages, sticky_key=task.id, max_tokens=self.conf.max_tokens,
-                                 temperature=self.conf.temperature, n=self.conf.n)
+        params: dict[str, Any] = {"max_tokens": self.conf.max_tokens, "temperature": self.conf.temperature,
+                                  "n": self.conf.n}
+        out = await ctx.llm.chat(messages, sticky_key=task.id, **with_task_seed(task, params))
         task.add_message("generate", out.content or "", t_start=t0, prompt_tokens=out.usage.prompt_tokens,
                          completion_tokens=out.usage.completion_tokens)
         task.result = {"completion": out.content, "completions": [c.content for c in out.choices],

@@ -46,6 +46,14 @@ def role_client(ctx: AgentContext, role: RoleLLMConf | None) -> Any:
     return client
 
 
+def with_task_seed(task: TaskState, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the task's sample seed as the request's ``seed``: the
+    samples of one input row (``run.samples_per_input``) then draw
+    differently, and each draws the same on a rerun. With one sample per row
+    the task has no seed and ``params`` go as they are."""
+    return params if task.seed is None else {**params, "seed": task.seed}
+
+
 async def chat(
     ctx: AgentContext,
     task: TaskState,
@@ -65,7 +73,7 @@ async def chat(
         params["model"] = role.model  # overrides the service's model in the request body
     t_start = time.time()
     try:
-        result = await role_client(ctx, role).chat(messages, sticky_key=task.id, **params)
+        result = await role_client(ctx, role).chat(messages, sticky_key=task.id, **with_task_seed(task, params))
     except LLMRequestError as e:  # asking again cannot succeed: fail the row now
         raise LLMRejected(f"{agent}: {e}") from e
     text = result.content or ""

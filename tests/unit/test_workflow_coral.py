@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -173,14 +172,11 @@ def test_hydra_config_composes_and_refuses_bad_values(repo_root: Any) -> None:
         compose(["workflow=coral", "dataset=mmlu_pro_sample", "output.dir=/tmp/x", "workflow.max_turns=0"], conf_dir)
 
 
-def _save_like_hf(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The layout Dataset.save_to_disk writes: Arrow stream file(s) + state.json."""
-    path.mkdir(parents=True)
-    table = pa.Table.from_pylist(rows)
-    with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    (path / "dataset_info.json").write_text("{}")
+def _save_with_datasets(path: Path, rows: list[dict[str, Any]], split: str) -> None:
+    """A DatasetDict written by the real ``datasets`` (``save_to_disk``)."""
+    import datasets
+
+    datasets.DatasetDict({split: datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
 
 
 def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -> None:
@@ -190,8 +186,7 @@ def test_a_saved_hugging_face_dataset_exports_to_parquet_input(tmp_path: Path) -
     from matrix_hpc.store.input import DatasetConf, iter_input
 
     rows = [dict(ROW, question_id=i) for i in range(5)]
-    _save_like_hf(tmp_path / "mmlu" / "test", rows)
-    (tmp_path / "mmlu" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    _save_with_datasets(tmp_path / "mmlu", rows, "test")
     assert load_hf_dataset_dir(tmp_path / "mmlu").to_pylist() == rows  # the only split is chosen
     with pytest.raises(ValueError, match="split 'train' not in"):
         load_hf_dataset_dir(tmp_path / "mmlu", "train")

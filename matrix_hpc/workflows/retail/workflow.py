@@ -35,7 +35,7 @@ from matrix_hpc.runtime.workflow import (
     WorkflowConf,
     register_workflow,
 )
-from matrix_hpc.workflows.llm_steps import RoleLLMConf, role_client
+from matrix_hpc.workflows.llm_steps import RoleLLMConf, role_client, with_task_seed
 from matrix_hpc.workflows.retail import dialogue as dlg
 from matrix_hpc.workflows.retail.reward import compute_reward
 from matrix_hpc.workflows.retail.sessions import SERVICE_NAME, EnvSessions, tool_error_is_fatal
@@ -268,7 +268,8 @@ class RetailToolUse(Workflow):
             params["model"] = role.model  # another model on the run's service
         try:
             return await role_client(ctx, role).chat(messages, sticky_key=f"{task.id}/{who}",
-                                                     timeout_s=self.conf.llm_timeout_s, **params)
+                                                     timeout_s=self.conf.llm_timeout_s,
+                                                     **with_task_seed(task, params))
         except LLMRequestError as e:  # e.g. the dialogue outgrew the context: asking again cannot help
             task.data["llm_error"] = str(e)[:1000]
             self._end(task, f"{who}_error")

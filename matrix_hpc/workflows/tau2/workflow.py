@@ -41,7 +41,7 @@ from matrix_hpc.runtime.workflow import (
     WorkflowConf,
     register_workflow,
 )
-from matrix_hpc.workflows.llm_steps import RoleLLMConf, role_client
+from matrix_hpc.workflows.llm_steps import RoleLLMConf, role_client, with_task_seed
 from matrix_hpc.workflows.tau2 import evaluator, prompts, rows
 from matrix_hpc.workflows.tau2.dialogue import Dialogue, MalformedTurn, agent_view, message_from_llm, tool_result
 from matrix_hpc.workflows.tau2.dialogue import user_view as simulator_view
@@ -216,7 +216,8 @@ class Tau2Workflow(Workflow):
             params["model"] = role.model
         try:
             return await role_client(ctx, role).chat(messages, sticky_key=f"{task.id}/{who}",
-                                                     timeout_s=self.conf.llm_timeout_s, **params)
+                                                     timeout_s=self.conf.llm_timeout_s,
+                                                     **with_task_seed(task, params))
         except LLMRequestError as e:  # e.g. the dialogue outgrew the context: asking again cannot help
             task.data["llm_error"] = f"{who}: {str(e)[:1000]}"
             return None
