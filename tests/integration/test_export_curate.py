@@ -181,11 +181,22 @@ def dropped_rows(dest: Path) -> dict[str, tuple[str, str]]:
     return {r["id"]: (r["reason"], r["kept_id"]) for r in report}
 
 
-def test_dedup_finds_planted_duplicates(local_ray: None, planted: tuple, tmp_path: Path) -> None:
-    out, exact, near, far = planted
+DEDUP_ARGS = ["--column", "result.answer"]
+
+
+@pytest.fixture(scope="module")
+def deduped(local_ray: None, planted: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One dedup of the planted output (the reference of the resume test too), and the output's digest before."""
+    out = planted[0]
     before = tree_digest(out)
-    dest = tmp_path / "dedup"
-    assert main(["curate", "dedup", str(out), "--column", "result.answer", "--dest", str(dest)]) == 0
+    dest = tmp_path_factory.mktemp("dedup") / "dest"
+    assert main(["curate", "dedup", str(out), *DEDUP_ARGS, "--dest", str(dest)]) == 0
+    return dest, before
+
+
+def test_dedup_finds_planted_duplicates(planted: tuple, deduped: tuple[Path, str]) -> None:
+    out, exact, near, far = planted
+    dest, before = deduped
     dropped = dropped_rows(dest)
     # exact duplicates are found by their normalised hash: all of them, keeping the source (smaller id)
     assert {i: dropped.get(i) for i in exact} == {i: ("exact", src) for i, src in exact.items()}
@@ -201,16 +212,15 @@ def test_dedup_finds_planted_duplicates(local_ray: None, planted: tuple, tmp_pat
     assert tree_digest(out) == before
 
 
-def test_dedup_resumes_after_kill_9_with_the_same_result(local_ray: None, planted: tuple, tmp_path: Path) -> None:
+def test_dedup_resumes_after_kill_9_with_the_same_result(planted: tuple, deduped: tuple[Path, str],
+                                                         tmp_path: Path) -> None:
     import ray
 
-    out = planted[0]
-    before = tree_digest(out)
-    reference, dest = tmp_path / "reference", tmp_path / "resumed"
-    args = ["curate", "dedup", str(out), "--column", "result.answer", "--threshold", "0.7"]
-    assert main([*args, "--dest", str(reference)]) == 0
+    out, (reference, before) = planted[0], deduped
+    dest = tmp_path / "resumed"
+    args = ["curate", "dedup", str(out), *DEDUP_ARGS, "--dest", str(dest)]
     env = dict(os.environ, MATRIX_RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
-    child = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli.main", *args, "--dest", str(dest)], env=env,
+    child = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli.main", *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list((dest / "_work" / "sign").glob("*.parquet")) and time.monotonic() < deadline:
@@ -218,11 +228,11 @@ def test_dedup_resumes_after_kill_9_with_the_same_result(local_ray: None, plante
     os.kill(child.pid, signal.SIGKILL)  # mid-way through the sign stage
     child.wait()
     assert not (dest / "summary.json").exists(), "the kill came too late to test a resume"
-    assert main([*args, "--dest", str(dest)]) == 0
+    assert main(args) == 0
     assert dropped_rows(dest) == dropped_rows(reference)
     assert pq.read_table(dest / "data").sort_by("id").equals(pq.read_table(reference / "data").sort_by("id"))
-    assert main([*args, "--dest", str(dest)]) == 0  # a finished curation: nothing to do, same summary
-    assert main([*args[:-1], "0.9", "--dest", str(dest)]) == 2  # other settings into the same dest: refused
+    assert main(args) == 0  # a finished curation: nothing to do, same summary
+    assert main([*args, "--threshold", "0.9"]) == 2  # other settings into the same dest: refused
     assert tree_digest(out) == before
 
 
