@@ -12,7 +12,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from matrix_hpc.app.monitoring import start_run_monitor
 from matrix_hpc.cluster.auth import private_local_token
+from matrix_hpc.cluster.monitoring import loopback_local_ray
 from matrix_hpc.config.secrets import redact, redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
 from matrix_hpc.runtime.identity import GROWABLE_IDENTITY_KEYS, resume_identity
@@ -67,12 +69,18 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
 def _run_with_ray(cfg: DictConfig, plan: RunPlan, run_id: str, driver_hook: Any) -> RunResult:
     owns_ray = init_ray(cfg)
     services = start_services(cfg, plan)
+    driver: Driver | None = None
+    monitor = None
     try:
+        monitor = start_run_monitor(cfg, plan, run_id)  # monitoring=true: docs/monitoring.md
         driver = Driver(plan, run_id)
         if driver_hook is not None:
             driver_hook(driver)
         return asyncio.run(_run_driver(driver))
     finally:
+        if monitor is not None:
+            failed = sys.exc_info()[0] is not None  # an error on its way out: no wait for the last counts
+            monitor.finish(driver.stats.done if driver is not None and not failed else None)
         for svc in services:
             svc.stop()
         if owns_ray:
@@ -102,8 +110,12 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True
     private_local_token()  # Ray would write its default token file world-readable
+    loopback_local_ray()  # Ray's metrics endpoint on 127.0.0.1, not on every interface
+    system_config = {}
+    if cfg.get("monitoring", False):  # Ray sends its processes' metrics to its agent every 10 s by default
+        system_config["metrics_report_interval_ms"] = int(cfg.prometheus.ray_export_interval_s * 1000)
     ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
-             logging_level=logging.WARNING, log_to_driver=True,
+             logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
     return True
 

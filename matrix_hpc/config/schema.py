@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from matrix_hpc.cluster.monitoring import PrometheusConf
 from matrix_hpc.runtime.conf import RETRY_CHOICES, Placement, ResumeMode, RunConf
 from matrix_hpc.store.conf import OutputConf
 from matrix_hpc.store.input import DatasetConf
@@ -42,6 +43,8 @@ class MatrixConf:
     dataset: DatasetConf = field(default_factory=DatasetConf)
     output: OutputConf = field(default_factory=OutputConf)
     run: RunConf = field(default_factory=RunConf)
+    monitoring: bool = False  # start a Prometheus server for this run (docs/monitoring.md)
+    prometheus: PrometheusConf = field(default_factory=PrometheusConf)  # its settings
 
 
 def register_configs() -> None:

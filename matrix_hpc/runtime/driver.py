@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matrix_hpc import metrics
 from matrix_hpc.background import supervise
 from matrix_hpc.runtime.conf import RunConf
 from matrix_hpc.runtime.message import FAILED, TaskState
@@ -45,6 +46,7 @@ from matrix_hpc.store.sink import DUPLICATE, ShardSink, SinkSettings
 from matrix_hpc.store.verify import OutputSummary, summarize_output
 
 NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node
+METRICS_INTERVAL_S = 1.0  # how often the driver publishes its counts (Ray exports them on its own interval)
 log = logging.getLogger(__name__)
 
 #: Dispatches of one task (first admission included) after which it fails as
@@ -101,6 +103,9 @@ class Driver:
         self._dispatches: dict[str, int] = {}  # re-dispatched ids -> dispatches so far
         self._losses: dict[str, int] = {}  # ids lost with a worker or timed out -> times
         self._lost_sends: set[str] = set()  # ids of failed sends, re-admitted at the next peer check
+        self._admitted = self._rows_read = 0  # cumulative, for the metrics (published once a second)
+        self._published = metrics.Deltas()
+        metrics.set_run(self.run_id, plan.workflow.name)
 
     # -- the run loop -----------------------------------------------------
     async def run(self) -> RunResult:
@@ -120,6 +125,7 @@ class Driver:
             interrupted = self._stopping or bool(self.inflight)
             self.stats.t_end = time.time()
             await self._close_sinks(background)
+            self.publish_metrics()
             worker_stats = await self._stop_actors()
         return self._result(interrupted, worker_stats)
 
@@ -190,7 +196,8 @@ class Driver:
         # Credits return only on commit: flush before half the credits sit in buffers.
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
-                                flush_rows, out.compression, out.keep, out.compact_min_files)
+                                flush_rows, out.compression, out.keep, out.compact_min_files,
+                                workflow=self.plan.workflow.name)
         sink_cls = _actor_class(ShardSink)
         self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
         self._created += self.sinks
@@ -226,7 +233,8 @@ class Driver:
             worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}" + (f"-r{attempt}" if attempt > 1 else ""),
                                **opts)
             .remote(WorkerSpec(g.name, i, g.roles, self.plan.workflow, run.seed, policy, run.batch_size,
-                               run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services))
+                               run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services,
+                               run_id=self.run_id))
             for (g, i), opts in zip(slots, places_opts, strict=True)
         ]
         self._created += workers
@@ -255,7 +263,8 @@ class Driver:
                   (functools.partial(self._watch.watch_sinks, interval_s, self._after_peer_check), "sink watch")]
         essential = [supervise(fn, name, max_restarts=5, on_fatal=functools.partial(self._on_loop_fatal, name))
                      for fn, name in loops]
-        return [*essential, supervise(self._show_progress, "progress line", restart=False)]
+        return [*essential, supervise(self._show_progress, "progress line", restart=False),
+                supervise(self._publish_metrics_periodically, "metrics publisher")]
 
     def _on_loop_fatal(self, name: str, error: BaseException) -> None:
         self._fail(f"the driver's {name} keeps failing ({type(error).__name__}: {error})")
@@ -272,10 +281,29 @@ class Driver:
         finally:
             printer.end()
 
+    async def _publish_metrics_periodically(self) -> None:
+        if not metrics.ray_connected():
+            return
+        while True:
+            self.publish_metrics()
+            await asyncio.sleep(METRICS_INTERVAL_S)
+
+    def publish_metrics(self) -> None:
+        """The driver's counts as Ray metrics (matrix_hpc.metrics): the hot
+        path counts with ints, this sends the differences."""
+        pub = self._published
+        pub.publish(metrics.TASKS_ADMITTED, self._admitted)
+        pub.publish(metrics.INPUT_ROWS_READ, self._rows_read)
+        pub.publish(metrics.TASKS_READMITTED, self.stats.readmitted + self.stats.verify_readmitted)
+        for status, n in list(self.stats.by_status.items()):
+            pub.publish(metrics.TASKS_COMPLETED, n, status)
+        metrics.TASKS_IN_FLIGHT.set(len(self.inflight))
+
     # -- admission --------------------------------------------------------
     async def _admit_all(self, done: Any) -> None:
         self.stats.t_admit_start = time.time()
         for n, item in enumerate(self._tasks_of_input()):
+            self._rows_read = n + 1
             if item.id in done:
                 self.stats.skipped_done += 1
                 continue
@@ -318,6 +346,7 @@ class Driver:
 
     def _admit(self, item: InputItem) -> None:
         self.inflight[item.id] = item
+        self._admitted += 1
         self.stats.in_flight = len(self.inflight)
         self._dispatch(item, attempt=1)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from matrix_hpc import metrics
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, WorkflowConf, build_workflow
@@ -43,6 +44,7 @@ class WorkerSpec:
     batch_delay_s: float
     num_shards: int
     services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> factory, called once here
+    run_id: str = ""  # the metrics' run label (matrix_hpc.metrics)
 
 
 def _tune_gc() -> None:
@@ -84,6 +86,7 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
+        metrics.set_run(spec.run_id, spec.workflow.name)
         self.workflow = build_workflow(spec.workflow)
         self.agents = {role: self.workflow.agent(role) for role in spec.roles}
         self.ctx = AgentContext(spec.seed)
@@ -165,6 +168,13 @@ class Worker:
 
     async def _step(self, role: str, task: TaskState) -> str | None:
         """Run one role's step with retries; return the next role."""
+        t0 = time.perf_counter()
+        try:
+            return await self._attempts(role, task)
+        finally:
+            metrics.STEP_LATENCY_S.observe(time.perf_counter() - t0, role)
+
+    async def _attempts(self, role: str, task: TaskState) -> str | None:
         fn = self.agents[role]
         policy = self.spec.policy
         for attempt in range(1, policy.max_attempts + 1):
@@ -180,6 +190,7 @@ class Worker:
                 task.finish(FILTERED, reason=f.reason)
                 return None
             except Exception as e:
+                metrics.STEP_ERRORS.inc(1, role, type(e).__name__)
                 del task.history[n_history:]  # a failed step leaves no trace but the error
                 task.data, task.result = data, result
                 if attempt >= policy.max_attempts or not getattr(e, "retryable", True):

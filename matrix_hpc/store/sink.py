@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from matrix_hpc import metrics
 from matrix_hpc.background import supervise
 from matrix_hpc.store.ids import GrowingHashSet, hash_ids
 from matrix_hpc.store.layout import (
@@ -73,6 +74,7 @@ class SinkSettings:
     compact_min_files: int = 64  # merge a shard's small files of this run once it has this many
     compact_max_rows: int = 200_000  # files this big are left alone by compaction
     commit_retry_max_s: float = 30.0  # a failing commit is retried after flush_interval_s, doubling up to this
+    workflow: str = ""  # the metrics' workflow label (matrix_hpc.metrics)
 
 
 class CommitFailed(RuntimeError):
@@ -89,6 +91,7 @@ class ShardSink:
 
     def __init__(self, settings: SinkSettings, schema: pa.Schema, index: int) -> None:
         self.s = settings
+        metrics.set_run(settings.run_id, settings.workflow)
         self.schema = schema
         self.out_dir = Path(settings.out_dir)
         self.index = index
@@ -108,6 +111,7 @@ class ShardSink:
         self.last_error: str | None = None
         self._retry_at = 0.0
         self.rows_written = 0
+        self.bytes_written = 0  # published files, for the metrics
         self.rows_unencodable = 0
         self.files_written = 0
         self.duplicates_dropped = 0
@@ -211,12 +215,24 @@ class ShardSink:
             if not self._buffers:
                 return
             batch = {shard: list(tasks) for shard, tasks in self._buffers.items()}
+            t0, bytes0 = time.perf_counter(), self.bytes_written
             acks, failure = await asyncio.to_thread(self._commit, batch)
+            self._record_commit(time.perf_counter() - t0, len(acks), self.bytes_written - bytes0, failure)
             self._forget_committed({a[0] for a in acks})
             self._acks.extend(acks)
             if acks:
                 self._acks_ready.set()
             self._note_outcome(failure)
+
+    @staticmethod
+    def _record_commit(seconds: float, rows: int, nbytes: int, failure: CommitFailed | None) -> None:
+        if rows:
+            metrics.SINK_COMMIT_S.observe(seconds)
+            metrics.SINK_COMMIT_ROWS.observe(rows)
+            metrics.SINK_COMMIT_BYTES.observe(nbytes)
+            metrics.SINK_ROWS.inc(rows)
+        if failure is not None:
+            metrics.SINK_COMMIT_FAILURES.inc()
 
     def _forget_committed(self, ids: set[str]) -> None:
         """Drop committed rows from the buffers (by id: with keep=ok one file of
@@ -273,6 +289,7 @@ class ShardSink:
             write_table_atomic(part, path, self.s.compression, self._incarnation)
             self.files_written += 1
             self.rows_written += part.num_rows
+            self.bytes_written += path.stat().st_size
             self.rows_unencodable += _count_unencodable(part) if unencodable else 0
             acks.extend(_acks_of(part))
             self._note_file(path, part.num_rows)

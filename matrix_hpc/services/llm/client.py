@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from matrix_hpc import metrics
 from matrix_hpc.background import supervise
 from matrix_hpc.services.llm.config import ClientConf
 from matrix_hpc.services.llm.endpoints import EndpointSource
@@ -262,6 +263,12 @@ def server_message(text: str) -> str:
 # -- the client --------------------------------------------------------------
 
 
+def endpoint_label(endpoints: EndpointSource) -> str:
+    """The metrics' endpoint label: the service's name, or "static" for fixed URLs (the replica label has them)."""
+    service = getattr(endpoints, "service", None)
+    return str(getattr(service, "name", None) or "static")
+
+
 class LLMClient:
     """OpenAI-compatible chat completions over the replicas of ``endpoints``.
 
@@ -301,6 +308,7 @@ class LLMClient:
         self._closed = False
         self.calls = 0
         self.retries = 0
+        self._endpoint = endpoint_label(endpoints)
 
     def __repr__(self) -> str:
         return f"LLMClient(endpoints={self.endpoints!r}, model={self.model!r}, api_key={self._api_key!r})"
@@ -373,6 +381,7 @@ class LLMClient:
         for attempt in range(1, self.conf.max_attempts + 1):
             if attempt > 1:
                 self.retries += 1
+                metrics.LLM_RETRIES.inc(1, self._endpoint)
                 conf = self.conf
                 await asyncio.sleep(backoff_s(attempt - 1, conf.backoff_base_s, conf.backoff_max_s, self._rng))
             try:
@@ -380,6 +389,7 @@ class LLMClient:
                     replica = await self._pick(sticky_key, tried)
                     data = await self._attempt(replica, body, http_timeout)
             except _Retryable as exc:
+                metrics.LLM_REQUESTS.inc(1, self._endpoint, replica.base_url, "retried")
                 last_reason = self._redact(f"{replica.base_url}: {exc}")
                 tried.append(replica.replica_id)
                 if exc.replica_down:
@@ -387,7 +397,10 @@ class LLMClient:
                 log.debug("LLM attempt %d failed on %s", attempt, last_reason)
                 continue
             choices, usage = parse_result(data, unwrap)
-            return ChatResult(choices, usage, replica.base_url, time.perf_counter() - started, attempt, data)
+            result = ChatResult(choices, usage, replica.base_url, time.perf_counter() - started, attempt, data)
+            self._record(result)
+            return result
+        metrics.LLM_REQUESTS.inc(1, self._endpoint, "", "unavailable")
         raise LLMUnavailableError(
             f"LLM call failed after {self.conf.max_attempts} attempts; last error: {last_reason}. "
             "Check the replicas' logs, or raise llm.client.max_attempts / llm.client.timeout_s."
@@ -396,6 +409,7 @@ class LLMClient:
     async def _attempt(self, replica: Replica, body: bytes, http_timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
         assert self._session is not None
         self.router.acquire(replica)
+        metrics.LLM_OUTSTANDING.set(replica.outstanding, self._endpoint, replica.base_url)
         try:
             async with self._session.post(
                 replica.base_url + "/chat/completions", data=body, headers=self._headers, timeout=http_timeout
@@ -410,15 +424,25 @@ class LLMClient:
             raise _Retryable(f"connection lost ({type(exc).__name__}: {exc})") from None
         finally:
             self.router.release(replica)
+            metrics.LLM_OUTSTANDING.set(replica.outstanding, self._endpoint, replica.base_url)
         verdict = classify_status(status)
         if verdict == "retry":
             raise _Retryable(f"HTTP {status}: {server_message(_decode(payload))[:200]}")
         if verdict == "fatal":
+            metrics.LLM_REQUESTS.inc(1, self._endpoint, replica.base_url, "rejected")
             raise LLMRequestError(status, self._redact(server_message(_decode(payload))), replica.base_url)
         try:
             return dict(json.loads(payload))
         except ValueError:
             raise _Retryable(f"unparseable answer: {payload[:200]!r}") from None
+
+    def _record(self, result: ChatResult) -> None:
+        """One answered request in the metrics (matrix_hpc.metrics), labelled by endpoint and replica URL."""
+        where = (self._endpoint, result.replica)
+        metrics.LLM_REQUESTS.inc(1, *where, "ok")
+        metrics.LLM_LATENCY_S.observe(result.latency_s, *where)
+        metrics.LLM_PROMPT_TOKENS.inc(result.usage.prompt_tokens, *where)
+        metrics.LLM_COMPLETION_TOKENS.inc(result.usage.completion_tokens, *where)
 
     async def _pick(self, sticky_key: str | None, tried: list[str]) -> Replica:
         replica = self.router.pick(sticky_key, tried)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+from matrix_hpc import metrics
 from matrix_hpc.background import supervise
 from matrix_hpc.services.sandbox.contract import SCRATCH_IN_SANDBOX, Command, SandboxConf
 from matrix_hpc.services.sandbox.lease import LeaseGrant, LeaseLost, LeaseOwner, PoolStats, this_process_owner
@@ -66,11 +68,12 @@ class PoolBackend(Protocol):
 class LeasedSandbox:
     """A leased sandbox as seen by an agent; calls go straight to its host."""
 
-    def __init__(self, backend: PoolBackend, grant: LeaseGrant, owner: LeaseOwner) -> None:
+    def __init__(self, backend: PoolBackend, grant: LeaseGrant, owner: LeaseOwner, pool_name: str = "") -> None:
         self._backend = backend
         self.grant = grant
         self.owner = owner
         self.lost = False
+        self.pool_name = pool_name  # the metrics' pool label
 
     @property
     def id(self) -> str:
@@ -80,7 +83,11 @@ class LeasedSandbox:
         if self.lost:
             raise LeaseLost(f"the lease on sandbox {self.id} of task {self.owner.task_id} was reaped "
                             f"(expired or owner judged dead); lease a new sandbox")
-        return await self._backend.call_host(self.grant, method, self.id, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return await self._backend.call_host(self.grant, method, self.id, *args, **kwargs)
+        finally:
+            metrics.SANDBOX_CALL_S.observe(time.perf_counter() - t0, self.pool_name, method)
 
     async def exec(self, cmd: Command, *, stdin: bytes | str | None = None, timeout_s: float | None = None,
                    max_output_bytes: int | None = None, env: dict[str, str] | None = None,
@@ -145,7 +152,7 @@ class SandboxPoolClient:
         task_id, att = _task_key(task, attempt)
         owner = this_process_owner(task_id, att)
         grant = await self.backend.acquire(owner, wait_s, shared)
-        leased = LeasedSandbox(self.backend, grant, owner)
+        leased = LeasedSandbox(self.backend, grant, owner, self.conf.pool.name)
         self.held[grant.lease_id] = leased
         self._ensure_heartbeat()
         return leased

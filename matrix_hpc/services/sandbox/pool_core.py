@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from matrix_hpc import metrics
 from matrix_hpc.services.sandbox.contract import SandboxConf
 from matrix_hpc.services.sandbox.host import HostRef
 from matrix_hpc.services.sandbox.lease import Lease, LeaseOwner, PoolStats, SandboxPoolExhausted
@@ -113,18 +114,22 @@ class PoolCore:
             await self._end(old, reaped=True)
         index = await self._reserve(self.pool.lease_wait_s if wait_s is None else wait_s)
         sandbox_id = f"{_safe(owner.task_id)[:40]}-{uuid.uuid4().hex[:10]}"
+        t0 = time.monotonic()
         try:
             await self.hosts[index].call("start", sandbox_id)
         except BaseException:
             await self._free(index)
             raise
         now = time.monotonic()
+        metrics.SANDBOX_START_S.observe(now - t0, self.pool.name)
         lease = Lease(lease_id=uuid.uuid4().hex, sandbox_id=sandbox_id, owner=owner, host_index=index,
                       node_id=self.hosts[index].node_id, granted_at=now, renewed_at=now, expires_at=now,
                       shared=shared)
         self._set_expiry(lease, now)
         self.leases[lease.lease_id] = lease
         self.stats.granted += 1
+        metrics.SANDBOX_LEASES.inc(1, self.pool.name)
+        metrics.SANDBOX_LEASED.set(len(self.leases), self.pool.name)
         return lease
 
     def _set_expiry(self, lease: Lease, now: float) -> None:
@@ -159,6 +164,7 @@ class PoolCore:
     async def _end(self, lease: Lease, *, reaped: bool) -> None:
         if self.leases.pop(lease.lease_id, None) is None:
             return  # ended concurrently
+        metrics.SANDBOX_LEASED.set(len(self.leases), self.pool.name)
         try:
             await self.hosts[lease.host_index].call("stop", lease.sandbox_id)
         except Exception as exc:  # a dead host took its sandboxes with it (die-with-parent)

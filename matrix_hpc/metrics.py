@@ -1,0 +1,174 @@
+"""Metrics: the one home for what matrix_hpc exports to Prometheus.
+
+Everything goes through Ray's metrics API (``ray.util.metrics``): Ray ships
+each process's values to its node's metrics agent, which serves them on the
+node's Prometheus endpoint (names get Ray's ``ray_`` prefix, e.g.
+``matrix_tasks_completed_total`` is scraped as
+``ray_matrix_tasks_completed_total``). No second metrics system, no
+listener of ours. docs/monitoring.md lists every metric.
+
+Each metric is declared once below and created lazily, in the process that
+first records it, and only when that process is connected to Ray: outside
+Ray (unit tests, the bare benchmarks) a record is one attribute check.
+Recording costs about 5 us in Ray, so hot paths add up counts per batch and
+record once (:meth:`Metric.inc` with the batch's count).
+
+Labels are bounded: the run id, the workflow, a role, an endpoint/replica,
+a status or error type; never a task id. ``run_id`` and ``workflow`` come
+from :func:`set_run` (called where a run's processes start) so call sites
+pass only what varies.
+
+Lives at the package root (imports nothing of matrix_hpc) so that every
+layer, the store included, can use it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+#: Latency buckets in seconds: a sandbox exec or a cached LLM turn (ms) to a long generation (minutes).
+LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Per-commit sizes (rows or bytes): powers of 4 from 1 to ~1e9.
+SIZE_BUCKETS = tuple(float(4 ** k) for k in range(16))
+#: Tokens per request.
+TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 32768.0)
+
+BASE_TAGS = ("run_id", "workflow")
+_base: dict[str, str] = {"run_id": "", "workflow": ""}
+
+
+def set_run(run_id: str, workflow: str) -> None:
+    """The labels every metric of this process carries (one run per process)."""
+    _base.update(run_id=run_id, workflow=workflow)
+    for m in _ALL:
+        m.tag_cache.clear()
+
+
+def ray_connected() -> bool:
+    """True in a process connected to Ray (driver, actor, task); never imports Ray."""
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
+class Metric:
+    """A Ray Counter / Gauge / Histogram created on first use in a Ray process.
+
+    ``kind``: ``counter`` (``inc``), ``gauge`` (``set``), ``histogram`` (``observe``).
+    """
+
+    def __init__(self, kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (),
+                 boundaries: tuple[float, ...] = ()) -> None:
+        self.kind, self.name, self.description = kind, name, description
+        self.tag_keys = BASE_TAGS + tag_keys
+        self.boundaries = boundaries
+        self._impl: Any = None  # Any: a ray.util.metrics object; None until first use; False outside Ray
+        self.tag_cache: dict[tuple[str, ...], dict[str, str]] = {}
+        _ALL.append(self)
+
+    def inc(self, value: float = 1.0, *tags: str) -> None:
+        """Counter: add ``value`` (a batch's count) for the label values ``tags`` (in ``tag_keys`` order)."""
+        impl = self._impl if self._impl is not None else self._create()
+        if impl and value > 0:
+            impl.inc(value, self._tags(tags))
+
+    def set(self, value: float, *tags: str) -> None:
+        """Gauge: the current value."""
+        impl = self._impl if self._impl is not None else self._create()
+        if impl:
+            impl.set(value, self._tags(tags))
+
+    def observe(self, value: float, *tags: str) -> None:
+        """Histogram: one observation."""
+        impl = self._impl if self._impl is not None else self._create()
+        if impl:
+            impl.observe(value, self._tags(tags))
+
+    def _tags(self, values: tuple[str, ...]) -> dict[str, str]:
+        tags = self.tag_cache.get(values)
+        if tags is None:  # one dict per label combination, built once (the set is bounded)
+            tags = self.tag_cache[values] = {**_base, **dict(zip(self.tag_keys[len(BASE_TAGS):], values, strict=True))}
+        return tags
+
+    def _create(self) -> Any:
+        if not ray_connected():
+            return False  # not cached: the process may connect to Ray later
+        from ray.util import metrics as rm
+
+        if self.kind == "counter":
+            self._impl = rm.Counter(self.name, self.description, tag_keys=self.tag_keys)
+        elif self.kind == "gauge":
+            self._impl = rm.Gauge(self.name, self.description, tag_keys=self.tag_keys)
+        else:
+            self._impl = rm.Histogram(self.name, self.description, boundaries=list(self.boundaries),
+                                      tag_keys=self.tag_keys)
+        return self._impl
+
+
+_ALL: list[Metric] = []
+
+# -- the driver: admission ------------------------------------------------------
+TASKS_ADMITTED = Metric("counter", "matrix_tasks_admitted_total",
+                        "Tasks admitted (verify rounds admit missing ids again)")
+TASKS_COMPLETED = Metric("counter", "matrix_tasks_completed_total",
+                         "Rows committed to the output, by status (ok / filtered / failed)", ("status",))
+TASKS_READMITTED = Metric("counter", "matrix_tasks_readmitted_total",
+                          "Tasks dispatched again (lost send, lost worker or sink, timeout, verify round)")
+TASKS_IN_FLIGHT = Metric("gauge", "matrix_tasks_in_flight", "Admitted tasks whose row is not committed yet")
+INPUT_ROWS_READ = Metric("counter", "matrix_input_rows_read_total", "Input rows read (skipped on resume included)")
+
+# -- the workers: steps ------------------------------------------------------------
+STEP_LATENCY_S = Metric("histogram", "matrix_step_latency_seconds", "One role's step, retries included",
+                        ("role",), LATENCY_BUCKETS_S)
+STEP_ERRORS = Metric("counter", "matrix_step_errors_total", "Failed step attempts, by exception type",
+                     ("role", "error_type"))
+
+# -- the LLM client (per endpoint = service, and replica = its URL) ------------------------
+LLM_LATENCY_S = Metric("histogram", "matrix_llm_request_latency_seconds",
+                       "One LLM request until its answer (retries included)", ("endpoint", "replica"),
+                       LATENCY_BUCKETS_S)
+# Time to first token: the client does not stream; vLLM's own vllm:time_to_first_token_seconds has it.
+LLM_PROMPT_TOKENS = Metric("counter", "matrix_llm_prompt_tokens_total", "Prompt tokens, as the server counted them",
+                           ("endpoint", "replica"))
+LLM_COMPLETION_TOKENS = Metric("counter", "matrix_llm_completion_tokens_total", "Completion tokens",
+                               ("endpoint", "replica"))
+LLM_REQUESTS = Metric("counter", "matrix_llm_requests_total", "LLM requests by outcome (ok / error / rejected)",
+                      ("endpoint", "replica", "outcome"))
+LLM_RETRIES = Metric("counter", "matrix_llm_retries_total", "LLM requests sent again after a failure",
+                     ("endpoint",))
+LLM_OUTSTANDING = Metric("gauge", "matrix_llm_outstanding_requests", "Requests in flight from this process",
+                         ("endpoint", "replica"))
+
+# -- sandboxes ---------------------------------------------------------------------
+SANDBOX_LEASES = Metric("counter", "matrix_sandbox_leases_total", "Sandboxes leased to tasks", ("pool",))
+SANDBOX_LEASED = Metric("gauge", "matrix_sandbox_leased", "Sandboxes leased now (per pool process)", ("pool",))
+SANDBOX_START_S = Metric("histogram", "matrix_sandbox_start_seconds", "Sandbox start to ready", ("pool",),
+                         LATENCY_BUCKETS_S)
+SANDBOX_CALL_S = Metric("histogram", "matrix_sandbox_call_seconds",
+                        "One call into a leased sandbox, by method (exec, server_request, put_file, ...)",
+                        ("pool", "method"), LATENCY_BUCKETS_S)
+
+# -- the sinks -----------------------------------------------------------------------
+SINK_COMMIT_S = Metric("histogram", "matrix_sink_commit_seconds", "One commit (write, fsync, rename)", (),
+                       LATENCY_BUCKETS_S)
+SINK_COMMIT_ROWS = Metric("histogram", "matrix_sink_commit_rows", "Rows per commit", (), SIZE_BUCKETS)
+SINK_COMMIT_BYTES = Metric("histogram", "matrix_sink_commit_bytes", "Bytes per commit (files published)", (),
+                           SIZE_BUCKETS)
+SINK_ROWS = Metric("counter", "matrix_sink_rows_total", "Rows committed by the sinks")
+SINK_COMMIT_FAILURES = Metric("counter", "matrix_sink_commit_failures_total", "Failed commit attempts")
+
+
+class Deltas:
+    """Publishes counts that their owner keeps as plain cumulative ints (the
+    cheap way on a hot path) as counter increments: one Ray call per label
+    set per publish, whatever the rate."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def publish(self, metric: Metric, total: float, *tags: str) -> None:
+        key = (metric.name, tags)
+        delta = total - self._last.get(key, 0.0)
+        if delta > 0:
+            metric.inc(delta, *tags)
+            self._last[key] = total

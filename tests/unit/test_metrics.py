@@ -1,0 +1,101 @@
+"""matrix_hpc.metrics outside Ray (a no-op that costs little) and the
+Prometheus plumbing of matrix_hpc.cluster.monitoring that needs no server:
+the config it writes, the file-SD lists, the error for a missing binary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from matrix_hpc import metrics
+from matrix_hpc.cluster.monitoring import (
+    MonitoringError,
+    PrometheusConf,
+    PrometheusServer,
+    prometheus_config,
+    write_targets,
+)
+
+
+def test_recording_outside_ray_is_a_cheap_no_op() -> None:
+    assert not metrics.ray_connected()  # unit tests run without Ray
+    m = metrics.Metric("counter", "matrix_test_noop_total", "test", ("role",))
+    n = 100_000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        m.inc(1, "a")
+    per_call_us = (time.perf_counter() - t0) / n * 1e6
+    assert m._impl in (None, False) and per_call_us < 5, per_call_us  # no Ray object was made
+
+
+def test_labels_are_the_run_labels_then_the_call_site_ones() -> None:
+    m = metrics.Metric("histogram", "matrix_test_tags_seconds", "test", ("role", "error_type"), (1.0,))
+    metrics.set_run("run-1", "coral")
+    try:
+        assert m._tags(("student", "ValueError")) == {"run_id": "run-1", "workflow": "coral", "role": "student",
+                                                      "error_type": "ValueError"}
+        with pytest.raises(ValueError):  # a call site that forgets a label is a bug, not a silent blank
+            m._tags(("student",))
+        metrics.set_run("run-2", "coral")  # a new run in the process: cached label dicts are dropped
+        assert m._tags(("student", "ValueError"))["run_id"] == "run-2"
+    finally:
+        metrics.set_run("", "")
+
+
+def test_deltas_publish_only_the_increase() -> None:
+    seen: list[tuple[float, tuple[str, ...]]] = []
+
+    class Recorder(metrics.Metric):
+        def inc(self, value: float = 1.0, *tags: str) -> None:
+            seen.append((value, tags))
+
+    m = Recorder("counter", "matrix_test_deltas_total", "test", ("status",))
+    pub = metrics.Deltas()
+    for total in (0, 3, 3, 10):
+        pub.publish(m, total, "ok")
+    pub.publish(m, 2, "failed")
+    assert seen == [(3, ("ok",)), (7, ("ok",)), (2, ("failed",))]
+
+
+def test_every_metric_name_is_unique_and_prometheus_safe() -> None:
+    names = [m.name for m in metrics._ALL if not m.name.startswith("matrix_test_")]
+    assert len(names) == len(set(names))
+    for m in metrics._ALL:
+        assert m.name.startswith("matrix_") and m.name.replace("_", "").isalnum()
+        assert m.tag_keys[:2] == ("run_id", "workflow") and "task_id" not in m.tag_keys  # bounded labels
+        if m.kind == "counter":
+            assert m.name.endswith("_total")
+
+
+def test_config_scrapes_ray_and_vllm_with_the_key_by_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    config = prometheus_config(1.5, tmp_path / "ray.json", tmp_path / "vllm.json", key_file)
+    assert config["global"]["scrape_interval"] == "1500ms"
+    ray_job, vllm_job = config["scrape_configs"]
+    assert ray_job["file_sd_configs"][0]["files"] == [str(tmp_path / "ray.json")]
+    assert vllm_job["authorization"] == {"type": "Bearer", "credentials_file": str(key_file)}
+    assert [j["job_name"] for j in prometheus_config(1, tmp_path / "r", None, None)["scrape_configs"]] == ["ray"]
+
+
+def test_targets_file_is_replaced_whole_and_only_on_change(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    assert write_targets(path, ["b:2", "a:1", "a:1"], {"job": "ray"})
+    assert json.loads(path.read_text()) == [{"targets": ["a:1", "b:2"], "labels": {"job": "ray"}}]
+    assert not write_targets(path, ["a:1", "b:2"], {"job": "ray"})
+    assert write_targets(path, [], {"job": "ray"}) and json.loads(path.read_text())[0]["targets"] == []
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+
+def test_missing_prometheus_binary_names_the_fix(tmp_path: Path) -> None:
+    server = PrometheusServer(PrometheusConf(binary="no-such-prometheus"), tmp_path / "c", tmp_path / "d",
+                              tmp_path / "log")
+    with pytest.raises(MonitoringError, match=r"apt-get install prometheus.*prometheus\.binary"):
+        server.start()
+
+
+def test_bad_intervals_are_refused() -> None:
+    with pytest.raises(ValueError, match="prometheus.scrape_interval_s"):
+        PrometheusConf(scrape_interval_s=0)
