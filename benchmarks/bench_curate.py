@@ -6,7 +6,7 @@ Target (issue 15, on the 2-core dev machine): 1,000,000 rows in <= 10 min and
 <= 4 GB. The synthetic output (written first, not timed) holds ``--rows``
 rows whose ``result.answer`` is ~80 random words (~500 characters), 5% of
 them exact copies (case and punctuation changed) and 5% near copies (one word
-changed) of other rows. The dedup runs on a local Ray of ``--num-cpus``;
+changed) of the first file's rows. The dedup runs on a local Ray of ``--num-cpus``;
 peak memory is the largest sum of RSS over the process tree (driver, Ray's
 daemons and workers; shared pages such as the object store are counted once
 per process, so it overstates), sampled every 0.2 s. The load average is
@@ -38,32 +38,36 @@ WORDS_PER_ROW = 80
 
 
 def make_texts(rng: np.random.Generator, n: int) -> list[str]:
-    vocab = np.array([f"w{i}" for i in range(VOCAB)])
-    words = vocab[rng.integers(0, VOCAB, (n, WORDS_PER_ROW))]
-    return [" ".join(row) for row in words.tolist()]
+    words = rng.integers(0, VOCAB, (n, WORDS_PER_ROW))
+    return [" ".join(f"w{w}" for w in row) for row in words.tolist()]
 
 
-def plant(rng: np.random.Generator, texts: list[str], fraction: float) -> tuple[int, int]:
-    """Overwrite rows with exact (re-cased) and near (one word changed) copies of earlier rows."""
-    n = len(texts)
-    k = int(n * fraction)
-    targets = rng.choice(np.arange(n // 2, n), 2 * k, replace=False)
-    for t in targets[:k]:
-        texts[t] = texts[int(rng.integers(0, n // 2))].upper() + "!"
-    for t in targets[k:]:
-        words = texts[int(rng.integers(0, n // 2))].split()
-        words[int(rng.integers(0, len(words)))] = "changed"
-        texts[t] = " ".join(words)
-    return k, k
+def plant(rng: np.random.Generator, texts: list[str], pool: list[str], fraction: float) -> None:
+    """Overwrite a ``fraction`` of ``texts`` with exact copies (upper case, "!") and as many with near
+    copies (one word changed) of rows in ``pool`` (earlier rows)."""
+    k = int(len(texts) * fraction)
+    targets = rng.choice(len(texts), 2 * k, replace=False)
+    for j, t in enumerate(targets):
+        source = pool[int(rng.integers(0, len(pool)))]
+        if j < k:
+            texts[t] = source.upper() + "!"
+        else:
+            words = source.split()
+            words[int(rng.integers(0, len(words)))] = "changed"
+            texts[t] = " ".join(words)
 
 
 def build_output(out: Path, rows: int, rows_per_file: int, seed: int = 0) -> None:
+    """Written file by file (memory stays small); copies are planted from the first file's rows."""
     rng = np.random.default_rng(seed)
-    texts = make_texts(rng, rows)
-    plant(rng, texts, 0.05)
     schema = output_schema()
+    pool: list[str] = []
     for n, start in enumerate(range(0, rows, rows_per_file)):
-        part = texts[start:start + rows_per_file]
+        part = make_texts(rng, min(rows_per_file, rows - start))
+        if pool:
+            plant(rng, part, pool, 0.05)
+        else:
+            pool = list(part)
         ids = [f"t{i:09d}" for i in range(start, start + len(part))]
         table = pa.table({
             "id": ids, "status": ["ok"] * len(part),
@@ -127,6 +131,7 @@ def main() -> None:
     try:
         t = time.perf_counter()
         build_output(work / "out", args.rows, args.rows_per_file)
+        print(flush=True)
         print(f"built {args.rows:,} rows in {time.perf_counter() - t:.1f} s")
         run(work, args.rows, args.num_cpus)
     finally:
