@@ -21,9 +21,10 @@ import os
 import shutil
 import subprocess
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,3 +154,21 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """One home for the in-process Ray the integration tests share: 2 CPUs, the
+    namespace matrix_hpc's named actors live in, this checkout on the workers'
+    PYTHONPATH. Shut down at the module's end when this fixture started it."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()

@@ -28,16 +28,6 @@ CLIENT = ClientConf(max_attempts=10, backoff_base_s=0.02, backoff_max_s=0.2, hea
                     refresh_interval_s=0.2, timeout_s=20.0)
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.fixture
 def service(local_ray: None, tmp_path: Path) -> Iterator[LLMService]:
     name = f"test-{uuid.uuid4().hex[:8]}"

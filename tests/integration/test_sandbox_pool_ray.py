@@ -12,7 +12,6 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +26,10 @@ from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 from matrix_hpc.services.sandbox.pool_identity import pool_actor_name
 from matrix_hpc.services.sandbox.ray_pool import get_or_create_pool, shutdown_pool
 from matrix_hpc.services.sandbox.service import start_service
-from tests.conftest import REPO_ROOT
 from tests.integration.sandbox_support import processes_matching
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("bwrap")]
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 def pool_conf(tmp_path: Path, **pool: Any) -> SandboxConf:

