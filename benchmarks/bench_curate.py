@@ -126,14 +126,17 @@ def main() -> None:
     p.add_argument("--rows-per-file", type=int, default=20_000)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temp dir, removed afterwards")
+    p.add_argument("--what", default="dedup", help="comma-separated: dedup, export (hf and jsonl)")
+    p.add_argument("--keep-output", action="store_true", help="reuse WORKDIR/out when it exists")
     args = p.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_curate-"))
     try:
-        t = time.perf_counter()
-        build_output(work / "out", args.rows, args.rows_per_file)
-        print(flush=True)
-        print(f"built {args.rows:,} rows in {time.perf_counter() - t:.1f} s")
-        run(work, args.rows, args.num_cpus)
+        if not (args.keep_output and (work / "out").is_dir()):
+            t = time.perf_counter()
+            build_output(work / "out", args.rows, args.rows_per_file)
+            print(f"built {args.rows:,} rows in {time.perf_counter() - t:.1f} s")
+        for what in args.what.split(","):
+            {"dedup": run, "export": run_export}[what](work, args.rows, args.num_cpus)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -160,6 +163,20 @@ def run(work: Path, rows: int, num_cpus: int) -> None:
           f"per core ({num_cpus} cores)")
     print(f"kept {result.kept:,}, dropped {result.dropped_exact:,} exact + {result.dropped_near:,} near "
           f"({result.clusters:,} clusters, bands b={result.bands[0]} r={result.bands[1]})")
+
+
+def run_export(work: Path, rows: int, num_cpus: int) -> None:
+    from matrix_hpc.data.export import export_hf, export_jsonl
+
+    for name, export, dest in (("hf", export_hf, work / "export_hf"), ("jsonl", export_jsonl, work / "rows.jsonl")):
+        print(f"loadavg before: {loadavg()}")
+        with PeakRss() as peak:
+            t = time.perf_counter()
+            result = export(work / "out", dest, force=True)
+            elapsed = time.perf_counter() - t
+        print(f"loadavg after:  {loadavg()}")
+        print(f"export {name}: {result.rows:,} rows in {elapsed:.1f} s ({result.rows / elapsed:,.0f} rows/s), "
+              f"peak RSS {peak.peak / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from matrix_hpc.data.source import OutputSource, check_destination
+from matrix_hpc.data.source import OutputSource, SourceError, check_destination
 from matrix_hpc.store.layout import META_DIR
 from matrix_hpc.store.resume import IDENTITY_FILE
 from matrix_hpc.store.verify import summarize_output
@@ -61,6 +61,7 @@ def export_jsonl(out_dir: Path, dest: Path, statuses: tuple[str, ...] | None = (
                 f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in batch.to_pylist())
             f.flush()
             os.fsync(f.fileno())
+        _refuse_empty(src, result)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -82,6 +83,7 @@ def export_hf(out_dir: Path, dest: Path, statuses: tuple[str, ...] | None = ("ok
         with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in _stream(src, result, schema):
                 writer.write_batch(batch)
+        _refuse_empty(src, result)  # datasets cannot load a saved dataset of no shards
         _save_to_disk(stream, staging / "dataset")
         card = dataset_card(src, result, schema)
         (staging / "dataset" / "README.md").write_text(card, encoding="utf-8")
@@ -94,6 +96,13 @@ def export_hf(out_dir: Path, dest: Path, statuses: tuple[str, ...] | None = ("ok
 def _notes(src: OutputSource) -> list[str]:
     note = src.live_note()
     return [note] if note else []
+
+
+def _refuse_empty(src: OutputSource, result: ExportResult) -> None:
+    if result.rows == 0:
+        picked = "any status" if src.statuses is None else ", ".join(src.statuses)
+        raise SourceError(f"{src.out_dir} holds no rows with status {picked} (`matrix-hpc inspect {src.out_dir}` "
+                          "counts them); nothing exported. Choose others with --status or --all")
 
 
 def _stream(src: OutputSource, result: ExportResult, schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:

@@ -103,3 +103,14 @@ def test_a_plan_is_recorded_once_and_a_changed_output_or_setting_is_refused(tmp_
     (tmp_path / "other").mkdir()
     with pytest.raises(SourceError, match="not a curation of this kind in progress"):
         open_plan(out, tmp_path / "other", "dedup", params, force=False)
+
+
+def test_an_export_of_no_rows_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    from matrix_hpc.data.export import export_hf, export_jsonl
+
+    write_output(tmp_path / "out", [output_row(f"t{i}", "x", "failed") for i in range(5)])
+    for export, dest in ((export_jsonl, tmp_path / "x.jsonl"), (export_hf, tmp_path / "hf")):
+        with pytest.raises(SourceError, match="holds no rows with status ok"):
+            export(tmp_path / "out", dest)
+        assert not dest.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind
