@@ -8,7 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from matrix_hpc.services.llm.sim_server import sample_json
+from matrix_hpc.services.llm.sim_schema import sample_json
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "flat": {
