@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from matrix_hpc.cli.main import fail
-from matrix_hpc.store.layout import META_DIR, data_files
+from matrix_hpc.store.layout import META_DIR, data_files, read_columns
 from matrix_hpc.store.lock import OutputLock, OutputLocked
-from matrix_hpc.store.resume import scan_output
-from matrix_hpc.store.verify import OutputSummary, output_totals, summarize_output
+from matrix_hpc.store.resume import recorded_identity, scan_output
+from matrix_hpc.store.verify import OutputSummary, count_samples, output_totals, summarize_output
 
 
 def inspect_command(args: list[str]) -> int:
@@ -78,11 +78,24 @@ def render(out: Path, files: list[Path], summary: OutputSummary) -> str:
         lines.append(f"  error {etype} x{count}, e.g. {totals.examples[etype][:200]}")
     for reason, count in totals.reasons.most_common(10):
         lines.append(f"  filtered x{count}: {reason[:120]}")
+    lines += sample_lines(out, files)
     name = workflow_line(out)
     if name is not None:
         lines.append(f"  workflow: {name}   (config: {out / META_DIR / 'config.yaml'})")
         lines += [f"  {k}: {fmt(v)}" for k, v in workflow_metrics(out / META_DIR / "workflow.yaml", files).items()]
     return "\n".join(lines)
+
+
+def sample_lines(out: Path, files: list[Path]) -> list[str]:
+    """Rows per sample and inputs with all their samples, when the runs drew
+    several samples per input row (run.samples_per_input)."""
+    recorded = (recorded_identity(out) or {}).get("run", {}).get("samples_per_input", 1)
+    counts = count_samples(files, recorded)
+    if recorded <= 1 and set(counts.by_sample) <= {0}:
+        return []
+    return [f"  samples: {recorded} per input (run.samples_per_input); rows by sample: "
+            + ", ".join(f"{k}: {v}" for k, v in counts.by_sample.items()),
+            f"  inputs: {counts.inputs} with rows, {counts.complete} with all {recorded} samples"]
 
 
 def workflow_line(out: Path) -> str | None:
@@ -101,13 +114,16 @@ def workflow_metrics(workflow_yaml: Path, files: list[Path]) -> dict[str, object
 
     name = (yaml.safe_load(workflow_yaml.read_text()) or {}).get("name")
     conf_cls = workflow_conf_classes().get(str(name))
-    summarize = getattr(importlib.import_module(conf_cls.__module__), "summarize", None) if conf_cls else None
+    module = importlib.import_module(conf_cls.__module__) if conf_cls else None
+    summarize = getattr(module, "summarize", None)
     if summarize is None:
         return {}
+    needed = getattr(module, "SUMMARY_COLUMNS", None)  # the columns it reads, when it says so
     tables = []
     for f in files:
-        names = [n for n in pq.ParquetFile(f).schema_arrow.names if n not in ("messages", "input")]
-        tables.append(pq.read_table(f, columns=names))
+        names = [n for n in pq.ParquetFile(f).schema_arrow.names
+                 if (n in needed if needed is not None else n not in ("messages", "input"))]
+        tables.append(read_columns(f, names))
     metrics = summarize(pa.concat_tables(tables, promote_options="default"))
     return {k: v for k, v in metrics.items() if k not in ("rows", "by_status")}
 

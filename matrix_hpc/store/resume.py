@@ -254,6 +254,11 @@ def check_and_record_config(out_dir: Path, identity: dict[str, Any], defaults: d
     return True
 
 
+def recorded_identity(out_dir: Path) -> dict[str, Any] | None:
+    """What the output's runs recorded as its identity (None: no run yet)."""
+    return _recorded_identity(Path(out_dir) / META_DIR)
+
+
 def _recorded_identity(meta: Path) -> dict[str, Any] | None:
     path = meta / IDENTITY_FILE
     if path.exists():

@@ -160,3 +160,37 @@ def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
 
 def _sum_present(t: pa.Table, column: str) -> int:
     return _sum(t, column) if column in t.column_names else 0
+
+
+SAMPLE_SUFFIX = r"#s\d+$"  # the suffix of a sample's task id (matrix_hpc.runtime.samples), stripped for the input id
+
+
+@dataclass
+class SampleCounts:
+    """What an output holds per sample (``run.samples_per_input``)."""
+
+    by_sample: dict[int, int]  # rows by sample number
+    inputs: int  # distinct input ids with at least one row
+    complete: int  # input ids with a row for every sample 0..N-1
+
+
+def count_samples(files: list[Path], samples_per_input: int) -> SampleCounts:
+    """Rows per sample, and input ids with all their samples, from the ``id``
+    and ``sample`` columns (files without ``sample``: sample 0). 16 bytes a row."""
+    by_sample: Counter[int] = Counter()
+    keys: list[np.ndarray] = []
+    for f in files:
+        t = read_columns(f, [c for c in ("id", "sample") if c in pq.read_schema(f).names])
+        ids = t.column("id").fill_null("")
+        samples = t.column("sample").fill_null(0) if "sample" in t.column_names else pa.array(
+            np.zeros(t.num_rows, np.int32))
+        input_ids = pc.if_else(pc.greater(samples, 0), pc.replace_substring_regex(ids, SAMPLE_SUFFIX, ""), ids)
+        sample_np = np.asarray(pc.cast(samples, pa.int64()).to_numpy(zero_copy_only=False), np.uint64)
+        keys.append(np.column_stack([hash_ids(input_ids), sample_np]))
+        by_sample.update({int(k): int(v) for k, v in zip(*np.unique(sample_np, return_counts=True), strict=True)})
+    if not keys:
+        return SampleCounts({}, 0, 0)
+    pairs = np.unique(np.concatenate(keys), axis=0)  # (input, sample) once each
+    _, per_input = np.unique(pairs[:, 0], return_counts=True)
+    complete = int(np.count_nonzero(per_input >= samples_per_input))
+    return SampleCounts(dict(sorted(by_sample.items())), len(per_input), complete)

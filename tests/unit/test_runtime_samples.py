@@ -104,17 +104,29 @@ def test_a_file_output_resumes_after_the_hf_keys_were_added(tmp_path: Path) -> N
     assert _check(tmp_path, 1, path="in.jsonl") is True
 
 
-def _write_output(out: Path, ids: list[str]) -> None:
+def _write_output(out: Path, ids: list[str], samples: list[int] | None = None) -> Path:
     import pyarrow.parquet as pq
 
     shard = out / "shard=00000"
     shard.mkdir(parents=True)
     tasks = []
-    for task_id in ids:
-        task = TaskState(task_id, {}, "")
+    for task_id, sample in zip(ids, samples or [0] * len(ids), strict=True):
+        task = TaskState(task_id, {}, "", sample=sample)
         task.finish("ok")
         tasks.append(task)
     pq.write_table(tasks_to_table(tasks, "r1", output_schema()), shard / "part-00000.parquet")
+    return shard / "part-00000.parquet"
+
+
+def test_inspect_counts_rows_per_sample_and_inputs_with_all_their_samples(tmp_path: Path) -> None:
+    from matrix_hpc.store.verify import count_samples
+
+    # "x#s5" is an input id of its own (sample 0): only a sample's suffix is stripped
+    part = _write_output(tmp_path, ["q0", "q0#s1", "q0#s2", "q1", "q1#s2", "x#s5", "x#s5#s1", "x#s5#s2"],
+                         [0, 1, 2, 0, 2, 0, 1, 2])
+    counts = count_samples([part], 3)
+    assert (counts.by_sample, counts.inputs, counts.complete) == ({0: 3, 1: 2, 2: 3}, 3, 2)
+    assert count_samples([part], 2).complete == 3
 
 
 def test_the_end_check_expects_every_sample_of_every_row(tmp_path: Path) -> None:
