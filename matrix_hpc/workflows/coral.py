@@ -215,8 +215,7 @@ def summarize(rows: pa.Table | list[dict[str, Any]]) -> dict[str, Any]:
     agreement correctness (correct / agreed), accuracy (correct / ok rows),
     mean matcher checks per dialogue, and rows by status."""
     if isinstance(rows, pa.Table):
-        names = [n for n in ("status", "agreed", "correct", "turns") if n in rows.column_names]
-        rows = rows.select(names).to_pylist()
+        return _summarize_table(rows)
     by_status: dict[str, int] = {}
     for r in rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
@@ -230,4 +229,31 @@ def summarize(rows: pa.Table | list[dict[str, Any]]) -> dict[str, Any]:
         "agreement_correctness": correct / agreed if agreed else None,
         "accuracy": correct / len(done) if done else None,
         "mean_turns": sum(turns) / len(turns) if turns else None,
+    }
+
+
+#: The columns :func:`summarize` reads (``inspect`` and ``report`` read no others for it).
+SUMMARY_COLUMNS = ("status", "agreed", "correct", "turns")
+
+
+def _summarize_table(t: pa.Table) -> dict[str, Any]:
+    """:func:`summarize` with Arrow compute over whole columns (a million rows in well under a second)."""
+    import pyarrow.compute as pc
+
+    by_status = {v["values"]: v["counts"] for v in pc.value_counts(t.column("status")).to_pylist()}
+    done = t.filter(pc.fill_null(pc.equal(t.column("status"), OK), False))
+
+    def true_count(name: str) -> int:
+        if name not in done.column_names:
+            return 0
+        return int(pc.sum(pc.cast(pc.fill_null(done.column(name), False), pa.int64())).as_py() or 0)
+
+    agreed, correct, n = true_count("agreed"), true_count("correct"), done.num_rows
+    turns = done.column("turns").drop_null() if "turns" in done.column_names else pa.array([], pa.int64())
+    return {
+        "rows": t.num_rows, "by_status": by_status, "dialogues": n,
+        "agreement_rate": agreed / n if n else None,
+        "agreement_correctness": correct / agreed if agreed else None,
+        "accuracy": correct / n if n else None,
+        "mean_turns": int(pc.sum(turns).as_py()) / len(turns) if len(turns) else None,
     }

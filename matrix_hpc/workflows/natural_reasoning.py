@@ -256,8 +256,7 @@ def summarize(rows: pa.Table | list[dict[str, Any]]) -> dict[str, Any]:
     """NaturalReasoning's funnel over output rows: documents in, dropped per
     stage, questions out, languages seen, and rows by status."""
     if isinstance(rows, pa.Table):
-        names = [n for n in ("status", "dropped_at", "language", "final_answer") if n in rows.column_names]
-        rows = rows.select(names).to_pylist()
+        return _summarize_table(rows)
     by_status: dict[str, int] = {}
     dropped = {stage: 0 for stage in STAGES}
     languages: dict[str, int] = {}
@@ -271,4 +270,33 @@ def summarize(rows: pa.Table | list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": len(rows), "by_status": by_status, "dropped_at": dropped, "questions": questions,
             "yield": questions / len(rows) if rows else None,
             "with_boxed_answer": sum(1 for r in rows if r["status"] == "ok" and r.get("final_answer")),
+            "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])[:10])}
+
+
+#: The columns :func:`summarize` reads (``inspect`` and ``report`` read no others for it).
+SUMMARY_COLUMNS = ("status", "dropped_at", "language", "final_answer")
+
+
+def _summarize_table(t: pa.Table) -> dict[str, Any]:
+    """:func:`summarize` with Arrow compute over whole columns (a million rows in well under a second)."""
+    import pyarrow.compute as pc
+
+    def column(name: str) -> pa.ChunkedArray:
+        return t.column(name) if name in t.column_names else pa.chunked_array([pa.nulls(t.num_rows, pa.string())])
+
+    status = t.column("status")
+    by_status = {v["values"]: v["counts"] for v in pc.value_counts(status).to_pylist()}
+    filtered = t.filter(pc.fill_null(pc.equal(status, "filtered"), False))
+    stages = {v["values"]: v["counts"] for v in pc.value_counts(
+        filtered.column("dropped_at") if "dropped_at" in t.column_names else pa.array([], pa.string())).to_pylist()}
+    dropped = {stage: int(stages.get(stage, 0)) for stage in STAGES}
+    language = column("language")
+    spoken = language.filter(pc.fill_null(pc.not_equal(language, ""), False))
+    languages = {v["values"]: v["counts"] for v in pc.value_counts(spoken).to_pylist()}
+    answered = pc.and_(pc.fill_null(pc.equal(status, "ok"), False),
+                       pc.fill_null(pc.not_equal(column("final_answer"), ""), False))
+    questions = by_status.get("ok", 0)
+    return {"rows": t.num_rows, "by_status": by_status, "dropped_at": dropped, "questions": questions,
+            "yield": questions / t.num_rows if t.num_rows else None,
+            "with_boxed_answer": int(pc.sum(pc.cast(answered, pa.int64())).as_py() or 0),
             "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])[:10])}

@@ -229,3 +229,20 @@ def test_report_refuses_what_is_not_an_output(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert err.startswith("matrix-hpc: error: ") and message in err and str(target) in err
     assert "Traceback" not in err
+
+
+def test_workflow_summaries_over_tables_equal_their_row_by_row_definition() -> None:
+    """inspect and report summarise a million rows with Arrow; the answer is the row-by-row one."""
+    from matrix_hpc.workflows import coral, natural_reasoning
+
+    t = pa.Table.from_pylist(coral_rows() + [{"id": "n", "status": None, "agreed": True, "turns": None}])
+    assert coral.summarize(t) == coral.summarize(t.to_pylist())
+    assert coral.summarize(t)["agreement_rate"] == 3 / 4 and coral.summarize(t)["mean_turns"] == 26 / 4
+    docs = pa.table({"status": ["filtered", "filtered", "ok", "ok", "filtered", None],
+                     "dropped_at": ["filter", "score", None, None, "question", "filter"],
+                     "language": ["de", "en", "en", "", None, "fr"], "final_answer": [None, None, "42", "", None, None]})
+    assert natural_reasoning.summarize(docs) == natural_reasoning.summarize(docs.to_pylist())
+    assert natural_reasoning.summarize(docs)["dropped_at"] == {"filter": 1, "score": 1, "question": 1}
+    empty = pa.table({"status": pa.array([], pa.string())})
+    assert coral.summarize(empty) == coral.summarize([]) and natural_reasoning.summarize(empty) == \
+        natural_reasoning.summarize([])
