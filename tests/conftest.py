@@ -57,7 +57,7 @@ def _bwrap() -> bool:
 
 
 def _vllm() -> bool:
-    from matrix_hpc.services.llm.vllm_replica import VLLMConf, resolve_python
+    from matrix_hpc.services.llm.vllm_conf import VLLMConf, resolve_python
 
     python = Path(resolve_python(VLLMConf()))
     has_vllm = any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))

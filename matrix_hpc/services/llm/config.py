@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# VLLMConf lives with the replica code; that module imports vllm and Ray lazily.
-from matrix_hpc.services.llm.vllm_replica import VLLMConf
+from matrix_hpc.services.llm.vllm_conf import VLLMConf
 
 BACKENDS = ("sim", "openai", "vllm", "none")
 DIALECTS = ("vllm", "openai")

@@ -111,13 +111,11 @@ def start_llm_service(conf: LLMConf, run_dir: Path) -> LLMService:
     log_dir = Path(run_dir) / "llm"
     if conf.backend == "none":
         return LLMService(conf, None)
+    start = BACKENDS.get(conf.backend)
+    if start is None:
+        raise ValueError(f"unknown llm.backend {conf.backend!r}; valid: none, {', '.join(BACKENDS)}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    if conf.backend == "openai":
-        service = _external(conf)
-    elif conf.backend == "sim":
-        service = _start_sim(conf, log_dir)
-    else:
-        service = _start_vllm(conf, Path(run_dir))
+    service = start(conf, Path(run_dir))
     (log_dir / "service.json").write_text(json.dumps({"backend": conf.backend, "endpoints": repr(service._endpoints),
                                                       "model": service.model}) + "\n")
     return service
@@ -139,7 +137,7 @@ def read_api_key(env_var: str) -> Secret:
     return Secret(value)
 
 
-def _external(conf: LLMConf) -> LLMService:
+def _external(conf: LLMConf, run_dir: Path) -> LLMService:
     endpoints = StaticEndpoints([conf.openai.base_url])
     return LLMService(conf, endpoints, conf.openai.model, read_api_key(conf.openai.api_key_env))
 
@@ -147,12 +145,12 @@ def _external(conf: LLMConf) -> LLMService:
 # -- sim -------------------------------------------------------------------------
 
 
-def _start_sim(conf: LLMConf, log_dir: Path) -> LLMService:
+def _start_sim(conf: LLMConf, run_dir: Path) -> LLMService:
     import ray
 
     if ray.is_initialized():
         return _start_sim_actors(conf)
-    return _start_sim_processes(conf, log_dir)
+    return _start_sim_processes(conf, run_dir / "llm")
 
 
 def _replica_conf(conf: SimConf, index: int) -> SimConf:
@@ -260,7 +258,8 @@ def _drop_stale_replicas(registry: Any, current: set[str]) -> None:
 
 
 def _start_vllm(conf: LLMConf, run_dir: Path) -> LLMService:
-    from matrix_hpc.services.llm.vllm_replica import as_vllm_conf, start_vllm_service
+    from matrix_hpc.services.llm.vllm_conf import as_vllm_conf
+    from matrix_hpc.services.llm.vllm_replica import start_vllm_service
 
     vllm_conf = as_vllm_conf(conf.vllm)
     if conf.service != "default":  # llm.service names every backend's registry
@@ -268,3 +267,11 @@ def _start_vllm(conf: LLMConf, run_dir: Path) -> LLMService:
     handle = start_vllm_service(vllm_conf, run_dir)
     endpoints = RegistryEndpoints(handle.ref, refresh_interval_s=conf.client.refresh_interval_s)
     return LLMService(conf, endpoints, handle.model_name, api_key=handle.api_key, stoppers=[handle.stop])
+
+
+#: llm.backend -> what starts it (or points at it) for a run whose files live in run_dir.
+BACKENDS: dict[str, Callable[[LLMConf, Path], LLMService]] = {
+    "openai": _external,
+    "sim": _start_sim,
+    "vllm": _start_vllm,
+}

@@ -32,11 +32,9 @@ import logging
 import os
 import shlex
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Coroutine, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,204 +47,22 @@ from matrix_hpc.services.llm.registry import (
     get_or_create_registry,
     get_or_create_registry_async,
 )
+from matrix_hpc.services.llm.vllm_conf import (
+    VLLMConf,
+    as_vllm_conf,
+    install_auth_middleware,
+    resolve_python,
+    server_command,
+    server_env,
+)
 
-if TYPE_CHECKING:  # client.py imports config.py, which imports this module
+if TYPE_CHECKING:
     from matrix_hpc.services.llm.client import Secret
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
-DEVICES = ("auto", "gpu", "cpu")
-CPU_BINDS = ("spread", "auto", "nobind")
 NODE_IP = "<node-ip>"
-#: The auth middleware (vllm_auth.py), importable under this name from the server's hook dir.
-AUTH_MODULE = "matrix_hpc_vllm_auth"
-
-
-@dataclass
-class VLLMConf:
-    """``llm.vllm``: vLLM replicas served from Ray actors."""
-
-    # Model directory or Hugging Face name (a relative path is resolved against the working directory).
-    model: str = "models/tiny-llama"
-    # Name clients send as "model"; '' = the model path or name as given.
-    served_model_name: str = ""
-    # GPUs per replica (vLLM --tensor-parallel-size); each replica reserves that many Ray GPUs.
-    tensor_parallel_size: int = 1
-    # Replicas to start (each a Ray actor with its own server).
-    num_replicas: int = 1
-    # Context window in tokens (vLLM --max-model-len); 0 = the model's own.
-    max_model_len: int = 2048
-    # Fraction of each GPU's memory vLLM may use (ignored on CPU).
-    gpu_memory_utilization: float = 0.9
-    # Weights/activations dtype (vLLM --dtype): auto, bfloat16, float16, float32.
-    dtype: str = "auto"
-    # More engine flags, passed through: {"max-num-seqs": 256, "enforce-eager": true} or ["--flag", "value"].
-    extra_engine_args: Any = field(default_factory=dict)  # Any: dict or list, both valid in YAML
-    # Seconds a (re)start may take until /health answers; model download and compilation count.
-    startup_timeout_s: float = 900.0
-    # Seconds between health checks of a running server.
-    health_interval_s: float = 5.0
-    # Seconds one health check may take.
-    health_timeout_s: float = 10.0
-    # Consecutive failed health checks that make a server count as dead.
-    health_failures_to_restart: int = 3
-    # First wait before restarting a dead server; doubles per consecutive failure.
-    restart_backoff_s: float = 2.0
-    # Cap of that wait.
-    restart_backoff_max_s: float = 60.0
-    # Restarts per replica before it gives up (-1 = never give up).
-    max_restarts: int = -1
-    # Times Ray may restart a dead replica actor (process or node lost); -1 = always.
-    max_actor_restarts: int = -1
-    # Seconds a stopping server gets between SIGTERM and SIGKILL.
-    stop_grace_s: float = 10.0
-    # Interpreter that has vllm installed; '' = <repo>/.venv-vllm/bin/python if it exists, else this one.
-    python_executable: str = ""
-    # Extra environment variables of the server (e.g. HF_HOME, VLLM_CPU_KVCACHE_SPACE).
-    env: dict[str, str] = field(default_factory=dict)
-    # Registry name of this service (clients look replicas up under it).
-    service: str = "default"
-    # 'gpu', 'cpu' (vllm-cpu), or 'auto' = gpu when the Ray cluster has GPUs.
-    device: str = "auto"
-    # Address the server binds: 'auto' = 127.0.0.1 on a one-node cluster, else the node IP.
-    host: str = "auto"
-    # CPU only: KV cache size per replica in GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kvcache_space_gb: int = 1
-    # CPU only: 'spread' gives replicas disjoint cores of the node, 'auto' is vLLM's own choice, 'nobind'.
-    cpu_bind: str = "spread"
-    # Ray CPUs each replica actor reserves (its server's cores are not Ray-managed).
-    actor_num_cpus: float = 0.0
-    # Extra Ray resources each replica actor reserves, e.g. {"vllm_node": 1}.
-    resources: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.num_replicas < 1:
-            raise ValueError(f"llm.vllm.num_replicas must be >= 1, got {self.num_replicas}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"llm.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.device not in DEVICES:
-            raise ValueError(f"llm.vllm.device must be one of {DEVICES}, got {self.device!r}")
-        if self.cpu_bind not in CPU_BINDS:
-            raise ValueError(f"llm.vllm.cpu_bind must be one of {CPU_BINDS}, got {self.cpu_bind!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"llm.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if not isinstance(self.extra_engine_args, (Mapping, list, tuple)):
-            raise ValueError(
-                "llm.vllm.extra_engine_args must be a mapping {flag: value} or a list of CLI words, "
-                f"got {type(self.extra_engine_args).__name__}"
-            )
-        if self.health_failures_to_restart < 1:
-            raise ValueError(f"llm.vllm.health_failures_to_restart must be >= 1, got {self.health_failures_to_restart}")
-
-    @property
-    def model_name(self) -> str:
-        """What clients send as ``model``."""
-        return self.served_model_name or self.model
-
-
-def as_vllm_conf(conf: VLLMConf | Mapping[str, Any]) -> VLLMConf:
-    """A :class:`VLLMConf` from itself or a plain/OmegaConf mapping; unknown keys are named."""
-    if isinstance(conf, VLLMConf):
-        return conf
-    if hasattr(conf, "_metadata"):  # an OmegaConf node: resolve it into plain containers
-        from omegaconf import OmegaConf
-
-        conf = OmegaConf.to_container(conf, resolve=True)  # type: ignore[assignment]
-    valid = {f.name: f.default for f in dataclasses.fields(VLLMConf)}
-    unknown = sorted(set(conf) - set(valid))
-    if unknown:
-        listing = ", ".join(f"{k}={v!r}" for k, v in valid.items() if not isinstance(v, dataclasses._MISSING_TYPE))
-        raise ValueError(f"unknown llm.vllm setting(s) {unknown}; valid ones (defaults): {listing}")
-    return VLLMConf(**dict(conf))
-
-
-# -- the server command ------------------------------------------------------------
-
-
-def engine_args_list(extra: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> list[str]:
-    """CLI words from ``{"max-num-seqs": 8, "enforce-eager": True}`` or a ready list."""
-    if not isinstance(extra, Mapping):
-        return [str(x) for x in extra]
-    words: list[str] = []
-    for key, value in extra.items():
-        flag = "--" + str(key).lstrip("-").replace("_", "-")
-        if value is True:
-            words.append(flag)
-        elif value is False:
-            words.append("--no-" + flag[2:])
-        elif value is None:
-            continue
-        elif isinstance(value, (list, tuple)):
-            words += [flag, *[str(v) for v in value]]
-        elif isinstance(value, Mapping):
-            import json
-
-            words += [flag, json.dumps(value)]
-        else:
-            words += [flag, str(value)]
-    return words
-
-
-def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: bool) -> list[str]:
-    cmd = [python, "-m", VLLM_ENTRYPOINT, "--model", conf.model, "--host", host, "--port", str(port)]
-    cmd += ["--served-model-name", conf.model_name, "--dtype", conf.dtype]
-    cmd += ["--middleware", f"{AUTH_MODULE}.RequireApiKey"]  # the key itself: VLLM_API_KEY in server_env
-    if conf.max_model_len:
-        cmd += ["--max-model-len", str(conf.max_model_len)]
-    if use_gpu:
-        cmd += ["--tensor-parallel-size", str(conf.tensor_parallel_size)]
-        cmd += ["--gpu-memory-utilization", str(conf.gpu_memory_utilization)]
-    return cmd + engine_args_list(conf.extra_engine_args)
-
-
-def resolve_python(conf: VLLMConf, use_gpu: bool = False) -> str:
-    if conf.python_executable:
-        return conf.python_executable
-    # The source checkout's venv (editable install), else one in the working directory.
-    for root in (REPO_ROOT, Path.cwd()):
-        venv = root / ".venv-vllm"
-        # .ci/setup_vllm.sh stamps a vllm-cpu venv; a GPU replica needs the real vllm instead.
-        if (venv / "bin" / "python").exists() and not (use_gpu and any(venv.glob(".vllm-cpu-*"))):
-            return str(venv / "bin" / "python")
-    return sys.executable
-
-
-def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
-    """Disjoint cores for replica ``index`` of ``num_replicas`` on this node (wraps when cores run out)."""
-    per_replica = max(1, len(cpus) // num_replicas)
-    start = (index * per_replica) % len(cpus)
-    return ",".join(str(c) for c in cpus[start : start + per_replica])
-
-
-def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
-    # Ray pins OMP_NUM_THREADS for its workers; vLLM sizes its own threads from the core binding.
-    env.pop("OMP_NUM_THREADS", None)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if not use_gpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(conf.cpu_kvcache_space_gb)
-        if conf.cpu_bind == "spread":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_list(index, conf.num_replicas, sorted(os.sched_getaffinity(0)))
-        elif conf.cpu_bind == "nobind":
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-    env.update({k: str(v) for k, v in conf.env.items()})
-    if api_key:
-        env["VLLM_API_KEY"] = str(api_key.get())  # read by vLLM and by vllm_auth.RequireApiKey
-    return env
-
-
-def install_auth_middleware(hook_dir: Path) -> None:
-    """Copy vllm_auth.py into ``hook_dir`` (on the server's PYTHONPATH) as AUTH_MODULE."""
-    source = (Path(__file__).with_name("vllm_auth.py")).read_text()
-    target = hook_dir / f"{AUTH_MODULE}.py"
-    hook_dir.mkdir(parents=True, exist_ok=True)
-    if not target.exists() or target.read_text() != source:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(source)
-        os.replace(tmp, target)
 
 
 class ReplicaStartError(RuntimeError):
