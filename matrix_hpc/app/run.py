@@ -110,13 +110,13 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True
     private_local_token()  # Ray would write its default token file world-readable
-    loopback_local_ray()  # Ray's metrics endpoint on 127.0.0.1, not on every interface
     system_config = {}
     if cfg.get("monitoring", False):  # Ray sends its processes' metrics to its agent every 10 s by default
         system_config["metrics_report_interval_ms"] = int(cfg.prometheus.ray_export_interval_s * 1000)
-    ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
-             logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    with loopback_local_ray():  # Ray's metrics endpoint on 127.0.0.1, not on every interface
+        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
+                 logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
     return True
 
 

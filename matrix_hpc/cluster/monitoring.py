@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,23 +270,28 @@ class Monitor:
             self._secret_dir = None
 
 
-def loopback_local_ray() -> None:
-    """Before a local ``ray.init``: give the node the address 127.0.0.1.
+@contextlib.contextmanager
+def loopback_local_ray() -> Iterator[None]:
+    """Around a local ``ray.init``: the node gets the address 127.0.0.1.
 
     Ray binds each node's metrics endpoint (no authentication, unlike its
     gRPC and dashboard) to every interface unless the node's address is a
-    loopback one, and on Linux it always resolves a local node to the
-    routable address. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is Ray's switch
-    for a loopback-only local node: set in the environment (for processes
-    Ray starts) and on the already imported constant (Ray reads it at import).
+    loopback one, and on Linux it resolves a local node to the routable
+    address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off. That switch
+    is read once, at import, into a constant that ``ray.init`` consults:
+    flipped here for the duration of the call only (in the environment it
+    would stop a later ``ray start --address`` in a child process, and a later
+    connection to a remote cluster would take 127.0.0.1 for this host).
     Multi-node clusters are started by ``ray start`` and do not pass here.
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import sys
+    import ray._private.ray_constants as constants  # private: the switch has no public API
 
-    constants = sys.modules.get("ray._private.ray_constants")
-    if constants is not None:
-        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    before = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = before
 
 
 def ray_metrics_targets() -> list[str]:

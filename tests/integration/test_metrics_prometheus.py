@@ -140,6 +140,11 @@ def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Pat
         step_errors = scalar(run.url, f'sum(ray_matrix_step_errors_total{{{sel}, error_type="LLMRequestError"}})')
         assert step_errors >= llm_failed_rows
         assert scalar(run.url, "sum(ray_matrix_sandbox_leases_total)") >= 1
+        # Ray's metrics endpoint of a local run listens on loopback only, and it is what Prometheus scraped.
+        ray_sd = json.loads((run.out / "_matrix" / "monitoring" / run.run_id / "ray_targets.json").read_text())
+        listening = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
+        assert ray_sd[0]["targets"] and all(t.startswith("127.0.0.1:") and t in listening for t in ray_sd[0]["targets"])
+        assert scalar(run.url, 'sum(up{job="ray"})') == len(ray_sd[0]["targets"])
         assert_queries_return_data(run.url, run.run_id, [t for t in dashboard_targets() if VLLM_ROW not in t[0]])
     finally:
         run.end()
