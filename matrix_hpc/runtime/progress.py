@@ -186,7 +186,8 @@ class ProgressPrinter:
         total = None if stats.total_input is None else max(0, stats.total_input - stats.skipped_done)
         fields = [" ".join(f"{s} {n:,}" for s, n in _status_mix(stats.by_status)) or "nothing done yet"]
         if total:
-            fields.append(f"ETA {_hms(max(0, total - done) / avg) if avg > 0 else '?'}")
+            pace = self._rate if self._rate > 0 else avg  # the recent rate: start-up time no longer counts
+            fields.append(f"ETA {_hms(max(0, total - done) / pace) if pace > 0 else '?'}")
         fields += [f"{self._rate:,.1f}/s", f"in flight {stats.in_flight:,}", f"{stats.tokens / elapsed_s:,.0f} tok/s",
                    f"avg {avg:,.1f}/s"]
         width = max(columns - 1, 1)

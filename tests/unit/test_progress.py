@@ -101,8 +101,9 @@ def test_the_bar_shows_the_status_mix_in_proportion() -> None:
                                     "░": round(n * 0.7) - round(n * 0.6), " ": n - round(n * 0.7)}), bar
     assert bar == "".join(sorted(bar, key="█▒░ ".index))  # ok, filtered, failed, then pending
     assert line.endswith("| ok 50 filtered 10 failed 10 | ETA 0:00:04 | 7.0/s | in flight 7 | 500 tok/s | avg 7.0/s")
-    later = stats(ok=80, filtered=10, failed=10, total=100)
-    assert "| 3.0/s |" in printer.bar_line(later, columns=200, now=1020.0)  # 30 more in the last 10 s
+    later = printer.bar_line(stats(ok=60, filtered=10, failed=10, total=100), columns=200, now=1020.0)
+    assert "| 1.0/s |" in later and "avg 4.0/s" in later  # 10 more in the last 10 s; 80 in 20 s
+    assert "ETA 0:00:20" in later  # the 20 left at the recent rate (start-up time no longer counts)
 
 
 def test_the_bar_without_a_known_total_shows_counts() -> None:
