@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=32, help="prompt length in words")
     p.add_argument("--seed", type=int, default=0, help="prompt seed")
     args = p.parse_args(argv)
-    from matrix_hpc.services.llm.client import Secret
+    from matrix_hpc.services.llm.contract import Secret
 
     service = None
     urls = list(args.urls)

@@ -27,8 +27,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repo
 
-from matrix_hpc.services.llm.client import LLMClient, Secret  # noqa: E402
+from matrix_hpc.services.llm.client import LLMClient  # noqa: E402
 from matrix_hpc.services.llm.config import ClientConf  # noqa: E402
+from matrix_hpc.services.llm.contract import Secret  # noqa: E402
 from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url  # noqa: E402
 from matrix_hpc.services.llm.sim_server import API_KEY_ENV  # noqa: E402
 

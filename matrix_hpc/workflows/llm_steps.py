@@ -67,7 +67,7 @@ async def chat(
     """One chat completion for ``task``; its answer (and token usage) goes into
     the task's history as ``agent``'s message when ``record``. Returns the text
     ('' when the model returned none)."""
-    from matrix_hpc.services.llm.client import LLMRequestError
+    from matrix_hpc.services.llm.contract import LLMRequestError
 
     if role is not None and role.model and not role.base_url:
         params["model"] = role.model  # overrides the service's model in the request body

@@ -14,8 +14,9 @@ import aiohttp
 import jsonschema
 import pytest
 
-from matrix_hpc.services.llm.client import LLMClient, LLMRequestError, LLMUnavailableError
+from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.config import ClientConf, SimConf
+from matrix_hpc.services.llm.contract import LLMRequestError, LLMUnavailableError
 from matrix_hpc.services.llm.endpoints import StaticEndpoints
 from matrix_hpc.services.llm.sim_server import SimServerProcess, new_api_key
 from tests.integration.security_checks import cmdlines_with, files_with

@@ -10,18 +10,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from matrix_hpc.services.llm.client import (
-    LLMClient,
-    LLMRequestError,
-    LLMUnavailableError,
-    Secret,
-    backoff_s,
-    build_body,
-    classify_status,
-    parse_result,
-    server_message,
-)
+from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.config import ClientConf, LLMConf, SimConf
+from matrix_hpc.services.llm.contract import LLMRequestError, LLMUnavailableError, Secret, backoff_s, classify_status
+from matrix_hpc.services.llm.dialects import build_body, parse_result, server_message
 from matrix_hpc.services.llm.endpoints import StaticEndpoints
 from matrix_hpc.services.llm.service import LLMClientFactory, read_api_key
 

@@ -15,7 +15,7 @@ import pytest
 
 from matrix_hpc.runtime.message import FILTERED, OK, TaskState
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, build_workflow
-from matrix_hpc.services.llm.client import ChatResult, Choice, LLMRequestError, Usage
+from matrix_hpc.services.llm.contract import ChatResult, Choice, LLMRequestError, Usage
 from matrix_hpc.workflows.tau2 import dialogue as dlg
 from matrix_hpc.workflows.tau2 import prompts
 from matrix_hpc.workflows.tau2.rows import task_rows, trial_seeds

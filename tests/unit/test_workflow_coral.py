@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from matrix_hpc.runtime.message import FAILED, OK
-from matrix_hpc.services.llm.client import LLMRequestError, LLMUnavailableError
+from matrix_hpc.services.llm.contract import LLMRequestError, LLMUnavailableError
 from matrix_hpc.store.rows import output_schema, tasks_to_table
 from matrix_hpc.workflows.coral import NOT_SURE, Coral, CoralConf, parse_choice, question_message, summarize
 from matrix_hpc.workflows.llm_steps import RoleLLMConf

@@ -16,7 +16,7 @@ import pytest
 
 from matrix_hpc.runtime.message import FILTERED, OK, TaskState
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, build_workflow
-from matrix_hpc.services.llm.client import ChatResult, Choice, LLMRequestError, Usage
+from matrix_hpc.services.llm.contract import ChatResult, Choice, LLMRequestError, Usage
 from matrix_hpc.workflows.retail import dialogue as dlg
 from matrix_hpc.workflows.retail.db import DATA_DIR_ENV, default_data_dir
 from matrix_hpc.workflows.retail.sessions import SERVICE_NAME

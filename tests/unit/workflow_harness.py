@@ -10,7 +10,7 @@ from typing import Any
 
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow
-from matrix_hpc.services.llm.client import ChatResult, Choice, Usage
+from matrix_hpc.services.llm.contract import ChatResult, Choice, Usage
 
 Reply = Callable[[list[dict[str, Any]], dict[str, Any]], "str | Exception"]
 

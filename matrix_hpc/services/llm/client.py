@@ -20,7 +20,6 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -28,236 +27,21 @@ import aiohttp
 from matrix_hpc import metrics
 from matrix_hpc.background import supervise
 from matrix_hpc.services.llm.config import ClientConf
+from matrix_hpc.services.llm.contract import (
+    ChatResult,
+    LLMError,
+    LLMRequestError,
+    LLMUnavailableError,
+    RetryableError,
+    Secret,
+    backoff_s,
+    classify_status,
+)
+from matrix_hpc.services.llm.dialects import build_body, decode_text, parse_result, server_message
 from matrix_hpc.services.llm.endpoints import EndpointSource
 from matrix_hpc.services.llm.routing import Replica, Router
 
 log = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-_ERROR_TEXT_MAX = 2000
-
-
-# -- results ---------------------------------------------------------------
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass
-class Choice:
-    content: str | None
-    reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-@dataclass
-class ChatResult:
-    choices: list[Choice]
-    usage: Usage
-    replica: str  # base URL of the replica that answered
-    latency_s: float  # first attempt's start to the answer, retries included
-    attempts: int
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the server's JSON answer
-
-    @property
-    def content(self) -> str | None:
-        return self.choices[0].content if self.choices else None
-
-
-# -- errors ----------------------------------------------------------------
-
-
-class LLMError(Exception):
-    """Base of the errors an agent step can get from the LLM client."""
-
-
-class LLMRequestError(LLMError):
-    """The server refused the request for good (a 4xx other than 408/409/425/429)."""
-
-    retryable = False  # the runtime fails the row at once instead of retrying the step
-
-    def __init__(self, status: int, message: str, replica: str):
-        self.status = status
-        self.server_message = message
-        self.replica = replica
-        super().__init__(f"LLM request rejected by {replica} with HTTP {status}: {message}")
-
-
-class LLMUnavailableError(LLMError):
-    """Every attempt failed with a retryable error, or no replica ever registered."""
-
-
-class _Retryable(Exception):
-    """One attempt failed in a way worth retrying; ``replica_down`` when the replica is unreachable."""
-
-    def __init__(self, reason: str, replica_down: bool = False):
-        super().__init__(reason)
-        self.replica_down = replica_down
-
-
-class Secret:
-    """A string that never shows itself in repr/str (API keys)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str | None):
-        self._value = value or None
-
-    def get(self) -> str | None:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret(None)"
-
-    __str__ = __repr__
-
-    def __bool__(self) -> bool:
-        return self._value is not None
-
-
-def classify_status(status: int) -> str:
-    """'ok', 'retry' or 'fatal' for an HTTP status."""
-    if status < 400:
-        return "ok"
-    if status in RETRYABLE_STATUS or status >= 500:
-        return "retry"
-    return "fatal"
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
-    return rng.uniform(0.0, min(max_s, base_s * 2 ** (attempt - 1)))
-
-
-# -- request bodies ----------------------------------------------------------
-
-_VLLM_LEGACY_GUIDED = {
-    "guided_choice": "choice",
-    "guided_json": "json",
-    "guided_regex": "regex",
-    "guided_grammar": "grammar",
-}
-_CHOICE_WRAPPER_KEY = "choice"
-
-
-def build_body(
-    model: str,
-    messages: list[dict[str, Any]],
-    dialect: str,
-    choice: list[str] | None = None,
-    json_schema: dict[str, Any] | None = None,
-    params: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The JSON body of a chat completion request for a server of ``dialect``.
-
-    ``choice`` / ``json_schema`` are the portable structured-output forms:
-    vLLM (>= 0.12) takes ``structured_outputs={"choice"|"json": ...}`` (its old
-    ``guided_*`` fields are silently ignored, so they are translated too);
-    OpenAI takes ``response_format`` with a JSON schema, and a choice becomes
-    an enum property that :func:`parse_result` unwraps.
-    """
-    body: dict[str, Any] = {"model": model, "messages": messages}
-    extra = dict(params or {})
-    extra_body = extra.pop("extra_body", None) or {}
-    body.update(extra)
-    if dialect == "vllm":
-        _add_vllm_structured(body, choice, json_schema)
-    else:
-        _add_openai_structured(body, choice, json_schema)
-    body.update(extra_body)
-    return body
-
-
-def _add_vllm_structured(body: dict[str, Any], choice: list[str] | None, json_schema: dict[str, Any] | None) -> None:
-    structured = dict(body.pop("structured_outputs", None) or {})
-    for legacy, key in _VLLM_LEGACY_GUIDED.items():
-        if legacy in body:
-            structured[key] = body.pop(legacy)
-    if choice is not None:
-        structured["choice"] = list(choice)
-    if json_schema is not None:
-        structured["json"] = json_schema
-    if structured:
-        body["structured_outputs"] = structured
-
-
-def _add_openai_structured(body: dict[str, Any], choice: list[str] | None, json_schema: dict[str, Any] | None) -> None:
-    if choice is not None and json_schema is not None:
-        raise ValueError("pass either choice= or json_schema=, not both")
-    if choice is not None:
-        schema = {
-            "type": "object",
-            "properties": {_CHOICE_WRAPPER_KEY: {"type": "string", "enum": list(choice)}},
-            "required": [_CHOICE_WRAPPER_KEY],
-            "additionalProperties": False,
-        }
-        body["response_format"] = _response_format("choice", schema, strict=True)
-    elif json_schema is not None:
-        body["response_format"] = _response_format("output", json_schema, strict=False)
-
-
-def _response_format(name: str, schema: dict[str, Any], strict: bool) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": strict}}
-
-
-def parse_result(data: dict[str, Any], unwrap_choice: bool) -> tuple[list[Choice], Usage]:
-    """Choices and usage from a chat completion answer (vLLM, OpenAI, sim)."""
-    choices = []
-    for item in data.get("choices") or []:
-        message = item.get("message") or {}
-        content = message.get("content")
-        if unwrap_choice and isinstance(content, str):
-            content = _unwrap_choice(content)
-        choices.append(
-            Choice(
-                content=content,
-                # vLLM renamed reasoning_content to reasoning; accept both.
-                reasoning_content=message.get("reasoning") or message.get("reasoning_content"),
-                tool_calls=list(message.get("tool_calls") or []),
-                finish_reason=item.get("finish_reason"),
-            )
-        )
-    usage = data.get("usage") or {}
-    return choices, Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-
-def _unwrap_choice(content: str) -> str:
-    try:
-        value = json.loads(content)
-    except ValueError:
-        return content
-    if isinstance(value, dict) and isinstance(value.get(_CHOICE_WRAPPER_KEY), str):
-        return str(value[_CHOICE_WRAPPER_KEY])
-    return content
-
-
-def _decode(payload: bytes) -> str:
-    return payload.decode("utf-8", errors="replace")
-
-
-def server_message(text: str) -> str:
-    """The human part of an error answer (OpenAI and vLLM shapes), else the raw text, shortened."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text[:_ERROR_TEXT_MAX]
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])[:_ERROR_TEXT_MAX]
-        if isinstance(error, str):
-            return error[:_ERROR_TEXT_MAX]
-        if data.get("message"):
-            return str(data["message"])[:_ERROR_TEXT_MAX]
-    return text[:_ERROR_TEXT_MAX]
 
 
 # -- the client --------------------------------------------------------------
@@ -388,7 +172,7 @@ class LLMClient:
                 async with self._gate:  # max_connections: wait here, outside the timeout
                     replica = await self._pick(sticky_key, tried)
                     data = await self._attempt(replica, body, http_timeout)
-            except _Retryable as exc:
+            except RetryableError as exc:
                 metrics.LLM_REQUESTS.inc(1, self._endpoint, replica.base_url, "retried")
                 last_reason = self._redact(f"{replica.base_url}: {exc}")
                 tried.append(replica.replica_id)
@@ -417,24 +201,24 @@ class LLMClient:
                 payload = await resp.read()  # bytes: json.loads needs no charset sniffing
                 status = resp.status
         except TimeoutError:
-            raise _Retryable(f"no answer within {http_timeout.total:.1f} s") from None
+            raise RetryableError(f"no answer within {http_timeout.total:.1f} s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise _Retryable(f"cannot connect ({exc.os_error})", replica_down=True) from None
+            raise RetryableError(f"cannot connect ({exc.os_error})", replica_down=True) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise _Retryable(f"connection lost ({type(exc).__name__}: {exc})") from None
+            raise RetryableError(f"connection lost ({type(exc).__name__}: {exc})") from None
         finally:
             self.router.release(replica)
             metrics.LLM_OUTSTANDING.set(replica.outstanding, self._endpoint, replica.base_url)
         verdict = classify_status(status)
         if verdict == "retry":
-            raise _Retryable(f"HTTP {status}: {server_message(_decode(payload))[:200]}")
+            raise RetryableError(f"HTTP {status}: {server_message(decode_text(payload))[:200]}")
         if verdict == "fatal":
             metrics.LLM_REQUESTS.inc(1, self._endpoint, replica.base_url, "rejected")
-            raise LLMRequestError(status, self._redact(server_message(_decode(payload))), replica.base_url)
+            raise LLMRequestError(status, self._redact(server_message(decode_text(payload))), replica.base_url)
         try:
             return dict(json.loads(payload))
         except ValueError:
-            raise _Retryable(f"unparseable answer: {payload[:200]!r}") from None
+            raise RetryableError(f"unparseable answer: {payload[:200]!r}") from None
 
     def _record(self, result: ChatResult) -> None:
         """One answered request in the metrics (matrix_hpc.metrics), labelled by endpoint and replica URL."""

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from matrix_hpc.services.llm.client import LLMClient, Secret
+from matrix_hpc.services.llm.client import LLMClient
 from matrix_hpc.services.llm.config import ClientConf, LLMConf, SimConf
+from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.endpoints import EndpointSource, RegistryEndpoints, StaticEndpoints
 from matrix_hpc.services.llm.registry import NAMESPACE, ServiceRef, config_digest, get_or_create_registry
 

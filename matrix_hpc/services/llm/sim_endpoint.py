@@ -21,8 +21,8 @@ from typing import Any
 
 from aiohttp import web
 
-from matrix_hpc.services.llm.client import Secret
 from matrix_hpc.services.llm.config import SimConf
+from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.sim_schema import filler_words, sample_json
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ from typing import Any
 
 from aiohttp import web
 
-from matrix_hpc.services.llm.client import Secret
 from matrix_hpc.services.llm.config import SimConf
+from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.sim_endpoint import API_KEY_ENV, SimEndpoint
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from matrix_hpc.services.llm.client import Secret
+    from matrix_hpc.services.llm.contract import Secret
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"

@@ -57,7 +57,7 @@ from matrix_hpc.services.llm.vllm_conf import (
 )
 
 if TYPE_CHECKING:
-    from matrix_hpc.services.llm.client import Secret
+    from matrix_hpc.services.llm.contract import Secret
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -261,7 +261,7 @@ class RetailToolUse(Workflow):
         if (route := self._limit_route(task)) is not None:
             task.data["route"] = route
             return None
-        from matrix_hpc.services.llm.client import LLMRequestError
+        from matrix_hpc.services.llm.contract import LLMRequestError
 
         role = self._role_llm(who)
         if role.model and not role.base_url:

@@ -209,7 +209,7 @@ class Tau2Workflow(Workflow):
 
     async def _chat(self, task: TaskState, ctx: AgentContext, who: str, messages: list[dict[str, Any]],
                     params: dict[str, Any]) -> Any:  # Any: ChatResult; None when the server refused for good
-        from matrix_hpc.services.llm.client import LLMRequestError
+        from matrix_hpc.services.llm.contract import LLMRequestError
 
         role = self._role_llm(who)
         if role.model and not role.base_url:
