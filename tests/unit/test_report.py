@@ -199,10 +199,11 @@ def test_report_page_is_self_contained_and_its_numbers_are_inspects(
     out = write_output(tmp_path / "out", coral_rows(), CORAL)
     assert main(["inspect", str(out)]) == 0
     expected = inspect_numbers(capsys.readouterr().out)
-    assert main(["report", str(out), "--out", str(tmp_path / "r.html"), "--png", str(tmp_path / "png")]) == 0
+    (tmp_path / "reports").mkdir()  # --out a directory: report.html in it
+    assert main(["report", str(out), "--out", str(tmp_path / "reports"), "--png", str(tmp_path / "png")]) == 0
     assert "wrote" in capsys.readouterr().out
     page = _Page()
-    page.feed((tmp_path / "r.html").read_text())
+    page.feed((tmp_path / "reports" / "report.html").read_text())
     assert page.refs == [] and page.scripts == 0  # nothing fetched: opens offline
     assert len(page.images) == 6 + 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
     got = {k: page.numbers.get(k, "").replace(",", "") for k in expected}
@@ -212,6 +213,9 @@ def test_report_page_is_self_contained_and_its_numbers_are_inspects(
     assert len(pngs) == 9 and all((tmp_path / "png" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     default = main(["report", str(out)])
     assert default == 0 and (out / META_DIR / "report.html").exists()
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    assert main(["report", str(out), "--out", str(tmp_path / "blocked" / "r.html")]) == 2
+    assert "cannot write the report" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("make", "message"), [
