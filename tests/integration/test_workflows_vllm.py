@@ -122,3 +122,48 @@ def test_natural_reasoning_on_vllm(llm_factory: Any, tmp_path: Path) -> None:
         else:
             assert r["question"] and r["independent_answer"] and len(r["scores"]) == len(RUBRIC)
     assert any(m["agent"] == "filter" for r in out.values() for m in r["messages"])  # the LLM filter ran
+
+
+@pytest.mark.needs("prometheus")
+def test_vllm_engine_metrics_in_the_runs_prometheus(llm_factory: Any, tmp_path: Path) -> None:
+    """monitoring=true with these replicas (docs/monitoring.md): the run's Prometheus
+    scrapes each replica's own /metrics with the service's key (from a 0600 file,
+    in neither argv nor the config), the engines count exactly the requests the
+    client saw answered, and the dashboard's vLLM panels return data."""
+    import psutil
+
+    from matrix_hpc.app.monitoring import start_run_monitor
+    from matrix_hpc.app.run import plan_from_config
+    from matrix_hpc.cli.config_check import compose
+    from matrix_hpc.runtime.driver import Driver, new_run_id
+    from tests.integration.test_metrics_prometheus import VLLM_ROW, assert_queries_return_data, dashboard_targets
+
+    src = write_jsonl(tmp_path / "in.jsonl", _sample_rows("mmlu", 3))
+    cfg = compose(["workflow=coral", "dataset=mmlu_pro_sample", f"dataset.path={src}", f"output.dir={tmp_path / 'o'}",
+                   "workflow.max_turns=1", "workflow.speaker_max_tokens=8", "llm=vllm", "monitoring=true",
+                   "prometheus.scrape_interval_s=1", "run.progress_interval_s=0"], str(REPO_ROOT / "conf"))
+    plan, run_id = plan_from_config(cfg), new_run_id()
+    plan.services["llm"] = llm_factory  # the module's replicas stand in for the ones llm=vllm would start
+    monitor = start_run_monitor(cfg, plan, run_id)
+    assert monitor is not None
+    prom = monitor.monitor.prometheus
+    engines = 'sum(vllm:e2e_request_latency_seconds_count{job="vllm"})'
+    try:
+        assert monitor.monitor.wait_until('count(up{job="vllm"} == 1)', 2, timeout_s=60)  # both, with the key
+        before = float(prom.query(engines)[0]["value"][1])  # the module's earlier tests used the replicas too
+        result = asyncio.run(Driver(plan, run_id).run())
+        assert not result.interrupted
+        answered = f'sum(ray_matrix_llm_requests_total{{run_id="{run_id}", outcome="ok"}})'
+        assert monitor.monitor.wait_until(f"{answered} > bool 0", 1, timeout_s=60)  # Ray exports every 10 s here
+        n = float(prom.query(answered)[0]["value"][1])
+        assert n >= 3 and monitor.monitor.wait_until(f"{engines} - {before}", n, timeout_s=30)
+        assert_queries_return_data(prom.url, run_id, [t for t in dashboard_targets() if VLLM_ROW in t[0]])
+        config = prom.config_file.read_text()
+        key_file = Path(json.loads(config)["scrape_configs"][1]["authorization"]["credentials_file"])
+        key = llm_factory.api_key.get()
+        assert key_file.read_text() == key and key_file.stat().st_mode & 0o777 == 0o600
+        assert prom.proc is not None and key not in " ".join(psutil.Process(prom.proc.pid).cmdline())
+        assert key not in config and key not in (prom.log_file.read_text() if prom.log_file.exists() else "")
+    finally:
+        monitor.finish(None)
+    assert prom.proc is None and not key_file.exists()
