@@ -24,6 +24,7 @@ layer, the store included, can use it.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -35,6 +36,8 @@ SIZE_BUCKETS = tuple(float(4 ** k) for k in range(16))
 TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 32768.0)
 
 BASE_TAGS = ("run_id", "workflow")
+#: ``MATRIX_HPC_METRICS=off`` in the environment of ``matrix-hpc run``: record nothing (benchmarks compare with it).
+SWITCH_ENV = "MATRIX_HPC_METRICS"
 _base: dict[str, str] = {"run_id": "", "workflow": ""}
 
 
@@ -91,6 +94,9 @@ class Metric:
         return tags
 
     def _create(self) -> Any:
+        if os.environ.get(SWITCH_ENV) == "off":
+            self._impl = False  # for good: Ray's processes inherit the switch from the driver's environment
+            return False
         if not ray_connected():
             return False  # not cached: the process may connect to Ray later
         from ray.util import metrics as rm

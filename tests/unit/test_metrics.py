@@ -99,3 +99,10 @@ def test_missing_prometheus_binary_names_the_fix(tmp_path: Path) -> None:
 def test_bad_intervals_are_refused() -> None:
     with pytest.raises(ValueError, match="prometheus.scrape_interval_s"):
         PrometheusConf(scrape_interval_s=0)
+
+
+def test_the_switch_turns_recording_off_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(metrics.SWITCH_ENV, "off")
+    m = metrics.Metric("gauge", "matrix_test_switch", "test")
+    m.set(1.0)
+    assert m._impl is False  # cached: later records skip even the Ray check
