@@ -24,16 +24,17 @@ layer, the store included, can use it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: Latency buckets in seconds: a sandbox exec or a cached LLM turn (ms) to a long generation (minutes).
 LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Per-commit sizes (rows or bytes): powers of 4 from 1 to ~1e9.
 SIZE_BUCKETS = tuple(float(4 ** k) for k in range(16))
-#: Tokens per request.
-TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 32768.0)
 
 BASE_TAGS = ("run_id", "workflow")
 #: ``MATRIX_HPC_METRICS=off`` in the environment of ``matrix-hpc run``: record nothing (benchmarks compare with it).
@@ -73,19 +74,27 @@ class Metric:
         """Counter: add ``value`` (a batch's count) for the label values ``tags`` (in ``tag_keys`` order)."""
         impl = self._impl if self._impl is not None else self._create()
         if impl and value > 0:
-            impl.inc(value, self._tags(tags))
+            self._record(impl.inc, value, tags)
 
     def set(self, value: float, *tags: str) -> None:
         """Gauge: the current value."""
         impl = self._impl if self._impl is not None else self._create()
         if impl:
-            impl.set(value, self._tags(tags))
+            self._record(impl.set, value, tags)
 
     def observe(self, value: float, *tags: str) -> None:
         """Histogram: one observation."""
         impl = self._impl if self._impl is not None else self._create()
         if impl:
-            impl.observe(value, self._tags(tags))
+            self._record(impl.observe, value, tags)
+
+    def _record(self, method: Any, value: float, tags: tuple[str, ...]) -> None:
+        try:
+            method(value, self._tags(tags))
+        except Exception as e:  # a metric must never fail the task, step or commit that records it
+            log.warning("metric %s: recording failed (%s: %s); not recording it in this process any more",
+                        self.name, type(e).__name__, e)
+            self._impl = False
 
     def _tags(self, values: tuple[str, ...]) -> dict[str, str]:
         tags = self.tag_cache.get(values)
@@ -99,16 +108,21 @@ class Metric:
             return False
         if not ray_connected():
             return False  # not cached: the process may connect to Ray later
+        try:
+            self._impl = self._new_ray_metric()
+        except Exception as e:  # as above: no metric rather than a failed step
+            log.warning("metric %s: Ray refused it (%s: %s); not recording it", self.name, type(e).__name__, e)
+            self._impl = False
+        return self._impl
+
+    def _new_ray_metric(self) -> Any:
         from ray.util import metrics as rm
 
         if self.kind == "counter":
-            self._impl = rm.Counter(self.name, self.description, tag_keys=self.tag_keys)
-        elif self.kind == "gauge":
-            self._impl = rm.Gauge(self.name, self.description, tag_keys=self.tag_keys)
-        else:
-            self._impl = rm.Histogram(self.name, self.description, boundaries=list(self.boundaries),
-                                      tag_keys=self.tag_keys)
-        return self._impl
+            return rm.Counter(self.name, self.description, tag_keys=self.tag_keys)
+        if self.kind == "gauge":
+            return rm.Gauge(self.name, self.description, tag_keys=self.tag_keys)
+        return rm.Histogram(self.name, self.description, boundaries=list(self.boundaries), tag_keys=self.tag_keys)
 
 
 _ALL: list[Metric] = []

@@ -106,3 +106,14 @@ def test_the_switch_turns_recording_off_for_good(monkeypatch: pytest.MonkeyPatch
     m = metrics.Metric("gauge", "matrix_test_switch", "test")
     m.set(1.0)
     assert m._impl is False  # cached: later records skip even the Ray check
+
+
+def test_a_failing_record_never_reaches_the_caller(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def inc(self, value: float, tags: dict[str, str]) -> None:
+            raise RuntimeError("Ray is shutting down")
+
+    m = metrics.Metric("counter", "matrix_test_broken_total", "test")
+    m._impl = Broken()
+    m.inc(1)  # no exception: the step or commit that records goes on
+    assert m._impl is False and "matrix_test_broken_total" in caplog.text
