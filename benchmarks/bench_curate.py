@@ -83,29 +83,32 @@ def build_output(out: Path, rows: int, rows_per_file: int, seed: int = 0) -> Non
 
 
 class PeakRss:
-    """The largest RSS sum over this process and its descendants, sampled in a thread."""
+    """The largest RSS sum over this process and its descendants, sampled in a thread; ``peak_anon``
+    counts anonymous memory only (RssAnon: not the pages of memory-mapped files, which the kernel can drop)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         import psutil
 
-        self.proc, self.interval_s, self.peak = psutil.Process(), interval_s, 0
+        self.proc, self.interval_s, self.peak, self.peak_anon = psutil.Process(), interval_s, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self) -> tuple[int, int]:
         import psutil
 
-        total = 0
+        total, anon = 0, 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
             try:
                 total += p.memory_info().rss
-            except psutil.Error:
+                anon += _rss_anon(p.pid)
+            except (psutil.Error, OSError):
                 pass
-        return total
+        return total, anon
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, self._sample())
+            total, anon = self._sample()
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
 
     def __enter__(self) -> PeakRss:
         self._thread.start()
@@ -114,6 +117,13 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def loadavg() -> str:
@@ -159,10 +169,10 @@ def run(work: Path, rows: int, num_cpus: int) -> None:
     print(f"loadavg after:  {loadavg()}")
     dedup_s = t2 - t1
     print(f"rows {rows:,}: dedup {dedup_s:.1f} s (+ Ray start {t1 - t0:.1f} s), peak RSS of the process tree "
-          f"{peak.peak / 2**30:.2f} GiB, {rows / dedup_s:,.0f} rows/s, {rows / dedup_s / num_cpus:,.0f} rows/s "
-          f"per core ({num_cpus} cores)")
+          f"{peak.peak / 2**30:.2f} GiB (anonymous {peak.peak_anon / 2**30:.2f}), {rows / dedup_s:,.0f} rows/s, "
+          f"{rows / dedup_s / num_cpus:,.0f} rows/s per core ({num_cpus} cores)")
     print(f"kept {result.kept:,}, dropped {result.dropped_exact:,} exact + {result.dropped_near:,} near "
-          f"({result.clusters:,} clusters, bands b={result.bands[0]} r={result.bands[1]})")
+          f"({result.clusters:,} clusters, b={result.bands[0]} r={result.bands[1]}); stages (s): {result.stage_s}")
 
 
 def run_export(work: Path, rows: int, num_cpus: int) -> None:
@@ -176,7 +186,7 @@ def run_export(work: Path, rows: int, num_cpus: int) -> None:
             elapsed = time.perf_counter() - t
         print(f"loadavg after:  {loadavg()}")
         print(f"export {name}: {result.rows:,} rows in {elapsed:.1f} s ({result.rows / elapsed:,.0f} rows/s), "
-              f"peak RSS {peak.peak / 2**30:.2f} GiB")
+              f"peak RSS {peak.peak / 2**30:.2f} GiB (anonymous {peak.peak_anon / 2**30:.2f} GiB)")
 
 
 if __name__ == "__main__":

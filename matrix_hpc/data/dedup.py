@@ -28,6 +28,7 @@ estimated similarity.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class DedupResult:
     no_text: int = 0  # rows without text in the chosen columns (kept, not compared)
     clusters: int = 0  # clusters of two or more rows
     bands: list[int] = field(default_factory=list)  # [b, r]
+    stage_s: dict[str, float] = field(default_factory=dict)  # wall seconds of each stage this call ran
     notes: list[str] = field(default_factory=list)
 
 
@@ -99,14 +101,20 @@ def dedup(out_dir: Path, dest: Path, conf: DedupConf, force: bool = False) -> De
     notes = [n for n in [src.live_note()] if n]
     if (done := plan.finished()) is not None:
         return DedupResult(**{**done, "dest": Path(dest), "notes": notes + ["already complete (summary.json)"]})
+    clock = [time.perf_counter()]
     run_stage([asdict(u) for u in plan.pending(SIGN)], functools.partial(sign_unit, str(plan.out_dir),
                                                                          str(plan.work), conf))
+    clock.append(time.perf_counter())
     dropped = _report(plan, conf)
     drops = _drops_by_unit(dropped)
+    clock.append(time.perf_counter())
     run_stage([{**asdict(u), "drop": drops.get(u.index, [])} for u in plan.units
                if not u.data_path(plan.dest).exists()],
               functools.partial(write_unit, str(plan.out_dir), str(plan.dest), conf.statuses))
+    clock.append(time.perf_counter())
     result = _result(plan, conf, dropped)
+    result.stage_s = {name: round(b - a, 1) for name, a, b in zip((SIGN, "group", WRITE), clock, clock[1:],
+                                                                   strict=False)}
     plan.write_summary({k: v for k, v in asdict(result).items() if k not in ("dest", "notes")})
     result.notes = notes
     return result
