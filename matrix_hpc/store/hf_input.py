@@ -132,10 +132,9 @@ def check_hf_dataset(hf: HFDatasetConf) -> None:
 def count_hf_rows(hf: HFDatasetConf) -> int:
     """The split's size as the dataset's metadata records it."""
     info = _builder(hf).info.splits
-    base_split = hf.split.split("[", 1)[0]
-    if not info or base_split not in info or info[base_split].num_examples is None:
-        raise ValueError(f"{hf_source(hf)} records no row count")
-    return int(info[base_split].num_examples)
+    if "[" in hf.split or not info or hf.split not in info or info[hf.split].num_examples is None:
+        raise ValueError(f"{hf_source(hf)}: no row count recorded for it (a sliced split, or no metadata)")
+    return int(info[hf.split].num_examples)
 
 
 def _builder(hf: HFDatasetConf) -> Any:  # Any: a datasets.DatasetBuilder

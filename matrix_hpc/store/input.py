@@ -146,14 +146,20 @@ def iter_input(conf: DatasetConf) -> Iterator[InputItem]:
 
 def _iter_sources(conf: DatasetConf) -> Iterator[InputItem]:
     if conf.hf.name:
-        from matrix_hpc.store.hf_input import hf_source, iter_hf_batches, load_hf_split
+        from matrix_hpc.store.hf_input import hf_source
 
-        source = hf_source(conf.hf)
-        yield from _iter_safely(_rows_of_batches(iter_hf_batches(load_hf_split(conf.hf)), conf, source,
-                                                 f"{conf.hf.name}:row"), source)
+        yield from _iter_safely(_iter_hf(conf), hf_source(conf.hf))
         return
     for path in input_files(conf):
         yield from _iter_safely(_iter_file(path, conf), str(path))
+
+
+def _iter_hf(conf: DatasetConf) -> Iterator[InputItem]:
+    from matrix_hpc.store.hf_input import hf_source, iter_hf_batches, load_hf_split
+
+    # Loaded inside the generator: a damaged cache fails like a damaged file (one failed item).
+    yield from _rows_of_batches(iter_hf_batches(load_hf_split(conf.hf)), conf, hf_source(conf.hf),
+                                f"{conf.hf.name}:row")
 
 
 EXACT_INPUT_IDS_ENV = "MATRIX_HPC_INPUT_EXACT_IDS"

@@ -75,10 +75,14 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
     return [r for f in data_files(out) for r in pq.read_table(f).to_pylist()]
 
 
-def wait_for_rows(out: Path, at_least: int, timeout_s: float = 120, poll_s: float = 0.2) -> None:
-    """Wait until a running job has committed ``at_least`` rows to ``out``."""
+def wait_for_rows(out: Path, at_least: int, timeout_s: float = 120, poll_s: float = 0.2,
+                  while_running: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until a running job has committed ``at_least`` rows to ``out``
+    (``while_running``: fail at once when that job has ended)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
+        if while_running is not None and while_running.poll() is not None:
+            raise AssertionError(f"the run ended (exit {while_running.returncode}) before {out} had {at_least} rows")
         try:
             if len(read_rows(out)) >= at_least:
                 return
