@@ -59,6 +59,14 @@ class RunMonitor:
                 signal.signal(sig, handler)
 
 
+def check_monitoring(cfg: Any) -> None:
+    """Before Ray starts: with ``monitoring=true``, a Prometheus server must be there."""
+    if cfg.get("monitoring", False):
+        from omegaconf import OmegaConf
+
+        OmegaConf.to_object(cfg.prometheus).find_binary()  # type: ignore[union-attr]
+
+
 def start_run_monitor(cfg: Any, plan: Any, run_id: str) -> RunMonitor | None:
     """Start Prometheus when ``monitoring=true`` (after Ray and the services are up)."""
     if not cfg.get("monitoring", False):

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from matrix_hpc.app.monitoring import start_run_monitor
+from matrix_hpc.app.monitoring import check_monitoring, start_run_monitor
 from matrix_hpc.cluster.auth import private_local_token
 from matrix_hpc.cluster.monitoring import loopback_local_ray
 from matrix_hpc.config.secrets import redact, redacted_yaml
@@ -48,6 +48,7 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
     """
     plan = plan_from_config(cfg)
     check_input(plan.dataset)
+    check_monitoring(cfg)
     run_id = new_run_id()
     out_dir = Path(plan.output.dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

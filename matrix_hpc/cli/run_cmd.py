@@ -57,6 +57,7 @@ def _submit_to_slurm(cfg: DictConfig) -> int | None:
 def run_from_config(cfg: DictConfig) -> int:
     """Run one job from a composed config; returns the process exit code."""
     from matrix_hpc.app.run import execute
+    from matrix_hpc.cluster.monitoring import MonitoringError
     from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
     from matrix_hpc.store.input import InputPathError
     from matrix_hpc.store.lock import OutputLocked
@@ -68,7 +69,7 @@ def run_from_config(cfg: DictConfig) -> int:
         return submitted
     try:
         result = execute(cfg)
-    except (ResumeRefused, InputPathError) as e:
+    except (ResumeRefused, InputPathError, MonitoringError) as e:
         return fail(str(e))
     except OutputLocked as e:  # its message names the holder and what to do
         fail(str(e))

@@ -64,6 +64,15 @@ class PrometheusConf:
         if self.scrape_interval_s <= 0 or self.ray_export_interval_s <= 0:
             raise ValueError("prometheus.scrape_interval_s and prometheus.ray_export_interval_s must be > 0")
 
+    def find_binary(self) -> str:
+        """The server's path; :class:`MonitoringError` saying how to install it when there is none."""
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise MonitoringError(f"monitoring=true needs a Prometheus server: {self.binary!r} is not on PATH "
+                                  "(Debian: apt-get install prometheus, or `sudo bash .ci/setup_monitoring.sh`; "
+                                  "elsewhere set prometheus.binary=/path/to/prometheus)")
+        return binary
+
 
 class MonitoringError(RuntimeError):
     """Prometheus could not be started (missing binary, bad config, no ready answer)."""
@@ -125,11 +134,7 @@ class PrometheusServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, tries: int = 3) -> None:
-        binary = shutil.which(self.conf.binary)
-        if binary is None:
-            raise MonitoringError(f"monitoring=true needs a Prometheus server: {self.conf.binary!r} is not on PATH "
-                                  "(Debian: apt-get install prometheus, or `sudo bash .ci/setup_monitoring.sh`; "
-                                  "elsewhere set prometheus.binary=/path/to/prometheus)")
+        binary = self.conf.find_binary()
         for attempt in range(1, tries + 1):  # a free port can be taken before the server binds it
             self.port = self.conf.port or free_port("127.0.0.1")
             self.proc = self._spawn(binary)

@@ -23,11 +23,13 @@ from matrix_hpc.cluster.monitoring import (
 def test_recording_outside_ray_is_a_cheap_no_op() -> None:
     assert not metrics.ray_connected()  # unit tests run without Ray
     m = metrics.Metric("counter", "matrix_test_noop_total", "test", ("role",))
-    n = 100_000
-    t0 = time.perf_counter()
-    for _ in range(n):
-        m.inc(1, "a")
-    per_call_us = (time.perf_counter() - t0) / n * 1e6
+    n, batches = 20_000, []
+    for _ in range(5):  # the best of 5: a busy machine slows some batches, not the code
+        t0 = time.perf_counter()
+        for _ in range(n):
+            m.inc(1, "a")
+        batches.append((time.perf_counter() - t0) / n * 1e6)
+    per_call_us = min(batches)
     assert m._impl in (None, False) and per_call_us < 5, per_call_us  # no Ray object was made
 
 
@@ -117,3 +119,18 @@ def test_a_failing_record_never_reaches_the_caller(caplog: pytest.LogCaptureFixt
     m._impl = Broken()
     m.inc(1)  # no exception: the step or commit that records goes on
     assert m._impl is False and "matrix_test_broken_total" in caplog.text
+
+
+def test_monitoring_without_prometheus_fails_before_ray_with_the_fix(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from matrix_hpc.cli.config_check import compose
+    from matrix_hpc.cli.run_cmd import run_from_config
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"id": "1", "text": "x"}\n')
+    cfg = compose([f"dataset.path={data}", f"output.dir={tmp_path / 'out'}", "monitoring=true",
+                   "prometheus.binary=no-such-prometheus"], str(Path(__file__).resolve().parents[2] / "conf"))
+    assert run_from_config(cfg) != 0
+    err = capsys.readouterr().err
+    assert "no-such-prometheus" in err and "apt-get install prometheus" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "_matrix" / "monitoring").exists()
