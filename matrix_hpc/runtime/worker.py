@@ -12,14 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from matrix_hpc import metrics
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
 from matrix_hpc.runtime.outbox import Outbox
-from matrix_hpc.runtime.workflow import AgentContext, Filtered, WorkflowConf, build_workflow
+from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow, WorkflowConf, build_workflow
 from matrix_hpc.store.layout import shard_of, sink_of
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,37 @@ class Router:
     def route(self, role: str, task_id: str) -> tuple[str, int]:
         group = self.role_groups[role]
         return group, shard_of(task_id, self.group_sizes[group])
+
+
+async def run_step(workflow: Workflow, agent: Callable[[TaskState, AgentContext], Awaitable[None]], role: str,
+                   task: TaskState, ctx: AgentContext, policy: StepPolicy,
+                   on_error: Callable[[Exception], None] = lambda e: None) -> str | None:
+    """One role's step with the worker's semantics; the next role, or None when
+    the task ended. A failed attempt leaves no trace (history, data and result
+    restored) and is retried with exponential backoff up to
+    ``policy.max_attempts``; ``Filtered`` ends the task as filtered; an error
+    whose ``retryable`` is false, or the last attempt's, fails it naming the role."""
+    for attempt in range(1, policy.max_attempts + 1):
+        n_history, data, result = len(task.history), dict(task.data), dict(task.result)
+        try:
+            await agent(task, ctx)
+            task.hops += 1
+            if task.status is not None:
+                return None
+            return workflow.next_role(task, role)
+        except Filtered as f:
+            task.finish(FILTERED, reason=f.reason)
+            return None
+        except Exception as e:
+            on_error(e)
+            del task.history[n_history:]  # a failed step leaves no trace but the error
+            task.data, task.result = data, result
+            if attempt >= policy.max_attempts or not getattr(e, "retryable", True):
+                task.finish(FAILED, error_type=type(e).__name__, error=f"{role}: {e}"[:4000])
+                return None
+            task.attempts += 1
+            await asyncio.sleep(min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1)))
+    return None
 
 
 class Worker:
@@ -175,30 +206,11 @@ class Worker:
             metrics.STEP_LATENCY_S.observe(time.perf_counter() - t0, role)
 
     async def _attempts(self, role: str, task: TaskState) -> str | None:
-        fn = self.agents[role]
-        policy = self.spec.policy
-        for attempt in range(1, policy.max_attempts + 1):
-            n_history, data, result = len(task.history), dict(task.data), dict(task.result)
-            try:
-                await fn(task, self.ctx)
-                self.steps += 1
-                task.hops += 1
-                if task.status is not None:
-                    return None
-                return self.workflow.next_role(task, role)
-            except Filtered as f:
-                task.finish(FILTERED, reason=f.reason)
-                return None
-            except Exception as e:
-                metrics.STEP_ERRORS.inc(1, role, type(e).__name__)
-                del task.history[n_history:]  # a failed step leaves no trace but the error
-                task.data, task.result = data, result
-                if attempt >= policy.max_attempts or not getattr(e, "retryable", True):
-                    task.finish(FAILED, error_type=type(e).__name__, error=f"{role}: {e}"[:4000])
-                    return None
-                task.attempts += 1
-                await asyncio.sleep(min(policy.backoff_max_s, policy.backoff_base_s * 2 ** (attempt - 1)))
-        return None
+        hops = task.hops
+        nxt = await run_step(self.workflow, self.agents[role], role, task, self.ctx, self.spec.policy,
+                             on_error=lambda e: metrics.STEP_ERRORS.inc(1, role, type(e).__name__))
+        self.steps += task.hops - hops
+        return nxt
 
     async def _end_task(self, task: TaskState) -> None:
         """Let services release what the task held (e.g. its sandbox lease),

@@ -1,6 +1,7 @@
-"""Run one task of a workflow in-process against a scripted LLM, with the
-worker's step semantics (retries restore the state; Filtered ends the task;
-a non-retryable error fails it at once) but no Ray and no sinks."""
+"""Run one task of a workflow in-process against a scripted LLM, through the
+worker's own step (``runtime.worker.run_step``: retries restore the state;
+Filtered ends the task; a non-retryable error fails it at once; no backoff
+wait here) but no Ray and no sinks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
-from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow
+from matrix_hpc.runtime.message import OK, TaskState
+from matrix_hpc.runtime.worker import StepPolicy, run_step
+from matrix_hpc.runtime.workflow import AgentContext, Workflow
 from matrix_hpc.services.llm.contract import ChatResult, Choice, Usage
 
 Reply = Callable[[list[dict[str, Any]], dict[str, Any]], "str | Exception"]
@@ -46,7 +48,7 @@ async def _run(workflow: Workflow, row: dict[str, Any], llm: ScriptedLLM, task_i
     role: str | None = task.role
     for _ in range(max_steps):
         assert role is not None
-        role = await _step(workflow, role, task, ctx, max_attempts)
+        role = await run_step(workflow, workflow.agent(role), role, task, ctx, StepPolicy(max_attempts, 0.0, 0.0))
         if task.status is not None:
             return task
         if role is None:
@@ -54,23 +56,3 @@ async def _run(workflow: Workflow, row: dict[str, Any], llm: ScriptedLLM, task_i
             return task
         task.role = role
     raise AssertionError(f"task did not end within {max_steps} steps")
-
-
-async def _step(workflow: Workflow, role: str, task: TaskState, ctx: AgentContext, max_attempts: int) -> str | None:
-    for attempt in range(1, max_attempts + 1):
-        n, data, result = len(task.history), dict(task.data), dict(task.result)  # as the worker does
-        try:
-            await workflow.agent(role)(task, ctx)
-            task.hops += 1
-            return workflow.next_role(task, role)
-        except Filtered as f:
-            task.finish(FILTERED, reason=f.reason)
-            return None
-        except Exception as e:
-            del task.history[n:]
-            task.data, task.result = data, result
-            if attempt == max_attempts or not getattr(e, "retryable", True):
-                task.finish(FAILED, error_type=type(e).__name__, error=f"{role}: {e}")
-                return None
-            task.attempts += 1
-    return None
