@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("vllm", "torch", "transformers", "ray")
+HEAVY = ("vllm", "torch", "transformers", "ray", "datasets")
 
 
 def test_importing_the_package_and_cli_loads_no_heavy_dependency() -> None:
