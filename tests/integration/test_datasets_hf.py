@@ -28,7 +28,8 @@ TEXT_BYTES = 2048  # per row: about 40 MB of text in the big dataset
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("hf") / "home"
-    small = pa.table({"qid": [f"t{i:03d}" for i in range(30)], "question": [f"Q{i}?" for i in range(30)]})
+    small = pa.table({"qid": [f"t{i:03d}" if i != 25 else None for i in range(30)],  # row 5 of test: no id
+                      "question": [f"Q{i}?" if i != 27 else None for i in range(30)]})
     put_in_hf_cache(home, "tester/tiny_questions", "main", {"train": small.slice(0, 20), "test": small.slice(20)})
     filler = "x" * (TEXT_BYTES - 16)
     big = pa.table({"id": [f"d{i:05d}" for i in range(BIG_ROWS)],
@@ -45,9 +46,10 @@ import json, sys
 import psutil
 from matrix_hpc.store.input import DatasetConf, HFDatasetConf, check_input, count_input_rows, iter_input
 
-tiny = DatasetConf(id_column="qid", hf=HFDatasetConf(name="tester/tiny_questions", config="main", split="test"))
+tiny = DatasetConf(id_column="qid", hf=HFDatasetConf(name="tester/tiny_questions", config="main", split="test"),
+                   limit=9)
 check_input(tiny)
-small = [(i.id, i.row["question"]) for i in iter_input(tiny)]
+small = [(i.id, i.row["question"] if i.row else i.error) for i in iter_input(tiny)]
 
 big = DatasetConf(hf=HFDatasetConf(name="tester/big_questions", streaming=True))
 check_input(big)
@@ -70,7 +72,11 @@ def test_a_hub_dataset_is_read_by_name_offline_and_streamed_in_bounded_memory(hf
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     got: dict[str, Any] = json.loads(r.stdout.splitlines()[-1])
-    assert got["small"] == [[f"t{i:03d}", f"Q{i}?"] for i in range(20, 30)]  # config main, split test
+    where = "hf:tester/tiny_questions/main[test]:row"  # config main, split test, the first 9 rows (limit)
+    assert got["small"] == [[f"t{i:03d}", f"Q{i}?" if i != 27 else None] for i in range(20, 25)] + [
+        ["tester/tiny_questions:row5", f"{where} 5: the id column 'qid' is null; give every row an id, or set "
+                                       "dataset.id_column=null to use a hash of the row"],
+        ["t026", "Q26?"], ["t027", None], ["t028", "Q28?"]]
     assert got["count"] == BIG_ROWS and got["ids"] == [f"d{i:05d}" for i in range(BIG_ROWS)]
     data_mb = BIG_ROWS * TEXT_BYTES / 2**20
     # Held: the seen-ids set (~100 bytes an id) and one 1024-row batch (2 MB), not the 39 MB of rows.
