@@ -90,9 +90,9 @@ def sample_lines(out: Path, files: list[Path]) -> list[str]:
     """Rows per sample and inputs with all their samples, when the runs drew
     several samples per input row (run.samples_per_input)."""
     recorded = (recorded_identity(out) or {}).get("run", {}).get("samples_per_input", 1)
-    counts = count_samples(files, recorded)
-    if recorded <= 1 and set(counts.by_sample) <= {0}:
+    if recorded <= 1:  # one task per input: nothing to count (and no pass over every id)
         return []
+    counts = count_samples(files, recorded)
     return [f"  samples: {recorded} per input (run.samples_per_input); rows by sample: "
             + ", ".join(f"{k}: {v}" for k, v in counts.by_sample.items()),
             f"  inputs: {counts.inputs} with rows, {counts.complete} with all {recorded} samples"]
