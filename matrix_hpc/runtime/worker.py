@@ -230,6 +230,7 @@ class Worker:
         self._sinks[sink_of(task.id, self.spec.num_shards, len(self._sinks))].put(task)
 
     async def stats(self) -> dict[str, Any]:
+        metrics.STEP_LATENCY_S.flush()  # the driver asks last, before stopping the workers
         return {"group": self.spec.group, "index": self.spec.index, "running": len(self._running),
                 "steps": self.steps, "local_hops": self.local_hops, "remote_hops": self.remote_hops,
                 "incarnation": self.incarnation}

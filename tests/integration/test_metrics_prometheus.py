@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import time
 import urllib.error
@@ -105,21 +106,26 @@ class MonitoredRun:
 
 
 def assert_queries_return_data(url: str, run_id: str, rows: list[tuple[str, str, str]]) -> None:
-    empty = [f"{row} / {title}: {expr}" for row, title, expr in rows if not query(url, grafana_vars(expr, run_id))]
+    """Each query answers at least one series, and no NaN (a rate or quantile over samples that never moved)."""
+    empty = []
+    for row, title, expr in rows:
+        values = [float(r["value"][1]) for r in query(url, grafana_vars(expr, run_id))]
+        if not values or any(math.isnan(v) for v in values):
+            empty.append(f"{row} / {title}: {expr} -> {values}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
 
 @pytest.mark.needs("prometheus", "bwrap", "tau2_retail")
 def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Path) -> None:
-    from matrix_hpc.workflows.retail.tasks import iter_task_rows
+    from matrix_hpc.workflows.tau2.rows import task_rows
 
-    tasks = list(itertools.islice(iter_task_rows(split="test"), 6))
+    tasks = list(itertools.islice(task_rows("retail"), 6))
     data = write_jsonl(tmp_path / "tasks.jsonl", tasks, extra_lines=['{"id": "broken", "text": "not a task"}'])
     run = MonitoredRun(tmp_path, [
-        "workflow=retail_tool_use", "dataset=tau2_retail", f"dataset.path={data}", "workflow.max_steps=6",
-        "llm=sim", "llm.sim.ttft_s=0.01", "llm.sim.time_per_output_token_s=0", "llm.sim.tool_call_rate=0.8",
+        "workflow=tau2", "workflow.domain=retail", "dataset=tau2_retail", f"dataset.path={data}", "workflow.max_steps=6",
+        "llm=sim", "llm.sim.ttft_s=0.3", "llm.sim.time_per_output_token_s=0", "llm.sim.tool_call_rate=0.8",
         "llm.sim.error_rate=0.1", "llm.sim.bad_request_rate=0.05", "llm.client.backoff_base_s=0.01",
-        "sandbox=bwrap", f"sandbox.scratch_root={tmp_path / 'sandboxes'}", "sandbox.pool.size=4",
+        "sandbox=bwrap", f"sandbox.scratch_root={tmp_path / 'sandboxes'}", "sandbox.pool.size=2",
         "run.progress_interval_s=0"], ready_timeout_s=240)
     try:
         rows = read_rows(run.out)

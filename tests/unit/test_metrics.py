@@ -134,3 +134,24 @@ def test_monitoring_without_prometheus_fails_before_ray_with_the_fix(tmp_path: P
     err = capsys.readouterr().err
     assert "no-such-prometheus" in err and "apt-get install prometheus" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "_matrix" / "monitoring").exists()
+
+
+def test_batched_histogram_publishes_prometheus_histogram_series() -> None:
+    sent: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    class Recorder(metrics.Metric):
+        def set(self, value: float, *tags: str) -> None:
+            sent[(self.name, tags)] = value
+
+    h = metrics.BatchedHistogram("matrix_test_batched_seconds", "test", ("role",), (0.1, 1.0), publish_s=3600)
+    for part in ("_bucket", "_sum", "_count"):  # record into dicts instead of Ray
+        m = getattr(h, part)
+        m.__class__ = Recorder
+    for v in (0.05, 0.1, 0.5, 2.0, 3.0):
+        h.observe(v, "student")  # the first observation publishes at once, the rest wait for publish_s
+    assert sent[("matrix_test_batched_seconds_count", ("student",))] == 1
+    h.flush()
+    assert {le: sent[("matrix_test_batched_seconds_bucket", ("student", le))] for le in ("0.1", "1.0", "+Inf")} == \
+        {"0.1": 2, "1.0": 3, "+Inf": 5}  # cumulative, `le` inclusive as Prometheus has it
+    assert sent[("matrix_test_batched_seconds_count", ("student",))] == 5
+    assert sent[("matrix_test_batched_seconds_sum", ("student",))] == pytest.approx(5.65)
