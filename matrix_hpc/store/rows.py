@@ -64,6 +64,12 @@ TIMING_MESSAGE_FIELDS = ("t_start", "t_end")
 
 
 def output_schema(extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """The base columns and a workflow's typed result columns (``extra``), which
+    must not reuse a base column's name (readers refuse a duplicate column)."""
+    clash = sorted(set(extra or {}) & {name for name, _ in BASE_FIELDS})
+    if clash:
+        raise ValueError(f"the workflow's result column(s) {clash} reuse names of the output's own columns; rename "
+                         "them in its result_columns() (the own columns: " + ", ".join(n for n, _ in BASE_FIELDS) + ")")
     return pa.schema(BASE_FIELDS + list((extra or {}).items()))
 
 

@@ -150,6 +150,11 @@ def test_rows_carry_their_sample_and_seed() -> None:
         {"id": "q1#s2", "sample": 2, "seed": 12345}, {"id": "q1", "sample": 0, "seed": None}]
 
 
+def test_a_workflow_column_named_like_an_own_column_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"result column\(s\) \['sample', 'seed'\] reuse names"):
+        output_schema({"seed": pa.int64(), "sample": pa.string(), "score": pa.float64()})
+
+
 class _RecordingLLM:
     def __init__(self) -> None:
         self.params: list[dict[str, Any]] = []
