@@ -163,7 +163,7 @@ def run(work: Path, rows: int, num_cpus: int) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
         t1 = time.perf_counter()
-        result = dedup(work / "out", work / "dedup", DedupConf(("result.answer",)))
+        result = dedup(work / "out", work / "dedup", DedupConf(("result.answer",)), force=True)
         t2 = time.perf_counter()
         ray.shutdown()
     print(f"loadavg after:  {loadavg()}")
