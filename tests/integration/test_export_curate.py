@@ -266,4 +266,15 @@ def test_decontaminate_drops_planted_overlaps(local_ray: None, tmp_path: Path) -
     assert all(r["ngram"] in bench[r["benchmark_row"]]["question"].lower() for r in report.values())
     kept = set(pq.read_table(dest / "data").column("id").to_pylist())
     assert kept == {f"t{i:04d}" for i in range(200)} - set(planted) and short <= kept
+    # an interruption after half the units: their markers stay, the rest (and the summary) are missing
+    markers = sorted((dest / "_work" / "scan").glob("*.parquet"))
+    kept_before = {m.name: m.stat().st_mtime_ns for m in markers[::2]}
+    for m in markers[1::2]:
+        m.unlink()
+    (dest / "summary.json").unlink()
+    assert main(["curate", "decontaminate", str(out), "--column", "result.answer", "--against", str(bench_file),
+                 "--dest", str(dest)]) == 0
+    assert {m.name: m.stat().st_mtime_ns for m in markers[::2]} == kept_before  # finished units not redone
+    assert {r["id"]: r for r in pq.read_table(dest / "report" / "contaminated.parquet").to_pylist()} == report
+    assert set(pq.read_table(dest / "data").column("id").to_pylist()) == kept
     assert tree_digest(out) == before
