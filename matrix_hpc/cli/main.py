@@ -20,6 +20,7 @@ commands:
   inspect   summarise an output directory: matrix-hpc inspect OUTPUT_DIR
   report    HTML report with plots (opens offline): matrix-hpc report OUTPUT_DIR [--out FILE] [--png DIR]
   cluster   matrix-hpc cluster up|status|down cluster=slurm ...
+  serve     named LLM services on a cluster: matrix-hpc serve up|status|down|check llm=sim llm.name=NAME ...
   sweep     one line per point of a Hydra multirun: matrix-hpc sweep SWEEP_DIR
   export    rows for trainers: matrix-hpc export hf|jsonl OUTPUT_DIR DEST [--status ok,failed | --all]
   curate    matrix-hpc curate dedup|decontaminate OUTPUT_DIR --column COL --dest DEST ...
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.cluster_cmd import cluster_command
 
         return cluster_command(rest)
+    if command == "serve":
+        from matrix_hpc.cli.serve_cmd import serve_command
+
+        return serve_command(rest)
     if command == "sweep":
         from matrix_hpc.cli.sweep_cmd import sweep_command
 
@@ -73,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from matrix_hpc.cli.curate_cmd import curate_command
 
         return curate_command(rest)
-    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, report, cluster, sweep, export, "
-          "curate\n", file=sys.stderr)
+    print(f"matrix-hpc: unknown command {command!r}; valid commands: run, inspect, report, cluster, serve, sweep, "
+          "export, curate\n", file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
 

@@ -20,6 +20,24 @@ class RoleLLMConf:
     model: str | None = None  # model name sent in the request; null: the service's model
     base_url: str | None = None  # another OpenAI-compatible endpoint (…/v1); null: the run's service
     api_key_env: str | None = None  # env var holding that endpoint's API key; null: send none
+    service: str | None = None  # a service deployed with `matrix-hpc serve up` (llm.name); null: the run's llm
+
+
+def role_service_key(service: str) -> str:
+    """The ``ctx.services`` entry of the client of deployed service ``service``."""
+    return f"llm@service:{service}"
+
+
+def role_services(workflow_conf: Any) -> list[str]:
+    """The deployed services the workflow's roles name (``workflow.<role>_llm.service``): the run attaches
+    to each before it admits a task."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(workflow_conf):
+        return []
+    names = {getattr(workflow_conf, f.name).service for f in dataclasses.fields(workflow_conf)
+             if isinstance(getattr(workflow_conf, f.name), RoleLLMConf)}
+    return sorted(n for n in names if n)
 
 
 class LLMRejected(NonRetryableError):
@@ -29,6 +47,13 @@ class LLMRejected(NonRetryableError):
 def role_client(ctx: AgentContext, role: RoleLLMConf | None) -> Any:
     """The client for a role: the run's ``ctx.llm``, or a per-process client of
     the role's own endpoint, kept in ``ctx.services`` so the worker closes it."""
+    if role is not None and role.service:
+        if role.base_url:
+            raise NonRetryableError(f"a role's llm sets both service={role.service!r} and base_url; set one")
+        client = ctx.services.get(role_service_key(role.service))
+        if client is None:  # the composition root attaches every named service before the first task
+            raise RuntimeError(f"deployed LLM service {role.service!r} was not attached to this run")
+        return client
     if role is None or not role.base_url:
         return ctx.llm
     key = f"llm@{role.base_url}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from matrix_hpc.services.llm.vllm_conf import VLLMConf
 
-BACKENDS = ("sim", "openai", "vllm", "none")
+BACKENDS = ("sim", "openai", "vllm", "deployed", "none")
 DIALECTS = ("vllm", "openai")
 
 
@@ -135,10 +135,12 @@ class LLMConf:
     registry (and the vLLM replicas' registry too, unless left at 'default').
     """
 
-    # Which backend serves the run: 'sim' | 'openai' | 'vllm' | 'none'.
+    # Which backend serves the run: 'sim' | 'openai' | 'vllm' | 'deployed' | 'none'.
     backend: str = "sim"
     # Name of the replica registry of this service (one per run).
     service: str = "default"
+    # Name of a deployed service (`matrix-hpc serve up ... llm.name=NAME`; llm=deployed attaches to it).
+    name: str = ""
     # Client behaviour (timeouts, retries, routing), all backends.
     client: ClientConf = field(default_factory=ClientConf)
     # Settings of backend 'sim'.

@@ -11,6 +11,11 @@ registry records its config digest and the Ray job that made it: a second
 run that asks for a registry in use by another job is refused with a message
 that says what to change. The registry belongs to the driver that made it
 (not detached): it ends with that run, crash included, instead of lingering.
+
+A *deployed* service (``matrix-hpc serve up``, ``deploy.py``) is the other
+kind: its registry and replicas are detached actors named after the service
+alone (``llm-service-<name>``, ``llm-replica-<name>-<n>``): the name is the
+identity, and they live until ``serve down``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 
 NAMESPACE = "matrix_hpc"
 DIGEST_CHARS = 10
+DEPLOYED_REGISTRY_PREFIX = "llm-service-"
+DEPLOYED_REPLICA_PREFIX = "llm-replica-"
 
 
 class RegistryConflictError(RuntimeError):
@@ -41,16 +48,21 @@ def config_digest(conf: Any) -> str:
 class ServiceRef:
     """Which service: the user's name (``llm.service``) and its config's digest."""
 
-    name: str  # llm.service
-    digest: str  # config_digest() of the backend's config
+    name: str  # llm.service (llm.name of a deployed service)
+    digest: str  # config_digest() of the backend's config ('' for a deployed service)
+    detached: bool = False  # a deployed service (serve up): detached actors named after the service alone
 
     @property
     def registry(self) -> str:
         """Name of the registry actor."""
+        if self.detached:
+            return f"{DEPLOYED_REGISTRY_PREFIX}{self.name}"
         return f"llm-registry-{self.name}-{self.digest}"
 
     def actor(self, kind: str, index: int) -> str:
         """Name of replica actor ``index`` of this service (kind: sim | vllm)."""
+        if self.detached:
+            return f"{DEPLOYED_REPLICA_PREFIX}{self.name}-{index}"
         return f"llm-{kind}-{self.name}-{self.digest}-{index}"
 
 
@@ -91,6 +103,8 @@ def get_or_create_registry(ref: ServiceRef) -> Any:  # Any: a Ray actor handle
     """
     import ray
 
+    if ref.detached:  # made by `serve up` before any replica; replicas of later `serve up`s share it
+        return ray.get_actor(ref.registry, namespace=NAMESPACE)
     for attempt in range(3):
         handle, job = _registry_handle(ref)
         try:
@@ -105,6 +119,8 @@ async def get_or_create_registry_async(ref: ServiceRef) -> Any:  # Any: a Ray ac
     """:func:`get_or_create_registry` for code running in an event loop (replica actors)."""
     import ray
 
+    if ref.detached:
+        return ray.get_actor(ref.registry, namespace=NAMESPACE)
     for attempt in range(3):
         handle, job = _registry_handle(ref)
         try:

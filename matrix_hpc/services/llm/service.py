@@ -189,7 +189,8 @@ class SimReplicaActor:
         self.server = SimServerThread(conf, advertise_host=advertise, api_key=api_key)
         self.replica_id = replica_id
         self.registry = get_or_create_registry(service)
-        ray.get(self.registry.register.remote(replica_id, self.server.url, {"backend": "sim", "pid": os.getpid()}))
+        meta = {"backend": "sim", "pid": os.getpid(), "node": node_ip}
+        ray.get(self.registry.register.remote(replica_id, self.server.url, meta))
 
     def url(self) -> str:
         return self.server.url
@@ -216,6 +217,19 @@ def sim_actor_name(service: ServiceRef, index: int) -> str:
     return service.actor("sim", index)
 
 
+def new_sim_actor(conf: SimConf, ref: ServiceRef, index: int, replica_id: str, api_key: Secret) -> Any:
+    """Create sim replica actor ``index`` of ``ref`` (it serves and registers as it starts);
+    detached for a deployed service. Any: a Ray actor handle."""
+    import ray
+
+    # num_cpus=0: the sim is light and must not take CPU slots from agents on small machines.
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(SimReplicaActor)  # type: ignore[call-overload]
+    options: dict[str, Any] = {"name": sim_actor_name(ref, index), "namespace": NAMESPACE}
+    if ref.detached:  # `serve up`: outlives the command that made it
+        options["lifetime"] = "detached"
+    return actor_cls.options(**options).remote(conf, ref, replica_id, api_key)
+
+
 def _start_sim_actors(conf: LLMConf) -> LLMService:
     import ray
 
@@ -223,14 +237,8 @@ def _start_sim_actors(conf: LLMConf) -> LLMService:
 
     ref, api_key = sim_service_ref(conf), new_api_key()
     registry = get_or_create_registry(ref)  # here first: the registry is this driver's, and a conflict stops us now
-    # num_cpus=0: the sim is light and must not take CPU slots from agents on small machines.
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=4)(SimReplicaActor)  # type: ignore[call-overload]
-    actors = [
-        actor_cls.options(name=sim_actor_name(ref, i), namespace=NAMESPACE).remote(
-            _replica_conf(conf.sim, i), ref, f"sim-{i}", api_key
-        )
-        for i in range(conf.sim.num_replicas)
-    ]
+    actors = [new_sim_actor(_replica_conf(conf.sim, i), ref, i, f"sim-{i}", api_key)
+              for i in range(conf.sim.num_replicas)]
     ray.get([a.url.remote() for a in actors])  # raises here if a replica cannot start
     _drop_stale_replicas(registry, {f"sim-{i}" for i in range(conf.sim.num_replicas)})
 
@@ -270,8 +278,21 @@ def _start_vllm(conf: LLMConf, run_dir: Path) -> LLMService:
     return LLMService(conf, endpoints, handle.model_name, api_key=handle.api_key, stoppers=[handle.stop])
 
 
+# -- deployed ------------------------------------------------------------------------
+
+
+def _attach_deployed(conf: LLMConf, run_dir: Path) -> LLMService:
+    """``llm=deployed llm.name=NAME``: the service `matrix-hpc serve up` deployed; nothing started, nothing
+    stopped at the run's end. A name not deployed fails here, before any task, naming the deployed ones."""
+    from matrix_hpc.services.llm.deploy import attach_service
+
+    endpoints, model, api_key, client = attach_service(conf.name, conf.client)
+    return LLMService(dataclasses.replace(conf, client=client), endpoints, model, api_key=api_key)
+
+
 #: llm.backend -> what starts it (or points at it) for a run whose files live in run_dir.
 BACKENDS: dict[str, Callable[[LLMConf, Path], LLMService]] = {
+    "deployed": _attach_deployed,
     "openai": _external,
     "sim": _start_sim,
     "vllm": _start_vllm,

@@ -155,7 +155,8 @@ class VLLMReplica:
         self._pgid = await asyncio.to_thread(server_pgid, self._proc)
         self.base_url = f"http://{self.advertise_host}:{port}/v1"
         await self._wait_healthy()
-        meta = {"model": self.conf.model_name, "index": self.index, "pid": self._proc.pid, "restarts": self.restarts}
+        meta = {"model": self.conf.model_name, "index": self.index, "pid": self._proc.pid, "restarts": self.restarts,
+                "node": _node_ip(), "log": str(self.log_path)}
         await self._registry.register.remote(self.replica_id, self.base_url, meta)
         self.state = "running"
         log.info("vLLM replica %s serving at %s", self.replica_id, self.base_url)
@@ -403,6 +404,35 @@ def _resolve_model(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
+def prepare_vllm_conf(conf: VLLMConf | Mapping[str, Any]) -> tuple[VLLMConf, bool, str]:
+    """(the conf as the replicas get it, whether they use GPUs, their bind host); needs Ray initialised."""
+    conf = as_vllm_conf(conf)
+    # Name first: clients keep sending the model as the user wrote it.
+    conf = dataclasses.replace(conf, served_model_name=conf.model_name, model=_resolve_model(conf.model))
+    use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
+    return conf, use_gpu, _server_host(conf)
+
+
+def new_replica_actor(conf: VLLMConf, index: int, log_root: Path, use_gpu: bool, host: str, ref: ServiceRef,
+                      api_key: Secret) -> Any:  # Any: a Ray actor handle
+    """Create replica actor ``index`` of ``ref`` (call its ``start()`` next); detached for a deployed service."""
+    import ray
+
+    actor_cls: Any = ray.remote(VLLMReplica)  # Any: Ray's actor class wrapper
+    options: dict[str, Any] = dict(
+        name=replica_actor_name(ref, index),
+        namespace=NAMESPACE,
+        num_cpus=conf.actor_num_cpus,
+        num_gpus=conf.tensor_parallel_size if use_gpu else 0,
+        resources=dict(conf.resources) or None,
+        max_concurrency=16,  # status() and kill_server() answer while start() waits
+        max_restarts=conf.max_actor_restarts,
+    )
+    if ref.detached:  # `serve up`: outlives the command that made it
+        options["lifetime"] = "detached"
+    return actor_cls.options(**options).remote(conf, index, str(log_root), use_gpu, host, ref, api_key)
+
+
 def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path, api_key: Secret | None = None) -> VLLMService:
     """Start ``conf.num_replicas`` vLLM replicas on the current Ray cluster and wait until all are healthy.
 
@@ -418,31 +448,17 @@ def start_vllm_service(conf: VLLMConf | Mapping[str, Any], run_dir: Path, api_ke
 
     from matrix_hpc.services.llm.sim_server import new_api_key
 
-    conf = as_vllm_conf(conf)
-    # Name first: clients keep sending the model as the user wrote it.
-    conf = dataclasses.replace(conf, served_model_name=conf.model_name, model=_resolve_model(conf.model))
     if not ray.is_initialized():
         ray.init(namespace=NAMESPACE)
-    use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
+    conf, use_gpu, host = prepare_vllm_conf(conf)
     run_dir = Path(run_dir).resolve()
-    host = _server_host(conf)
     ref, api_key = ServiceRef(conf.service, config_digest(conf)), api_key or new_api_key()
     # Made here, once: replicas starting together never race to create it, it is this driver's,
     # and a run that already holds it stops us here.
     registry = get_or_create_registry(ref)
-    actor_cls: Any = ray.remote(VLLMReplica)  # Any: Ray's actor class wrapper
     actors, ids = [], []
     for i in range(conf.num_replicas):
-        actor = actor_cls.options(
-            name=replica_actor_name(ref, i),
-            namespace=NAMESPACE,
-            num_cpus=conf.actor_num_cpus,
-            num_gpus=conf.tensor_parallel_size if use_gpu else 0,
-            resources=dict(conf.resources) or None,
-            max_concurrency=16,  # status() and kill_server() answer while start() waits
-            max_restarts=conf.max_actor_restarts,
-        ).remote(conf, i, str(run_dir), use_gpu, host, ref, api_key)
-        actors.append(actor)
+        actors.append(new_replica_actor(conf, i, run_dir, use_gpu, host, ref, api_key))
         ids.append(f"{conf.service}-{i}")
     service = VLLMService(conf, actors, ids, ref, api_key, registry)
     try:

@@ -1,0 +1,124 @@
+"""Named LLM services that outlive runs (docs/serve.md), on a real local `cluster up` Ray:
+two sim services deployed by `serve up` (a process that then exits), two coral runs with
+teacher and student on different services, scaled and rolled while idle, checked, taken down."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_status, cluster_up
+from tests.integration.runs import REPO, assert_each_id_once, log_of, run_cli, write_jsonl
+
+pytestmark = [pytest.mark.integration, pytest.mark.needs("ray"), pytest.mark.timeout(600)]
+
+ROWS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "options": [str(2 * i), str(2 * i + 1), "0"],
+         "answer": "A"} for i in range(6)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalClusterConf]:
+    conf = LocalClusterConf(name=f"serve{os.getpid()}", dir=str(tmp_path / "cluster"), workers=0,
+                            head_wait_timeout_s=240)
+    conf.head.cpus_per_task = 2
+    try:
+        cluster_up(conf)
+        yield conf
+    finally:
+        cluster_down(conf)
+
+
+def serve(conf: LocalClusterConf, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "serve", *args, "cluster=local", f"cluster.dir={conf.dir}",
+           f"cluster.name={conf.name}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def status(conf: LocalClusterConf) -> dict[str, dict[str, Any]]:
+    out = serve(conf, "status", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {s["name"]: s for s in json.loads(out.stdout)}
+
+
+def requests(svc: dict[str, Any]) -> int:
+    return sum(r["requests"] for r in svc["replica_list"])
+
+
+def coral(conf: LocalClusterConf, out: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    data = write_jsonl(out.parent / "in.jsonl", ROWS)
+    return run_cli("workflow=coral", f"dataset.path={data}", "workflow.max_turns=2",
+                   f"output.dir={out}", "cluster=local", f"cluster.dir={conf.dir}", f"cluster.name={conf.name}",
+                   *more, timeout_s=300)
+
+
+def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: Path,
+                                                                      cluster: LocalClusterConf) -> None:
+    for name in ("tea", "stu"):
+        up = serve(cluster, "up", "llm=sim", f"llm.name={name}", "llm.sim.num_replicas=1")
+        assert up.returncode == 0 and f"llm service '{name}' deployed" in up.stdout, log_of(up)[-3000:]
+    key = Path(cluster.dir) / "services" / "tea" / "api_key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_text()) >= 40
+    before = status(cluster)
+    assert sorted(before) == ["stu", "tea"] and all(requests(s) == 0 for s in before.values())
+    pids = {r["id"]: r for s in before.values() for r in s["replica_list"]}
+    assert len(pids) == 2 and all(r["state"] == "running" and r["url"] for r in pids.values())
+
+    # Two runs, teacher on one service, student (and extractor) on the other; the services stay up.
+    counts = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        run = coral(cluster, out, "llm=deployed", "llm.name=stu", "workflow.teacher_llm.service=tea")
+        assert run.returncode == 0, log_of(run)[-4000:]
+        assert_each_id_once(out, [r["id"] for r in ROWS])
+        now = status(cluster)
+        counts.append((requests(now["tea"]), requests(now["stu"])))
+        assert [r["id"] for s in now.values() for r in s["replica_list"]] == list(pids), "a replica was replaced"
+        assert key.read_text() not in log_of(run)
+    assert 0 < counts[0][0] < counts[1][0] and 0 < counts[0][1] < counts[1][1], counts
+
+    # A run naming a service that is not up fails at once, naming those that are, without a traceback.
+    t0 = time.monotonic()
+    missing = coral(cluster, tmp_path / "out-missing", "llm=deployed", "llm.name=stu",
+                    "workflow.teacher_llm.service=teach")
+    assert missing.returncode == 2 and time.monotonic() - t0 < 120
+    assert "no LLM service named 'teach'" in missing.stderr and "deployed: stu, tea" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    # More replicas while idle; a changed engine config replaces the one replica of tea (rolling).
+    scaled = serve(cluster, "up", "llm=sim", "llm.name=stu", "llm.sim.num_replicas=2")
+    assert scaled.returncode == 0 and "started stu-1; removed none" in scaled.stdout, log_of(scaled)[-3000:]
+    rolled = serve(cluster, "up", "llm=sim", "llm.name=tea", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.01")
+    assert rolled.returncode == 0 and "started tea-1; removed tea-0" in rolled.stdout, log_of(rolled)[-3000:]
+    after = status(cluster)
+    assert [r["id"] for r in after["stu"]["replica_list"]] == ["stu-0", "stu-1"]
+    assert [r["id"] for r in after["tea"]["replica_list"]] == ["tea-1"]
+    assert after["tea"]["engine"]["ttft_s"] == 0.01
+    assert all(r["state"] == "running" and r["registered"] for s in after.values() for r in s["replica_list"])
+
+    check = serve(cluster, "check")
+    assert check.returncode == 0, log_of(check)[-3000:]
+    assert sum(" ok " in line for line in check.stdout.splitlines()) == 3, check.stdout
+
+    # Down: no replica process, no actor, no key left.
+    actor_pids = [r["pid"] for s in after.values() for r in s["replica_list"]]
+    assert len(actor_pids) == 3 and all(psutil.pid_exists(p) for p in actor_pids)
+    for name in ("stu", "tea"):
+        down = serve(cluster, "down", f"llm.name={name}")
+        assert down.returncode == 0, log_of(down)[-3000:]
+    assert status(cluster) == {} and not key.exists()
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) for p in actor_pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in actor_pids if psutil.pid_exists(p)], "replica processes left after serve down"
+    assert not [s for s in cluster_status(cluster).services if "llm-" in s]
+    assert serve(cluster, "down", "llm.name=stu").returncode == 2  # nothing of that name any more
