@@ -57,6 +57,7 @@ def curate_command(args: list[str]) -> int:
     try:
         statuses = parse_statuses(opts.status, opts.all_rows)
         conf = _conf(opts, statuses)
+        _check_before_ray(opts, conf)
         started = _init_ray(opts.address, opts.num_cpus)
         try:
             result = _run(opts, conf)
@@ -82,6 +83,18 @@ def _conf(opts: argparse.Namespace, statuses: tuple[str, ...] | None) -> Any:
 
     return DecontaminateConf(tuple(opts.column), tuple(str(p) for p in opts.against), opts.ngram,
                              tuple(opts.bench_column), statuses)
+
+
+def _check_before_ray(opts: argparse.Namespace, conf: Any) -> None:
+    """A wrong directory, column or benchmark path is reported before Ray starts (seconds)."""
+    from matrix_hpc.data.dedup import check_columns
+    from matrix_hpc.data.source import OutputSource, SourceError, check_destination
+
+    check_columns(OutputSource.open(opts.output_dir, conf.statuses), conf.columns)
+    check_destination(opts.output_dir, opts.dest, force=True)
+    for bench in getattr(conf, "against", ()):
+        if not Path(bench).exists():
+            raise SourceError(f"--against {bench}: no such file")
 
 
 def _run(opts: argparse.Namespace, conf: Any) -> Any:
