@@ -87,9 +87,8 @@ def _connect(cfg: Any) -> Path:
 
 def _up(cfg: Any, cluster_dir: Path) -> int:
     from matrix_hpc.cluster.auth import ensure_private_dir
-    from matrix_hpc.services.llm.deploy import check_name, deploy_service
-
     from matrix_hpc.services.llm.config import LLMConf
+    from matrix_hpc.services.llm.deploy import check_name, deploy_service
 
     llm = OmegaConf.to_object(cfg.llm)
     if not isinstance(llm, LLMConf) or llm.backend not in ("sim", "vllm", "openai"):
