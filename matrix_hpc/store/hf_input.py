@@ -117,6 +117,9 @@ def check_hf_dataset(hf: HFDatasetConf) -> None:
     """Raise :class:`InputPathError` (one line, what to do next) when the
     dataset, its config or its split cannot be found; cheap (reads the
     dataset's metadata, not its rows), so a run calls it before Ray starts."""
+    if hf.streaming and "[" in hf.split:
+        raise InputPathError(f"dataset.hf.split={hf.split!r}: a streamed split cannot be sliced; take the first N "
+                             "rows with dataset.limit=N, or set dataset.hf.streaming=false")
     builder = _builder(hf)
     splits = builder.info.splits
     base_split = hf.split.split("[", 1)[0]  # "test[:100]" slices the split "test"
