@@ -303,7 +303,7 @@ class Driver:
     async def _admit_all(self, done: Any) -> None:
         self.stats.t_admit_start = time.time()
         for n, item in enumerate(self._tasks_of_input()):
-            self._rows_read = n + 1
+            self._rows_read += int(item.sample == 0)  # input rows, not their samples (run.samples_per_input)
             if item.id in done:
                 self.stats.skipped_done += 1
                 continue
