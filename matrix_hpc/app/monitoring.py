@@ -51,7 +51,9 @@ class RunMonitor:
         print(f"Prometheus stays up {self.conf.linger_s:.0f} s at {self.monitor.prometheus.url} "
               "(Ctrl-C or SIGTERM ends it)", file=sys.stderr, flush=True)
         done = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        main = threading.current_thread() is threading.main_thread()  # signal handlers: the main thread only
+        previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+                    if main}
         try:
             done.wait(self.conf.linger_s)
         finally:
