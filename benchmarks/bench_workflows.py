@@ -47,17 +47,17 @@ MATRIX_EXTRA: list[str] = []  # more `matrix-hpc run` overrides (--matrix-worker
 WORKFLOW_OVERRIDES = {
     "coral": ["workflow.max_turns=6", "workflow.speaker_max_tokens=96"],
     "natural_reasoning": ["workflow.min_score=1", "workflow.require_boxed=false"],
-    "retail_tool_use": ["workflow.max_steps=12"],  # in-process environments (sandbox=disabled)
+    # in-process environments (no sandbox); trials=1000: the rows' own trials all run (none filtered)
+    "tau2": ["workflow.domain=retail", "workflow.max_steps=12", "workflow.trials=1000"],
 }
 
 
 def retail_rows(n: int) -> list[dict[str, Any]]:
-    """tau2 retail task rows, repeated as trials up to ``n`` rows."""
-    from matrix_hpc.workflows.retail.tasks import iter_task_rows, trial_rows
+    """tau2 retail task rows (tau2's trial seeds), as many trials as it takes to make ``n`` rows."""
+    from matrix_hpc.workflows.tau2.rows import task_rows
 
-    base = list(iter_task_rows())
-    trials = -(-n // len(base))
-    return [r for row in base for r in trial_rows(row, trials)][:n]
+    trials = -(-n // len(list(task_rows("retail"))))
+    return list(task_rows("retail", trials=trials))[:n]
 
 
 def start_sim(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Any]:
@@ -299,8 +299,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 dialogues, 1,000 documents")
     parser.add_argument("--concurrency", type=int, default=1000, help="tasks in flight (matrix_hpc and asyncio)")
     parser.add_argument("--batch-size", type=int, default=256, help="Ray Data map_batches batch size")
-    parser.add_argument("--only", choices=["coral", "natural_reasoning", "retail_tool_use"])
-    parser.add_argument("--trajectories", type=int, default=0, help="retail_tool_use tasks (default 342)")
+    parser.add_argument("--only", choices=["coral", "natural_reasoning", "tau2"])
+    parser.add_argument("--trajectories", type=int, default=0, help="tau2 retail dialogues (default 342)")
     parser.add_argument("--capacity", type=int, default=SIM["capacity"], help="sequences the sim serves at once")
     parser.add_argument("--dialogues", type=int, help="coral tasks (overrides the default)")
     parser.add_argument("--documents", type=int, help="natural_reasoning tasks (overrides the default)")
@@ -321,9 +321,9 @@ def main() -> None:
         if args.only in (None, "natural_reasoning"):
             out["natural_reasoning"] = bench("natural_reasoning", list(web_doc_rows(n_docs)), args.concurrency,
                                              args.batch_size, Path(tmp))
-        if args.only in (None, "retail_tool_use"):
-            out["retail_tool_use"] = bench("retail_tool_use", retail_rows(args.trajectories or 342), args.concurrency,
-                                           args.batch_size, Path(tmp))
+        if args.only in (None, "tau2"):
+            out["tau2"] = bench("tau2", retail_rows(args.trajectories or 342), args.concurrency, args.batch_size,
+                                Path(tmp))
     print(json.dumps(out))
 
 

@@ -71,9 +71,12 @@ def _ray() -> bool:
 
 
 def _tau2_retail() -> bool:
-    from matrix_hpc.workflows.retail.db import default_data_dir
+    from matrix_hpc.workflows.tau2.db import data_dir
 
-    return (default_data_dir() / "db.json").exists()
+    try:
+        return (data_dir("retail") / "db.json").exists()
+    except FileNotFoundError:
+        return False
 
 
 def _prometheus() -> bool:
@@ -92,7 +95,7 @@ COMPONENTS: dict[str, Component] = {c.name: c for c in (
     Component("root", lambda: os.geteuid() == 0, "run the tests as root: sudo make test"),
     Component("prometheus", _prometheus, "sudo bash .ci/setup_monitoring.sh  (apt-get install prometheus)"),
     Component("chromium", _chromium, "sudo bash .ci/setup_chromium.sh  (apt-get install chromium)"),
-    Component("tau2_retail", _tau2_retail, "set MATRIX_HPC_TAU2_RETAIL_DIR to tau2-bench's data/tau2/domains/retail"),
+    Component("tau2_retail", _tau2_retail, "put tau2-bench's retail data in ../shared/data/tau2_retail or set MATRIX_HPC_TAU2_RETAIL_DIR"),
 )}
 #: Markers that imply ``needs`` of the same name.
 COMPONENT_MARKERS = ("slurm", "vllm", "bwrap")

@@ -14,7 +14,8 @@ from matrix_hpc.cli.main import fail
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="matrix-hpc export", description="Export an output directory's rows.")
-    p.add_argument("format", choices=["hf", "jsonl"], help="hf: a datasets.load_from_disk directory; jsonl: one file")
+    p.add_argument("format", choices=["hf", "jsonl", "tau2"],
+                   help="hf: a datasets.load_from_disk directory; jsonl: one file; tau2: tau2-bench's results JSON")
     p.add_argument("output_dir", type=Path, help="the run's output.dir (read only)")
     p.add_argument("dest", type=Path, help="where to write (outside the output directory)")
     add_selection(p)
@@ -29,6 +30,8 @@ def add_selection(p: argparse.ArgumentParser) -> None:
 
 def export_command(args: list[str]) -> int:
     opts = parser().parse_args(args)
+    if opts.format == "tau2":
+        return export_tau2_command(opts)
     from matrix_hpc.data.export import EXPORTERS
     from matrix_hpc.data.source import SourceError, parse_statuses
 
@@ -41,4 +44,21 @@ def export_command(args: list[str]) -> int:
         print(note)
     tokens = result.prompt_tokens + result.completion_tokens
     print(f"{result.rows:,} rows ({tokens:,} tokens) -> {result.dest}")
+    return 0
+
+
+def export_tau2_command(opts: argparse.Namespace) -> int:
+    """A workflow=tau2 output as tau2-bench's results JSON (its ok rows; docs/tau2.md)."""
+    from matrix_hpc.data.source import OutputSource, SourceError, check_destination
+    from matrix_hpc.workflows.tau2.export import COLUMNS, ExportError, export_tau2
+
+    try:
+        src = OutputSource.open(opts.output_dir, statuses=None)
+        check_destination(src.out_dir, opts.dest, opts.force)
+        summary = export_tau2(src.out_dir, opts.dest, (b for f in src.files for b in src.batches(f, COLUMNS)))
+    except (SourceError, ExportError) as e:
+        return fail(str(e))
+    skipped = ", ".join(f"{n:,} {status}" for status, n in sorted(summary.skipped.items()))
+    print(f"{summary.simulations:,} simulations of {summary.tasks:,} tasks -> {summary.dest}"
+          + (f" (not exported: {skipped} rows)" if skipped else ""))
     return 0

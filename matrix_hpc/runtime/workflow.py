@@ -177,7 +177,7 @@ def _import_builtin_workflows() -> None:
 
 BUILTIN_WORKFLOW_MODULES = ["matrix_hpc.workflows.overhead", "matrix_hpc.workflows.generate",
                             "matrix_hpc.workflows.coral", "matrix_hpc.workflows.natural_reasoning",
-                            "matrix_hpc.workflows.retail.workflow"]
+                            "matrix_hpc.workflows.tau2.workflow"]
 
 __all__ = ["AgentContext", "Filtered", "FILTERED", "NonRetryableError", "Workflow", "WorkflowConf",
            "register_workflow", "build_workflow", "workflow_names"]

@@ -21,14 +21,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.timeout(60
 
 
 def _retail_rows(path: Path, n: int) -> Path:
-    from matrix_hpc.workflows.retail.tasks import iter_task_rows
+    from matrix_hpc.workflows.tau2.rows import task_rows
 
-    rows = list(iter_task_rows())[:n]
+    rows = list(task_rows("retail"))[:n]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-@pytest.mark.parametrize("workflow", ["coral", "natural_reasoning", "retail_tool_use"])
+@pytest.mark.parametrize("workflow", ["coral", "natural_reasoning", "tau2"])
 def test_each_paper_workflow_runs_as_a_slurm_job(workflow: str, tmp_path: Path, cleanup: list) -> None:  # noqa: F811
     require_component(slurm_available(), "Slurm", "run .ci/setup_slurm.sh as root")
     conf = small_conf(tmp_path, workflow[:4])
@@ -37,7 +37,8 @@ def test_each_paper_workflow_runs_as_a_slurm_job(workflow: str, tmp_path: Path, 
             # min_score=1: with the sim's random rubric scores the default of 3 on every
             # criterion passes ~1 document in 64, and 40 documents may all be dropped.
             "natural_reasoning": ["dataset=web_docs_sample", "workflow.require_boxed=false", "workflow.min_score=1"],
-            "retail_tool_use": [f"dataset.path={_retail_rows(tmp_path / 'tasks.jsonl', 8)}", "workflow.max_steps=10"]}
+            "tau2": ["workflow.domain=retail", f"dataset.path={_retail_rows(tmp_path / 'tasks.jsonl', 8)}",
+                     "workflow.max_steps=10"]}
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", "cluster=slurm", f"cluster.dir={conf.dir}",
@@ -49,7 +50,7 @@ def test_each_paper_workflow_runs_as_a_slurm_job(workflow: str, tmp_path: Path, 
     assert "submitted run as Slurm job" in proc.stderr
     rows = read_rows(out)
     ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)) and len(ids) == (8 if workflow == "retail_tool_use" else 40)
+    assert len(ids) == len(set(ids)) and len(ids) == (8 if workflow == "tau2" else 40)
     assert all(r["status"] in ("ok", "filtered", "failed") for r in rows)
     assert all(r["reason"] or r["error"] for r in rows if r["status"] != "ok")
     assert sum(r["status"] == "ok" for r in rows) > 0

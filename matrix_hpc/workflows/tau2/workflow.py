@@ -270,7 +270,7 @@ class Tau2Workflow(Workflow):
         calls = [c for m in traj if m.get("tool_calls") for c in m["tool_calls"]]
         usage = task.data["usage"]
         return {
-            "domain": self.conf.domain, "task_id": row.task_id, "trial": row.trial, "seed": row.seed,
+            "domain": self.conf.domain, "task_id": row.task_id, "trial": row.trial, "trial_seed": row.seed,
             "reward": reward.reward, "reward_basis": reward.reward_basis,
             "reward_breakdown": json.dumps(reward.reward_breakdown),
             "db_match": reward.db_match, "reward_note": reward.note,
@@ -327,7 +327,7 @@ RESULT_COLUMNS: dict[str, Any] = {  # Any: pyarrow types
     "domain": pa.string(),
     "task_id": pa.string(),
     "trial": pa.int32(),
-    "seed": pa.int64(),
+    "trial_seed": pa.int64(),  # tau2's seed of the trial (the row's own `seed` is the runtime's sample seed)
     "reward": pa.float64(),
     "reward_basis": pa.list_(pa.string()),
     "reward_breakdown": pa.string(),  # JSON {component: 0/1}
