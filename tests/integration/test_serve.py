@@ -38,10 +38,17 @@ def cluster(tmp_path: Path) -> Iterator[LocalClusterConf]:
         cluster_down(conf)
 
 
+def serve_cmd(conf: LocalClusterConf, *args: str) -> list[str]:
+    return [sys.executable, "-m", "matrix_hpc.cli.main", "serve", *args, "cluster=local", f"cluster.dir={conf.dir}",
+            f"cluster.name={conf.name}"]
+
+
 def serve(conf: LocalClusterConf, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "serve", *args, "cluster=local", f"cluster.dir={conf.dir}",
-           f"cluster.name={conf.name}"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    return subprocess.run(serve_cmd(conf, *args), cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def serve_bg(conf: LocalClusterConf, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(serve_cmd(conf, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def status(conf: LocalClusterConf) -> dict[str, dict[str, Any]]:
@@ -63,18 +70,17 @@ def coral(conf: LocalClusterConf, out: Path, *more: str) -> subprocess.Completed
 
 def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: Path,
                                                                       cluster: LocalClusterConf) -> None:
-    for name in ("tea", "stu"):
-        up = serve(cluster, "up", "llm=sim", f"llm.name={name}", "llm.sim.num_replicas=1")
-        assert up.returncode == 0 and f"llm service '{name}' deployed" in up.stdout, log_of(up)[-3000:]
+    ups = {name: serve_bg(cluster, "up", "llm=sim", f"llm.name={name}", "llm.sim.num_replicas=1")
+           for name in ("tea", "stu")}  # two at once: independent services
+    for name, proc in ups.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0 and f"llm service '{name}' deployed" in stdout, (stdout + stderr)[-3000:]
     key = Path(cluster.dir) / "services" / "tea" / "api_key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_text()) >= 40
-    before = status(cluster)
-    assert sorted(before) == ["stu", "tea"] and all(requests(s) == 0 for s in before.values())
-    pids = {r["id"]: r for s in before.values() for r in s["replica_list"]}
-    assert len(pids) == 2 and all(r["state"] == "running" and r["url"] for r in pids.values())
 
     # Two runs, teacher on one service, student (and extractor) on the other; the services stay up.
-    counts = []
+    counts: list[tuple[int, int]] = []
+    first_replicas: dict[str, Any] = {}
     for i in range(2):
         out = tmp_path / f"out{i}"
         run = coral(cluster, out, "llm=deployed", "llm.name=stu", "workflow.teacher_llm.service=tea")
@@ -82,7 +88,10 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
         assert_each_id_once(out, [r["id"] for r in ROWS])
         now = status(cluster)
         counts.append((requests(now["tea"]), requests(now["stu"])))
-        assert [r["id"] for s in now.values() for r in s["replica_list"]] == list(pids), "a replica was replaced"
+        replicas = {r["id"]: (r["pid"], r["state"], r["restarts"]) for s in now.values() for r in s["replica_list"]}
+        assert sorted(replicas) == ["stu-0", "tea-0"] and all(v[1:] == ("running", 0) for v in replicas.values())
+        assert i == 0 or replicas == first_replicas, "a replica was replaced or restarted between runs"
+        first_replicas = replicas
         assert key.read_text() not in log_of(run)
     assert 0 < counts[0][0] < counts[1][0] and 0 < counts[0][1] < counts[1][1], counts
 
@@ -104,6 +113,7 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     assert [r["id"] for r in after["tea"]["replica_list"]] == ["tea-1"]
     assert after["tea"]["engine"]["ttft_s"] == 0.01
     assert all(r["state"] == "running" and r["registered"] for s in after.values() for r in s["replica_list"])
+    assert _gone([first_replicas["tea-0"][0]]), "the replaced replica's process is still there"
 
     check = serve(cluster, "check")
     assert check.returncode == 0, log_of(check)[-3000:]
@@ -115,10 +125,15 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     for name in ("stu", "tea"):
         down = serve(cluster, "down", f"llm.name={name}")
         assert down.returncode == 0, log_of(down)[-3000:]
-    assert status(cluster) == {} and not key.exists()
-    deadline = time.monotonic() + 30
-    while any(psutil.pid_exists(p) for p in actor_pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [p for p in actor_pids if psutil.pid_exists(p)], "replica processes left after serve down"
+    assert not key.exists()
+    assert _gone(actor_pids), "replica processes left after serve down"
     assert not [s for s in cluster_status(cluster).services if "llm-" in s]
-    assert serve(cluster, "down", "llm.name=stu").returncode == 2  # nothing of that name any more
+    again = serve(cluster, "down", "llm.name=stu")  # nothing of that name any more, nor any other
+    assert again.returncode == 2 and "deployed: none" in again.stderr, log_of(again)[-2000:]
+
+
+def _gone(pids: list[int], timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not any(psutil.pid_exists(p) for p in pids)
