@@ -26,10 +26,11 @@ ROWS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "options": [str(2 * i
          "answer": "A"} for i in range(6)]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalClusterConf]:
-    conf = LocalClusterConf(name=f"serve{os.getpid()}", dir=str(tmp_path / "cluster"), workers=0,
-                            head_wait_timeout_s=240)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClusterConf]:
+    """One local `cluster up` Ray for the module (the services outlive every command and run on it)."""
+    conf = LocalClusterConf(name=f"serve{os.getpid()}", dir=str(tmp_path_factory.mktemp("serve") / "cluster"),
+                            workers=0, head_wait_timeout_s=240)
     conf.head.cpus_per_task = 2
     try:
         cluster_up(conf)
@@ -137,3 +138,25 @@ def _gone(pids: list[int], timeout_s: float = 30) -> bool:
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     return not any(psutil.pid_exists(p) for p in pids)
+
+
+@pytest.mark.vllm
+def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluster: LocalClusterConf) -> None:
+    up = serve(cluster, "up", "llm=vllm", "llm.name=tiny", "llm.vllm.model=models/tiny-llama",
+               "llm.vllm.num_replicas=1", "llm.vllm.max_model_len=512", "+llm.vllm.extra_engine_args.enforce-eager=true")
+    assert up.returncode == 0 and "llm service 'tiny' deployed" in up.stdout, log_of(up)[-4000:]
+    out = tmp_path / "out"
+    run = coral(cluster, out, "llm=deployed", "llm.name=tiny", "workflow.speaker_max_tokens=8", "workflow.max_turns=1")
+    assert run.returncode == 0, log_of(run)[-4000:]
+    assert_each_id_once(out, [r["id"] for r in ROWS])
+    (replica,) = status(cluster)["tiny"]["replica_list"]
+    assert replica["state"] == "running" and replica["url"].endswith("/v1") and replica["node"]
+    log = Path(replica["log"])
+    assert log.is_relative_to(Path(cluster.dir) / "services" / "tiny") and "vllm.entrypoints" in log.read_text()
+    server_pids = replica["server_pids"]
+    assert server_pids and all(psutil.pid_exists(p) for p in server_pids)
+    check = serve(cluster, "check", "llm.name=tiny")
+    assert check.returncode == 0 and " ok " in check.stdout, log_of(check)[-3000:]
+    down = serve(cluster, "down", "llm.name=tiny")
+    assert down.returncode == 0, log_of(down)[-3000:]
+    assert _gone(server_pids), "vLLM server processes left after serve down"

@@ -429,7 +429,7 @@ def service_status(name: str) -> dict[str, Any]:
             elif member["backend"] == "vllm" and actor is not None:
                 st = ray.get(actor.status.remote(), timeout=10)
                 row.update(state=st["state"] if member["state"] == "running" else member["state"],
-                           restarts=max(row["restarts"], int(st["restarts"])), log=st["log"])
+                           restarts=max(row["restarts"], int(st["restarts"])), log=st["log"], server_pids=st["pids"])
         except (ray.exceptions.RayError, TimeoutError) as e:
             row["state"] = f"unreachable ({type(e).__name__})"
         if member["backend"] != "openai" and actor is None:
