@@ -150,7 +150,12 @@ def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
         factory = service.client_factory()
         if factory is not None:
             plan.services[group] = factory
-    started += _attach_role_services(cfg, plan)
+    try:
+        started += _attach_role_services(cfg, plan)
+    except BaseException:  # a role's service is not deployed: what started for this run stops again
+        for service in started:
+            service.stop()
+        raise
     return started
 
 

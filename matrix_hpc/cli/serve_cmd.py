@@ -14,6 +14,7 @@ read it from there.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -95,7 +96,9 @@ def _up(cfg: Any, cluster_dir: Path) -> int:
         return fail("serve up needs llm=sim, llm=vllm or llm=openai (and llm.name=NAME)")
     service_dir = cluster_dir / "services" / check_name(llm.name)
     ensure_private_dir(service_dir)  # the key lives here; others must not be able to swap it
-    print(deploy_service(llm, service_dir / "api_key", service_dir / "logs"))
+    with open(service_dir / "serve.lock", "w") as lock:  # two `serve up NAME` at once would race for replica ids
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        print(deploy_service(llm, service_dir / "api_key", service_dir / "logs"))
     return 0
 
 

@@ -1,0 +1,49 @@
+"""What `serve up` makes of a config (docs/serve.md): names, the engine digest that decides between
+scaling and a rolling replacement, no secret in the record, and the key file's guards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from matrix_hpc.services.llm.config import LLMConf, SimConf
+from matrix_hpc.services.llm.deploy import DeployError, check_name, deployed_ref, ensure_key, read_key, spec_of
+from matrix_hpc.services.llm.vllm_conf import VLLMConf
+
+
+def test_names_are_checked_and_carry_the_service_alone() -> None:
+    ref = deployed_ref("teacher70b")
+    assert (ref.registry, ref.actor("vllm", 3)) == ("llm-service-teacher70b", "llm-replica-teacher70b-3")
+    for bad in ("", "-x", "a b", "a/b", "x" * 64):
+        with pytest.raises(DeployError, match="llm.name="):
+            check_name(bad)
+
+
+def test_replica_count_is_not_part_of_the_engine_digest_but_every_engine_setting_is() -> None:
+    one, four = (spec_of(LLMConf(backend="sim", sim=SimConf(num_replicas=n))) for n in (1, 4))
+    assert one.digest == four.digest and (one.replicas, four.replicas) == (1, 4)
+    assert spec_of(LLMConf(backend="sim", sim=SimConf(ttft_s=0.5))).digest != one.digest
+    base = spec_of(LLMConf(backend="vllm", vllm=VLLMConf(model="m", env={"HF_TOKEN": "s3cret"})))
+    other = spec_of(LLMConf(backend="vllm", vllm=VLLMConf(model="m", env={"HF_TOKEN": "other"})))
+    assert base.digest != other.digest and "s3cret" not in repr(base.engine)
+    assert base.engine["env_keys"] == ["HF_TOKEN"] and (base.model, base.dialect) == ("m", "vllm")
+    with pytest.raises(DeployError, match="deployable backends: sim, vllm, openai"):
+        spec_of(LLMConf(backend="none"))
+
+
+def test_key_file_is_private_kept_across_updates_and_refused_when_others_can_read_it(tmp_path: Path) -> None:
+    path = tmp_path / "svc" / "api_key"
+    key = ensure_key(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600 and len(key.get() or "") >= 40
+    assert ensure_key(path).get() == key.get()  # a second `serve up` keeps the key
+    assert key.get() not in repr(key)
+    os.chmod(path, 0o644)
+    with pytest.raises(DeployError, match="mode 0600"):
+        read_key(path)
+    os.chmod(path, 0o600)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(DeployError, match="regular file"):
+        read_key(link)
