@@ -313,6 +313,10 @@ class _Deployer:
         actor = new_replica_actor(vllm, index, self.log_dir, use_gpu, host, self.ref, self.api_key)
         try:
             ray.get(actor.start.remote(), timeout=vllm.startup_timeout_s + 60)
+        except ray.exceptions.GetTimeoutError:
+            raise DeployError(f"vLLM replica {replica_id} was not serving {vllm.startup_timeout_s + 60:.0f} s after "
+                              "it was placed (no room on the cluster? see `matrix-hpc cluster status`); raise "
+                              "llm.vllm.startup_timeout_s or free resources") from None
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ReplicaStartError):  # its message (with the log's tail) is the useful part
                 raise DeployError(str(exc.cause)) from None
