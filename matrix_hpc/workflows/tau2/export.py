@@ -187,13 +187,15 @@ def simulation(row: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return sim, task
 
 
-def iter_rows(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
-    """Row dicts from pyarrow record batches (or dicts as they are)."""
+def iter_rows(batches: Iterable[Any], chunk: int = 256) -> Iterator[dict[str, Any]]:
+    """Row dicts from pyarrow record batches (or dicts as they are), ``chunk`` rows made into dicts at a time
+    (a row's trajectory JSON can be tens of kB: a whole batch as dicts would multiply the batch's memory)."""
     for batch in batches:
         if isinstance(batch, Mapping):
             yield dict(batch)
-        else:
-            yield from batch.to_pylist()
+            continue
+        for start in range(0, batch.num_rows, chunk):
+            yield from batch.slice(start, chunk).to_pylist()
 
 
 def export_tau2(out_dir: Path, dest: Path, batches: Iterable[Any]) -> ExportSummary:
