@@ -51,7 +51,7 @@ def serve_command(args: list[str]) -> int:
     except ConfigError as e:
         return fail(str(e))
     from matrix_hpc.cluster import ClusterError
-    from matrix_hpc.services.llm.deploy import DeployError, ServiceNotDeployed
+    from matrix_hpc.services.llm.deploy import ServeError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -63,7 +63,7 @@ def serve_command(args: list[str]) -> int:
         if action == "check":
             return _check(name)
         return _down(name)
-    except (ServiceNotDeployed, DeployError, ClusterError, ValueError) as e:
+    except (ServeError, ClusterError, ValueError) as e:
         return fail(f"serve {action}: {e}")
 
 

@@ -59,11 +59,15 @@ DEPLOYABLE = ("sim", "vllm", "openai")
 DRAIN_TIMEOUT_S = 60.0
 
 
-class ServiceNotDeployed(RuntimeError):
+class ServeError(RuntimeError):
+    """A user-facing error of deployed services: the message says what to do (printed without a traceback)."""
+
+
+class ServiceNotDeployed(ServeError):
     """A run or command named a service that is not deployed on this Ray cluster."""
 
 
-class DeployError(RuntimeError):
+class DeployError(ServeError):
     """``serve up`` cannot apply the config (bad name, bad backend, a replica that does not start)."""
 
 
@@ -538,6 +542,9 @@ def attach_service(name: str, client: ClientConf) -> tuple[Any, str, Secret, Cli
 
     from matrix_hpc.services.llm.endpoints import RegistryEndpoints
 
+    if not name:
+        raise ServiceNotDeployed(f"llm=deployed needs the service's name: llm.name=NAME (deployed: "
+                                 f"{', '.join(deployed_names()) or 'none'})")
     registry = _registry(name)
     record = ray.get(registry.record.remote())
     key = read_key(Path(record["key_path"]))
