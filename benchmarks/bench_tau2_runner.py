@@ -67,6 +67,9 @@ for x in results.simulations:
     reasons[x.termination_reason.value] = reasons.get(x.termination_reason.value, 0) + 1
 print("TAU2_RESULT " + json.dumps({"n": len(results.simulations), "wall_s": (t1 - t0).total_seconds(),
                                    "tokens": tokens, "reasons": reasons}))
+import shutil
+from tau2.utils.utils import DATA_DIR
+shutil.rmtree(DATA_DIR / "simulations" / s["save_to"], ignore_errors=True)  # the run's results file, not kept
 """
 
 
