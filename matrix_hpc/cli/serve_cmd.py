@@ -98,7 +98,7 @@ def _up(cfg: Any, cluster_dir: Path) -> int:
     ensure_private_dir(service_dir)  # the key lives here; others must not be able to swap it
     with open(service_dir / "serve.lock", "w") as lock:  # two `serve up NAME` at once would race for replica ids
         fcntl.flock(lock, fcntl.LOCK_EX)
-        print(deploy_service(llm, service_dir / "api_key", service_dir / "logs"))
+        print(deploy_service(llm, service_dir / "api_key", service_dir))
     return 0
 
 

@@ -162,7 +162,8 @@ def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluste
     (replica,) = status(cluster)["tiny"]["replica_list"]
     assert replica["state"] == "running" and replica["url"].endswith("/v1") and replica["node"]
     log = Path(replica["log"])
-    assert log.is_relative_to(Path(cluster.dir) / "services" / "tiny") and "vllm.entrypoints" in log.read_text()
+    assert log == Path(cluster.dir) / "services" / "tiny" / "logs" / "vllm-tiny-0.log"
+    assert "vllm.entrypoints" in log.read_text()
     server_pids = replica["server_pids"]
     assert server_pids and all(psutil.pid_exists(p) for p in server_pids)
     check = serve(cluster, "check", "llm.name=tiny")

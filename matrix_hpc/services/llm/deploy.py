@@ -20,7 +20,7 @@ is in no actor name, argument list, log or record.
 
 Example (Ray initialised, connected to a cluster that outlives this process)::
 
-    deploy_service(LLMConf(backend="sim", name="teacher"), key_path, log_dir)
+    deploy_service(LLMConf(backend="sim", name="teacher"), key_path, files_dir)
     service = attach_service("teacher", ClientConf())  # in a run: an LLMService whose stop() leaves it up
     undeploy_service("teacher")
 """
@@ -203,9 +203,10 @@ class DeployReport:
                 f"; started {', '.join(self.started) or 'none'}; removed {', '.join(self.removed) or 'none'}")
 
 
-def deploy_service(conf: LLMConf, key_path: Path, log_dir: Path) -> DeployReport:
+def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployReport:
     """Deploy ``conf`` as the service ``conf.name`` on the connected Ray cluster, or apply it to the
-    service of that name (add/remove replicas, or replace them one at a time when the engine changed)."""
+    service of that name (add/remove replicas, or replace them one at a time when the engine changed).
+    Server logs go to ``files_dir/logs``."""
     import ray
 
     ref = deployed_ref(conf.name)
@@ -219,12 +220,13 @@ def deploy_service(conf: LLMConf, key_path: Path, log_dir: Path) -> DeployReport
     record.setdefault("members", {})
     record.setdefault("next_index", 0)
     record.update(name=ref.name, backend=spec.backend, model=spec.model, dialect=spec.dialect, engine=spec.engine,
-                  digest=spec.digest, replicas=spec.replicas, key_path=str(key_path), log_dir=str(log_dir),
+                  digest=spec.digest, replicas=spec.replicas, key_path=str(key_path),
+                  log_dir=str(Path(files_dir) / "logs"),
                   updated=time.time())
     record.setdefault("created", record["updated"])
     ray.get(registry.set_record.remote(record))
     report = DeployReport(ref.name, created, [], [], [])
-    deployer = _Deployer(ref, registry, record, conf, api_key, Path(log_dir), conf.client.refresh_interval_s)
+    deployer = _Deployer(ref, registry, record, conf, api_key, Path(files_dir), conf.client.refresh_interval_s)
     members: dict[str, Any] = record["members"]
     stale = [rid for rid, m in members.items() if m["digest"] != spec.digest]
     for rid in stale:  # rolling: the new one serves before the old one goes
@@ -261,9 +263,9 @@ class _Deployer:
     (a ``serve up`` that fails halfway leaves a record that says what runs)."""
 
     def __init__(self, ref: ServiceRef, registry: Any, record: dict[str, Any], conf: LLMConf, api_key: Secret,
-                 log_dir: Path, refresh_interval_s: float):
+                 files_dir: Path, refresh_interval_s: float):
         self.ref, self.registry, self.record, self.conf = ref, registry, record, conf
-        self.api_key, self.log_dir, self.refresh_interval_s = api_key, log_dir, refresh_interval_s
+        self.api_key, self.files_dir, self.refresh_interval_s = api_key, files_dir, refresh_interval_s
 
     def _save(self) -> None:
         import ray
@@ -314,7 +316,8 @@ class _Deployer:
         from matrix_hpc.services.llm.vllm_replica import ReplicaStartError, new_replica_actor, prepare_vllm_conf
 
         vllm, use_gpu, host = prepare_vllm_conf(dataclasses.replace(self.conf.vllm, service=self.ref.name))
-        actor = new_replica_actor(vllm, index, self.log_dir, use_gpu, host, self.ref, self.api_key)
+        # The replica logs to <files_dir>/logs/vllm-<name>-<index>.log.
+        actor = new_replica_actor(vllm, index, self.files_dir.resolve(), use_gpu, host, self.ref, self.api_key)
         try:
             ray.get(actor.start.remote(), timeout=vllm.startup_timeout_s + 60)
         except ray.exceptions.GetTimeoutError:
