@@ -236,7 +236,7 @@ def _funnel(t: pa.Table) -> list[WorkflowPanel]:
     return panels
 
 
-#: Reward components written as their own columns (retail) ...
+#: Reward components written as their own columns ...
 REWARD_COLUMNS = ("reward", "db_reward", "communicate_reward")
 #: ... or as a JSON object per row (tau2): ``{"DB": 1.0, "COMMUNICATE": 0.0, ...}``.
 REWARD_BREAKDOWN = "reward_breakdown"
