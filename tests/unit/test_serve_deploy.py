@@ -47,3 +47,15 @@ def test_key_file_is_private_kept_across_updates_and_refused_when_others_can_rea
     link.symlink_to(path)
     with pytest.raises(DeployError, match="regular file"):
         read_key(link)
+
+
+def test_autoscaling_follows_outstanding_requests_within_bounds_one_step_down_at_a_time() -> None:
+    from matrix_hpc.services.llm.config import AutoscaleConf
+    from matrix_hpc.services.llm.deploy import desired_replicas
+
+    conf = AutoscaleConf(min_replicas=1, max_replicas=4, target_outstanding=10)
+    assert [desired_replicas(1, load, conf) for load in (0, 10, 11, 35, 400)] == [1, 1, 2, 4, 4]
+    assert [desired_replicas(4, load, conf) for load in (0, 25, 31, 40)] == [3, 3, 4, 4]  # down by one, drained
+    assert desired_replicas(2, 0, AutoscaleConf(min_replicas=2, max_replicas=3)) == 2
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        AutoscaleConf(min_replicas=3, max_replicas=2)

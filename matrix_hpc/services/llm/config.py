@@ -128,6 +128,28 @@ class OpenAIConf:
 
 
 @dataclass
+class AutoscaleConf:
+    """Replicas of a deployed service (`matrix-hpc serve up`) that follow the load; off unless max_replicas > 0."""
+
+    # Fewest and most replicas; max_replicas 0 = no autoscaling (num_replicas is kept).
+    min_replicas: int = 1
+    max_replicas: int = 0
+    # Outstanding requests per replica the scaler aims at (sim: in flight; vLLM: running + waiting).
+    target_outstanding: float = 64.0
+    # Seconds between two changes of the replica count (a change waits this long after the previous one).
+    cooldown_s: float = 60.0
+    # Seconds between two looks at the load.
+    interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_replicas and not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"llm.autoscale: need 1 <= min_replicas <= max_replicas, got {self.min_replicas} and "
+                             f"{self.max_replicas}")
+        if self.target_outstanding <= 0 or self.interval_s <= 0 or self.cooldown_s < 0:
+            raise ValueError("llm.autoscale: target_outstanding and interval_s must be > 0, cooldown_s >= 0")
+
+
+@dataclass
 class LLMConf:
     """The ``llm=`` config group: a backend, its settings, and the client settings.
 
@@ -149,6 +171,8 @@ class LLMConf:
     openai: OpenAIConf = field(default_factory=OpenAIConf)
     # Settings of backend 'vllm' (see vllm_replica.py).
     vllm: VLLMConf = field(default_factory=VLLMConf)
+    # Deployed services only (serve up): replicas between min and max with the load (docs/serve.md).
+    autoscale: AutoscaleConf = field(default_factory=AutoscaleConf)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -30,16 +30,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import re
 import secrets
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matrix_hpc.services.llm.config import ClientConf, LLMConf
+from matrix_hpc.services.llm.config import AutoscaleConf, ClientConf, LLMConf
 from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.registry import (
     DEPLOYED_REGISTRY_PREFIX,
@@ -211,7 +213,11 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
 
     ref = deployed_ref(conf.name)
     spec = spec_of(conf)
+    scale = conf.autoscale
+    if scale.max_replicas and spec.backend != "openai":
+        spec.replicas = max(scale.min_replicas, min(scale.max_replicas, spec.replicas))
     api_key = _service_key(conf, key_path)
+    stop_autoscaler(ref.name)  # one writer of the record at a time: it starts again below
     actor_cls: Any = ray.remote(num_cpus=0)(DeployedRegistry)  # Any: Ray's actor class wrapper
     registry = actor_cls.options(name=ref.registry, namespace=NAMESPACE, lifetime="detached",
                                  get_if_exists=True).remote()
@@ -222,6 +228,7 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
     record.update(name=ref.name, backend=spec.backend, model=spec.model, dialect=spec.dialect, engine=spec.engine,
                   digest=spec.digest, replicas=spec.replicas, key_path=str(key_path),
                   log_dir=str(Path(files_dir) / "logs"),
+                  autoscale=dataclasses.asdict(scale) if scale.max_replicas and spec.backend != "openai" else None,
                   updated=time.time())
     record.setdefault("created", record["updated"])
     ray.get(registry.set_record.remote(record))
@@ -243,6 +250,8 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
         deployer.remove(rid)
         report.removed.append(rid)
     report.replicas = sorted(members, key=_index)
+    if record["autoscale"]:
+        start_autoscaler(conf, api_key, Path(files_dir))
     return report
 
 
@@ -447,7 +456,7 @@ def service_status(name: str) -> dict[str, Any]:
             row["state"] = "gone"
         replicas.append(row)
     public = {k: record.get(k) for k in ("name", "backend", "model", "dialect", "digest", "replicas", "created",
-                                         "updated", "log_dir")}
+                                         "updated", "log_dir", "autoscale")}
     return {**public, "engine": record.get("engine", {}), "replica_list": replicas}
 
 
@@ -460,8 +469,10 @@ def format_status(services: list[dict[str, Any]]) -> str:
         return "no LLM services deployed"
     lines = []
     for s in services:
+        scale = s.get("autoscale")
+        bounds = f", autoscaled {scale['min_replicas']}-{scale['max_replicas']}" if scale else ""
         lines.append(f"{s['name']}: llm={s['backend']} model={s['model']} replicas {len(s['replica_list'])}/"
-                     f"{s['replicas']} (config {s['digest']})")
+                     f"{s['replicas']}{bounds} (config {s['digest']})")
         for r in s["replica_list"]:
             out = "-" if r["outstanding"] is None else str(r["outstanding"])
             lines.append(f"  {r['id']:<20} {r['state']:<10} node={r['node'] or '-'} {r['url'] or '-'} "
@@ -524,6 +535,7 @@ def undeploy_service(name: str) -> list[str]:
     import ray
 
     registry = _registry(name)
+    stop_autoscaler(name)
     record = ray.get(registry.record.remote())
     pattern = re.compile(re.escape(DEPLOYED_REPLICA_PREFIX + name) + r"-\d+")
     names = {m["actor"] for m in record.get("members", {}).values() if m.get("actor")}
@@ -553,3 +565,117 @@ def attach_service(name: str, client: ClientConf) -> tuple[Any, str, Secret, Cli
     key = read_key(Path(record["key_path"]))
     endpoints = RegistryEndpoints(deployed_ref(name), refresh_interval_s=client.refresh_interval_s)
     return endpoints, str(record["model"]), key, dataclasses.replace(client, dialect=record["dialect"])
+
+
+# -- autoscaling -----------------------------------------------------------------------------------
+
+
+def desired_replicas(current: int, outstanding: float, conf: AutoscaleConf) -> int:
+    """The replica count the load asks for: enough for ``target_outstanding`` each, within
+    [min_replicas, max_replicas]; down by one at a time (each removal drains first)."""
+    want = max(conf.min_replicas, min(conf.max_replicas, math.ceil(outstanding / conf.target_outstanding)))
+    return current - 1 if want < current else want
+
+
+def outstanding_requests(record: dict[str, Any], replica_ids: list[str], api_key: Secret) -> float | None:
+    """Requests in flight on ``replica_ids`` (sim: its counter; vLLM: running + waiting from /metrics);
+    None when a replica cannot say (no decision is taken on a partial view)."""
+    import urllib.request
+
+    import ray
+
+    total = 0.0
+    for rid in replica_ids:
+        member = record["members"][rid]
+        actor = _actor_or_none(member["actor"])
+        if actor is None:
+            return None
+        try:
+            if member["backend"] == "sim":
+                total += float(ray.get(actor.stats.remote(), timeout=10).get("in_flight", 0))
+                continue
+            url = str(ray.get(actor.status.remote(), timeout=10)["base_url"]).removesuffix("/v1") + "/metrics"
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key.get()}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                text = response.read().decode()
+        except Exception:  # a replica that does not answer now: look again next time
+            return None
+        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+    return total
+
+
+class Autoscaler:
+    """Detached actor ``llm-autoscaler-<name>``: every ``interval_s`` it reads the service's load and
+    adds or removes one replica (the same steps as `serve up`) when the load asks for another count
+    and ``cooldown_s`` has passed since the last change. `serve up` and `serve down` stop it first,
+    so the record has one writer at a time."""
+
+    def __init__(self, conf: LLMConf, api_key: Secret, files_dir: str):
+        self.conf, self.api_key, self.files_dir = conf, api_key, Path(files_dir)
+        self.last_change = time.monotonic()
+        self.last_load: float | None = None
+        self.error = ""
+        threading.Thread(target=self._loop, name="llm-autoscaler", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.conf.autoscale.interval_s)
+            try:
+                self.step()
+                self.error = ""
+            except Exception as e:  # keep watching: the next look may succeed
+                self.error = str(e).split("\n")[0][:300]
+                log.warning("autoscaler of %s: %s", self.conf.name, self.error)
+
+    def step(self) -> None:
+        import ray
+
+        ref = deployed_ref(self.conf.name)
+        registry: Any = ray.get_actor(ref.registry, namespace=NAMESPACE)
+        record: dict[str, Any] = ray.get(registry.record.remote())
+        current = sorted((rid for rid, m in record["members"].items()
+                          if m["digest"] == record["digest"] and m["state"] == "running"), key=_index)
+        self.last_load = outstanding_requests(record, current, self.api_key)
+        if self.last_load is None:
+            return
+        want = desired_replicas(len(current), self.last_load, self.conf.autoscale)
+        if want == len(current) or time.monotonic() - self.last_change < self.conf.autoscale.cooldown_s:
+            return
+        log.info("autoscaler of %s: %.0f outstanding on %d replica(s): scaling to %d", ref.name, self.last_load,
+                 len(current), want)
+        record["replicas"] = want
+        deployer = _Deployer(ref, registry, record, self.conf, self.api_key, self.files_dir,
+                             self.conf.client.refresh_interval_s)
+        if want > len(current):
+            deployer.add()
+        else:
+            deployer.remove(current[-1])
+        self.last_change = time.monotonic()
+
+    def state(self) -> dict[str, Any]:
+        return {"load": self.last_load, "error": self.error,
+                "since_last_change_s": round(time.monotonic() - self.last_change, 1)}
+
+
+def autoscaler_name(name: str) -> str:
+    return f"llm-autoscaler-{name}"
+
+
+def start_autoscaler(conf: LLMConf, api_key: Secret, files_dir: Path) -> None:
+    import ray
+
+    actor_cls: Any = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=2)(Autoscaler)  # type: ignore[call-overload]
+    actor_cls.options(name=autoscaler_name(conf.name), namespace=NAMESPACE, lifetime="detached").remote(
+        conf, api_key, str(files_dir.resolve()))
+
+
+def stop_autoscaler(name: str) -> None:
+    import ray
+
+    actor = _actor_or_none(autoscaler_name(name))
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30  # the name is free again only once Ray has removed it
+        while _actor_or_none(autoscaler_name(name)) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
