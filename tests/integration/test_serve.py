@@ -105,7 +105,9 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     assert "Traceback" not in missing.stderr
 
     # More replicas while idle; a changed engine config replaces the one replica of tea (rolling).
-    scaled = serve(cluster, "up", "llm=sim", "llm.name=stu", "llm.sim.num_replicas=2")
+    # (stu also gets an autoscaler, bounds 2-3: idle, it keeps 2; `serve down` must stop it too)
+    scaled = serve(cluster, "up", "llm=sim", "llm.name=stu", "llm.sim.num_replicas=2", "llm.autoscale.min_replicas=2",
+                   "llm.autoscale.max_replicas=3", "llm.autoscale.interval_s=0.5", "llm.autoscale.cooldown_s=0")
     assert scaled.returncode == 0 and "started stu-1; removed none" in scaled.stdout, log_of(scaled)[-3000:]
     rolled = serve(cluster, "up", "llm=sim", "llm.name=tea", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.01")
     assert rolled.returncode == 0 and "started tea-1; removed tea-0" in rolled.stdout, log_of(rolled)[-3000:]
@@ -113,6 +115,7 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     assert [r["id"] for r in after["stu"]["replica_list"]] == ["stu-0", "stu-1"]
     assert [r["id"] for r in after["tea"]["replica_list"]] == ["tea-1"]
     assert after["tea"]["engine"]["ttft_s"] == 0.01
+    assert after["stu"]["autoscale"]["max_replicas"] == 3 and after["tea"]["autoscale"] is None
     assert all(r["state"] == "running" and r["registered"] for s in after.values() for r in s["replica_list"])
     assert _gone([first_replicas["tea-0"][0]]), "the replaced replica's process is still there"
 
@@ -140,7 +143,7 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     assert _gone(actor_pids), "replica processes left after serve down"
     left = cluster_status(cluster)
     assert left.services is not None and not left.ray_error  # Ray answered: no registry, no replica actor left
-    assert not [s for s in left.services if "llm-" in s], left.services
+    assert not [s for s in left.services if "llm-" in s], left.services  # registries, replicas, autoscaler
 
 
 def _gone(pids: list[int], timeout_s: float = 30) -> bool:
