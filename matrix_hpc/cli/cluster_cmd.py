@@ -24,6 +24,6 @@ def cluster_command(args: list[str]) -> int:
         cfg = compose(["dataset.path=-", "output.dir=-", *overrides], str(conf_dir()))
     except ConfigError as e:
         return fail(str(e))
-    from matrix_hpc.cluster.cluster_cli import cluster_main
+    from matrix_hpc.cluster.lifecycle import cluster_main
 
     return cluster_main(action, OmegaConf.to_container(cfg.cluster, resolve=True))

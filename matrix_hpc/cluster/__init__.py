@@ -17,8 +17,8 @@ _EXPORTS = {
     "ClusterConf": "config", "LocalClusterConf": "config", "SlurmClusterConf": "config", "SlurmConf": "config",
     "JobShapeConf": "config", "as_cluster_conf": "config",
     "ClusterError": "errors", "JobFailedError": "errors",
-    "cluster_up": "cluster_cli", "cluster_status": "cluster_cli", "cluster_down": "cluster_cli",
-    "ClusterStatus": "cluster_cli", "ray_address_for": "cluster_cli", "cluster_main": "cluster_cli",
+    "cluster_up": "lifecycle", "cluster_status": "lifecycle", "cluster_down": "lifecycle",
+    "ClusterStatus": "lifecycle", "ray_address_for": "lifecycle", "cluster_main": "lifecycle",
     "submit_run": "slurm_run", "maybe_submit_run": "slurm_run",
     "slurm_available": "slurm",
 }

@@ -138,7 +138,7 @@ def submit_run(overrides: list[str], conf: Any, cwd: str | None = None) -> Any:
     The job is named ``matrix-run-<cluster name>``; its logs are under
     ``<cluster dir>/logs/<job id>/``, and `cluster down` cancels it.
     """
-    from matrix_hpc.cluster.cluster_cli import make_executor
+    from matrix_hpc.cluster.lifecycle import make_executor
 
     conf = as_cluster_conf(conf)
     if conf.backend != "slurm":

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from matrix_hpc.cluster import slurm as slurm_mod
-from matrix_hpc.cluster.cluster_cli import make_executor
 from matrix_hpc.cluster.config import SlurmClusterConf, SlurmConf
+from matrix_hpc.cluster.lifecycle import make_executor
 from matrix_hpc.cluster.ray_node import ignore_preempt_signals
 from matrix_hpc.cluster.slurm_run import DriverJob
 
@@ -61,7 +61,7 @@ def test_run_job_uses_usr1_for_preemption(tmp_path: Path, monkeypatch: pytest.Mo
             captured["text"], captured["fn"] = _sbatch_text(self.real), fn
             raise RuntimeError("stop before sbatch")
 
-    monkeypatch.setattr("matrix_hpc.cluster.cluster_cli.make_executor",
+    monkeypatch.setattr("matrix_hpc.cluster.lifecycle.make_executor",
                         lambda *a, **k: FakeExecutor(make_executor(*a, **k)))
     with pytest.raises(RuntimeError, match="stop before sbatch"):
         slurm_run.submit_run(["output.dir=o"], SlurmClusterConf(name="r", dir=str(tmp_path)), cwd="/w")
