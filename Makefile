@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 DEMO_OUT ?= out/demo
 
-.PHONY: setup setup-vllm demo demo-overhead test test-unit lint bench clean
+.PHONY: setup setup-vllm demo demo-overhead test test-slow test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,9 +34,13 @@ demo-overhead: setup
 	$(VENV)/bin/matrix-hpc run dataset=overhead_demo output.dir=$(DEMO_OUT)-overhead run.max_concurrent_tasks=1000
 	$(VENV)/bin/matrix-hpc inspect $(DEMO_OUT)-overhead
 
+# Every test but those marked slow (`make test-slow` runs them; CI does when its time budget holds).
 # pytest exits 5 when it collected no test: that is a failure here.
 test: setup
-	@$(PY) -m pytest tests --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@$(PY) -m pytest tests -m "not slow" --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-slow: setup
+	@$(PY) -m pytest tests -m slow --durations=10; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # ruff (rules in pyproject.toml) and mypy --strict on the library.
 lint: setup

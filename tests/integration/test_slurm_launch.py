@@ -65,6 +65,7 @@ def test_single_node_sbatch_drains_on_usr1_requeues_and_completes(tmp_path: Path
     assert len({r["run_id"] for r in rows}) == 2
 
 
+@pytest.mark.slow  # 42 s; the multi-node sbatch path also runs in the head-death test below
 def test_multi_node_sbatch_on_one_node_runs_the_driver_on_its_ray(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "in.jsonl", _rows(120))
     out, log, cluster_dir = tmp_path / "out", tmp_path / "job.log", tmp_path / "cluster"

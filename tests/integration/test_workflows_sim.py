@@ -55,6 +55,7 @@ def peak_overlap(rows: list[dict[str, Any]]) -> int:
     return peak
 
 
+@pytest.mark.slow  # 30 s; ≥ 1,000 concurrent dialogues are also run by test_workflow_tau2_scale.py
 def test_coral_10k_concurrent_dialogues(local_ray: None, inputs: Path, tmp_path: Path) -> None:
     from matrix_hpc.workflows.coral import summarize
 
