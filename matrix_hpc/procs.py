@@ -1,6 +1,7 @@
 """Processes and ports: the one home of the OS-level helpers every layer uses.
 
-- ending processes: a tree (``kill_tree``), a group (``kill_group``), every
+- ending processes: a tree (``kill_tree``), a group (``kill_group``, or
+  ``stop_group`` with a grace period), every
   process of a uid (``kill_uid_processes``), whatever a listing keeps naming
   (``kill_until_gone``: a cgroup's members), processes whose command line
   carries a marker (``kill_by_marker``: Ray processes that lost their parent);
@@ -20,6 +21,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,6 +108,20 @@ def kill_group(pid: int) -> None:
     """SIGKILL the process group led by ``pid`` (started with a new session)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace_s: float = 10.0) -> None:
+    """End a child started with its own session and the group it leads:
+    SIGTERM to the group, SIGKILL after ``grace_s``, then reap the child."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        proc.wait()
 
 
 def kill_until_gone(list_pids: Callable[[], set[int]], wait_s: float = 2.0) -> None:

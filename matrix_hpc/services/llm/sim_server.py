@@ -40,6 +40,7 @@ from typing import Any
 
 from aiohttp import web
 
+from matrix_hpc.procs import stop_group
 from matrix_hpc.services.llm.config import SimConf
 from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.sim_endpoint import API_KEY_ENV, SimEndpoint
@@ -186,13 +187,8 @@ class SimServerProcess:
         return f"http://{self.conf.host}:{self.port}"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the workers go too
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc is not None:
+            stop_group(self.proc, grace_s=10)  # its own session: the workers go too
 
     def __enter__(self) -> SimServerProcess:
         return self.start()
