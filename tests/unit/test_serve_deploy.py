@@ -50,8 +50,8 @@ def test_key_file_is_private_kept_across_updates_and_refused_when_others_can_rea
 
 
 def test_autoscaling_follows_outstanding_requests_within_bounds_one_step_down_at_a_time() -> None:
+    from matrix_hpc.services.llm.autoscale import desired_replicas
     from matrix_hpc.services.llm.config import AutoscaleConf
-    from matrix_hpc.services.llm.deploy import desired_replicas
 
     conf = AutoscaleConf(min_replicas=1, max_replicas=4, target_outstanding=10)
     assert [desired_replicas(1, load, conf) for load in (0, 10, 11, 35, 400)] == [1, 1, 2, 4, 4]

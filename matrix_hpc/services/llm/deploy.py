@@ -30,18 +30,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import os
 import re
 import secrets
 import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matrix_hpc.services.llm.config import AutoscaleConf, ClientConf, LLMConf
+from matrix_hpc.services.llm.config import ClientConf, LLMConf
 from matrix_hpc.services.llm.contract import Secret
 from matrix_hpc.services.llm.registry import (
     DEPLOYED_REGISTRY_PREFIX,
@@ -217,6 +215,8 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
     if scale.max_replicas and spec.backend != "openai":
         spec.replicas = max(scale.min_replicas, min(scale.max_replicas, spec.replicas))
     api_key = _service_key(conf, key_path)
+    from matrix_hpc.services.llm.autoscale import start_autoscaler, stop_autoscaler
+
     stop_autoscaler(ref.name)  # one writer of the record at a time: it starts again below
     actor_cls: Any = ray.remote(num_cpus=0)(DeployedRegistry)  # Any: Ray's actor class wrapper
     registry = actor_cls.options(name=ref.registry, namespace=NAMESPACE, lifetime="detached",
@@ -233,7 +233,7 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
     record.setdefault("created", record["updated"])
     ray.get(registry.set_record.remote(record))
     report = DeployReport(ref.name, created, [], [], [])
-    deployer = _Deployer(ref, registry, record, conf, api_key, Path(files_dir), conf.client.refresh_interval_s)
+    deployer = Deployer(ref, registry, record, conf, api_key, Path(files_dir), conf.client.refresh_interval_s)
     members: dict[str, Any] = record["members"]
     stale = [rid for rid, m in members.items() if m["digest"] != spec.digest]
     for rid in stale:  # rolling: the new one serves before the old one goes
@@ -249,13 +249,13 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
         rid = current.pop()  # the newest goes first
         deployer.remove(rid)
         report.removed.append(rid)
-    report.replicas = sorted(members, key=_index)
+    report.replicas = sorted(members, key=replica_index)
     if record["autoscale"]:
         start_autoscaler(conf, api_key, Path(files_dir))
     return report
 
 
-def _index(replica_id: str) -> int:
+def replica_index(replica_id: str) -> int:
     return int(replica_id.rsplit("-", 1)[1])
 
 
@@ -267,7 +267,7 @@ def _service_key(conf: LLMConf, key_path: Path) -> Secret:
     return ensure_key(key_path)
 
 
-class _Deployer:
+class Deployer:
     """Adds and removes replicas of one service, saving the record after each step
     (a ``serve up`` that fails halfway leaves a record that says what runs)."""
 
@@ -360,7 +360,7 @@ class _Deployer:
         time.sleep(2 * self.refresh_interval_s)
         if member["backend"] != "sim":
             return  # vLLM finishes what it runs on SIGTERM (stop_grace_s); cut requests are retried elsewhere
-        actor = _actor_or_none(member["actor"])
+        actor = actor_or_none(member["actor"])
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while actor is not None and time.monotonic() < deadline:
             try:
@@ -374,7 +374,7 @@ class _Deployer:
         stop_replica_actor(member.get("actor", ""))
 
 
-def _actor_or_none(name: str) -> Any:
+def actor_or_none(name: str) -> Any:
     import ray
 
     if not name:
@@ -389,7 +389,7 @@ def stop_replica_actor(name: str, timeout_s: float = 60.0) -> bool:
     """Stop the replica actor ``name`` (its server with every process, then the actor). False if none."""
     import ray
 
-    actor = _actor_or_none(name)
+    actor = actor_or_none(name)
     if actor is None:
         return False
     try:
@@ -432,7 +432,7 @@ def service_status(name: str) -> dict[str, Any]:
     registry = _registry(name)
     record, registered = ray.get([registry.record.remote(), registry.replicas.remote()])
     replicas = []
-    for rid, member in sorted(record.get("members", {}).items(), key=lambda kv: _index(kv[0])):
+    for rid, member in sorted(record.get("members", {}).items(), key=lambda kv: replica_index(kv[0])):
         reg = registered.get(rid, {})
         meta = reg.get("meta", {})
         row: dict[str, Any] = {"id": rid, "backend": member["backend"], "state": member["state"],
@@ -441,7 +441,7 @@ def service_status(name: str) -> dict[str, Any]:
                                "pid": meta.get("pid"),
                                "restarts": max(0, reg.get("registrations", 0) - 1), "log": meta.get("log", ""),
                                "current": member["digest"] == record.get("digest")}
-        actor = _actor_or_none(member.get("actor", ""))
+        actor = actor_or_none(member.get("actor", ""))
         try:
             if member["backend"] == "sim" and actor is not None:
                 stats = ray.get(actor.stats.remote(), timeout=10)
@@ -534,6 +534,8 @@ def undeploy_service(name: str) -> list[str]:
     Returns the replica actors stopped."""
     import ray
 
+    from matrix_hpc.services.llm.autoscale import stop_autoscaler
+
     registry = _registry(name)
     stop_autoscaler(name)
     record = ray.get(registry.record.remote())
@@ -565,117 +567,3 @@ def attach_service(name: str, client: ClientConf) -> tuple[Any, str, Secret, Cli
     key = read_key(Path(record["key_path"]))
     endpoints = RegistryEndpoints(deployed_ref(name), refresh_interval_s=client.refresh_interval_s)
     return endpoints, str(record["model"]), key, dataclasses.replace(client, dialect=record["dialect"])
-
-
-# -- autoscaling -----------------------------------------------------------------------------------
-
-
-def desired_replicas(current: int, outstanding: float, conf: AutoscaleConf) -> int:
-    """The replica count the load asks for: enough for ``target_outstanding`` each, within
-    [min_replicas, max_replicas]; down by one at a time (each removal drains first)."""
-    want = max(conf.min_replicas, min(conf.max_replicas, math.ceil(outstanding / conf.target_outstanding)))
-    return current - 1 if want < current else want
-
-
-def outstanding_requests(record: dict[str, Any], replica_ids: list[str], api_key: Secret) -> float | None:
-    """Requests in flight on ``replica_ids`` (sim: its counter; vLLM: running + waiting from /metrics);
-    None when a replica cannot say (no decision is taken on a partial view)."""
-    import urllib.request
-
-    import ray
-
-    total = 0.0
-    for rid in replica_ids:
-        member = record["members"][rid]
-        actor = _actor_or_none(member["actor"])
-        if actor is None:
-            return None
-        try:
-            if member["backend"] == "sim":
-                total += float(ray.get(actor.stats.remote(), timeout=10).get("in_flight", 0))
-                continue
-            url = str(ray.get(actor.status.remote(), timeout=10)["base_url"]).removesuffix("/v1") + "/metrics"
-            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key.get()}"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                text = response.read().decode()
-        except Exception:  # a replica that does not answer now: look again next time
-            return None
-        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                     if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
-    return total
-
-
-class Autoscaler:
-    """Detached actor ``llm-autoscaler-<name>``: every ``interval_s`` it reads the service's load and
-    adds or removes one replica (the same steps as `serve up`) when the load asks for another count
-    and ``cooldown_s`` has passed since the last change. `serve up` and `serve down` stop it first,
-    so the record has one writer at a time."""
-
-    def __init__(self, conf: LLMConf, api_key: Secret, files_dir: str):
-        self.conf, self.api_key, self.files_dir = conf, api_key, Path(files_dir)
-        self.last_change = time.monotonic()
-        self.last_load: float | None = None
-        self.error = ""
-        threading.Thread(target=self._loop, name="llm-autoscaler", daemon=True).start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(self.conf.autoscale.interval_s)
-            try:
-                self.step()
-                self.error = ""
-            except Exception as e:  # keep watching: the next look may succeed
-                self.error = str(e).split("\n")[0][:300]
-                log.warning("autoscaler of %s: %s", self.conf.name, self.error)
-
-    def step(self) -> None:
-        import ray
-
-        ref = deployed_ref(self.conf.name)
-        registry: Any = ray.get_actor(ref.registry, namespace=NAMESPACE)
-        record: dict[str, Any] = ray.get(registry.record.remote())
-        current = sorted((rid for rid, m in record["members"].items()
-                          if m["digest"] == record["digest"] and m["state"] == "running"), key=_index)
-        self.last_load = outstanding_requests(record, current, self.api_key)
-        if self.last_load is None:
-            return
-        want = desired_replicas(len(current), self.last_load, self.conf.autoscale)
-        if want == len(current) or time.monotonic() - self.last_change < self.conf.autoscale.cooldown_s:
-            return
-        log.info("autoscaler of %s: %.0f outstanding on %d replica(s): scaling to %d", ref.name, self.last_load,
-                 len(current), want)
-        record["replicas"] = want
-        deployer = _Deployer(ref, registry, record, self.conf, self.api_key, self.files_dir,
-                             self.conf.client.refresh_interval_s)
-        if want > len(current):
-            deployer.add()
-        else:
-            deployer.remove(current[-1])
-        self.last_change = time.monotonic()
-
-    def state(self) -> dict[str, Any]:
-        return {"load": self.last_load, "error": self.error,
-                "since_last_change_s": round(time.monotonic() - self.last_change, 1)}
-
-
-def autoscaler_name(name: str) -> str:
-    return f"llm-autoscaler-{name}"
-
-
-def start_autoscaler(conf: LLMConf, api_key: Secret, files_dir: Path) -> None:
-    import ray
-
-    actor_cls: Any = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=2)(Autoscaler)  # type: ignore[call-overload]
-    actor_cls.options(name=autoscaler_name(conf.name), namespace=NAMESPACE, lifetime="detached").remote(
-        conf, api_key, str(files_dir.resolve()))
-
-
-def stop_autoscaler(name: str) -> None:
-    import ray
-
-    actor = _actor_or_none(autoscaler_name(name))
-    if actor is not None:
-        ray.kill(actor, no_restart=True)
-        deadline = time.monotonic() + 30  # the name is free again only once Ray has removed it
-        while _actor_or_none(autoscaler_name(name)) is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
