@@ -86,16 +86,28 @@ def render(out: Path, files: list[Path], summary: OutputSummary) -> str:
     return "\n".join(lines)
 
 
-def sample_lines(out: Path, files: list[Path]) -> list[str]:
+def sample_counts(out: Path, files: list[Path]) -> dict[str, str]:
     """Rows per sample and inputs with all their samples, when the runs drew
-    several samples per input row (run.samples_per_input)."""
+    several samples per input row (run.samples_per_input); {} otherwise. The
+    one home of these numbers for inspect and report."""
     recorded = (recorded_identity(out) or {}).get("run", {}).get("samples_per_input", 1)
     if recorded <= 1:  # one task per input: nothing to count (and no pass over every id)
-        return []
+        return {}
     counts = count_samples(files, recorded)
-    return [f"  samples: {recorded} per input (run.samples_per_input); rows by sample: "
-            + ", ".join(f"{k}: {v}" for k, v in counts.by_sample.items()),
-            f"  inputs: {counts.inputs} with rows, {counts.complete} with all {recorded} samples"]
+    return {"samples_per_input": str(recorded),
+            "rows_by_sample": ", ".join(f"{k}: {v}" for k, v in counts.by_sample.items()),
+            "inputs_with_rows": str(counts.inputs),
+            "inputs_with_all_samples": str(counts.complete)}
+
+
+def sample_lines(out: Path, files: list[Path]) -> list[str]:
+    counts = sample_counts(out, files)
+    if not counts:
+        return []
+    n = counts["samples_per_input"]
+    return [f"  samples: {n} per input (run.samples_per_input); rows by sample: {counts['rows_by_sample']}",
+            f"  inputs: {counts['inputs_with_rows']} with rows, "
+            f"{counts['inputs_with_all_samples']} with all {n} samples"]
 
 
 def workflow_line(out: Path) -> str | None:

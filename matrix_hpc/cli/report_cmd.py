@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matrix_hpc.cli.inspect_cmd import fmt, problem_lines, repair, workflow_line, workflow_metrics
+from matrix_hpc.cli.inspect_cmd import fmt, problem_lines, repair, sample_counts, workflow_line, workflow_metrics
 from matrix_hpc.cli.main import fail
 from matrix_hpc.store.layout import META_DIR, data_files
 from matrix_hpc.store.verify import output_totals, summarize_output
@@ -73,7 +73,8 @@ def report_input(out: Path) -> ReportInput:
     files = [f for f in data_files(out) if f not in summary.unreadable]
     workflow = workflow_line(out)
     metrics = workflow_metrics(out / META_DIR / "workflow.yaml", files) if workflow and files else {}
-    return ReportInput(out, files, summary, output_totals(files), workflow, {k: fmt(v) for k, v in metrics.items()},
+    shown = {k: fmt(v) for k, v in metrics.items()} | (sample_counts(out, files) if files else {})
+    return ReportInput(out, files, summary, output_totals(files), workflow, shown,
                        notes + problem_lines(out, summary))
 
 

@@ -87,3 +87,12 @@ def test_three_samples_per_input_survive_kill_9_each_once_with_distinct_seeds(
     assert f"samples: {SAMPLES} per input (run.samples_per_input); rows by sample: 0: {INPUTS}, 1: {INPUTS}, " \
            f"2: {INPUTS}" in shown
     assert f"inputs: {INPUTS} with rows, {INPUTS} with all {SAMPLES} samples" in shown
+
+    # report shows the same per-sample counts (from inspect's code)
+    from matrix_hpc.cli.report_cmd import report_command
+
+    html_path = tmp_path / "report.html"
+    assert report_command([str(out), "--out", str(html_path)]) == 0
+    html = html_path.read_text()
+    assert f'data-key="workflow.samples_per_input">{SAMPLES}<' in html
+    assert f'data-key="workflow.inputs_with_all_samples">{INPUTS}<' in html
