@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from matrix_hpc import startup
 from matrix_hpc.app.monitoring import check_monitoring, start_run_monitor
 from matrix_hpc.cluster.auth import private_local_token
 from matrix_hpc.cluster.monitoring import loopback_local_ray
@@ -49,6 +50,7 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
     plan = plan_from_config(cfg)
     check_input(plan.dataset)
     check_monitoring(cfg)
+    startup.phase("input_check")
     run_id = new_run_id()
     out_dir = Path(plan.output.dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,7 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
         identity, defaults = redact(identity), redact(defaults)  # recorded in _matrix/: secrets as ***
         check_and_record_config(out_dir, identity, defaults, plan.full_yaml, force=plan.run.resume.value == "force",
                                 growable=GROWABLE_IDENTITY_KEYS)
+        startup.phase("lock_and_config_check")
         result = _run_with_ray(cfg, plan, run_id, driver_hook)
     finally:
         lock.release()
@@ -69,7 +72,9 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
 
 def _run_with_ray(cfg: DictConfig, plan: RunPlan, run_id: str, driver_hook: Any) -> RunResult:
     owns_ray = init_ray(cfg)
+    startup.phase("ray_init")
     services = start_services(cfg, plan)
+    startup.phase("services")
     driver: Driver | None = None
     monitor = None
     try:

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from matrix_hpc import startup
+
 USAGE = """usage: matrix-hpc <command> [hydra overrides...]
 
 commands:
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "run":
+        startup.phase("imports")  # the interpreter's start and the CLI's imports
         from matrix_hpc.cli.run_cmd import run_command
 
         return run_command(rest)

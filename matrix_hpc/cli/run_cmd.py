@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from matrix_hpc import startup
 from matrix_hpc.cli.config_check import ConfigError, compose
 from matrix_hpc.cli.main import conf_dir, fail
 from matrix_hpc.procs import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_LOCKED
@@ -25,6 +26,7 @@ def run_command(overrides: list[str]) -> int:
             compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
     except ConfigError as e:
         return fail(str(e))
+    startup.phase("config_check")
     import hydra
 
     from matrix_hpc.config.schema import register_configs
@@ -40,6 +42,7 @@ def run_command(overrides: list[str]) -> int:
 
 
 def _hydra_task(cfg: DictConfig) -> Any:
+    startup.phase("config_compose")
     code = run_from_config(cfg)
     _result["code"] = code
     return code

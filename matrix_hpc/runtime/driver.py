@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matrix_hpc import metrics
+from matrix_hpc import metrics, startup
 from matrix_hpc.background import supervise
 from matrix_hpc.runtime.conf import RunConf
 from matrix_hpc.runtime.message import FAILED, TaskState
@@ -114,8 +114,10 @@ class Driver:
         self._credit_event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         done = self._prepare_output()
+        startup.phase("resume_scan")
         self._start_counting_input()
         await self._start_actors()
+        startup.phase("actors")
         background = self._start_background()
         try:
             await self._admit_all(done)
@@ -312,6 +314,8 @@ class Driver:
             if not await self._take_credit():
                 break
             self._admit(item)
+            if self._admitted == 1:
+                startup.phase("first_admitted")
             if n % 512 == 0:
                 await asyncio.sleep(0)  # let the commit pollers run
         self._flush_boxes()
@@ -388,6 +392,7 @@ class Driver:
             for ack in acks:
                 self._on_ack(*ack)
             if acks:
+                startup.phase("first_committed")
                 self.stats.in_flight = len(self.inflight)
                 self._credit_event.set()
 

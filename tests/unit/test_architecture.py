@@ -19,8 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "matrix_hpc"
 
 #: Modules below everything, importable from every package: supervised loops
 #: (background), processes, ports, exit codes (procs) and Ray metrics
-#: (metrics: every layer records through it; it imports nothing of matrix_hpc).
-BOTTOM = {"background", "procs", "metrics"}
+#: (metrics: every layer records through it; it imports nothing of matrix_hpc)
+#: and start-up phase times (startup: the cli, the app and the driver mark their phases).
+BOTTOM = {"background", "procs", "metrics", "startup"}
 
 #: package -> the packages it may import (besides BOTTOM).
 ALLOWED: dict[str, set[str]] = {
