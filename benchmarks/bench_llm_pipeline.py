@@ -83,33 +83,119 @@ def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: P
     out = workdir / f"out-{n}-{concurrency}-{time.time_ns()}"
     plan = RunPlan(GenerateConf(max_tokens=max_tokens), DatasetConf(path=str(data)), OutputConf(dir=str(out)),
                    RunConf(max_concurrent_tasks=concurrency, progress_interval_s=0), services={"llm": factory})
-    c0 = client_tree_cpu_s()
-    result = asyncio.run(Driver(plan).run())
-    c1 = client_tree_cpu_s()
+    tree = TreeCPU()
+    marks: dict[str, dict[str, float]] = {"start": tree.sample()}
+
+    async def run() -> Any:
+        driver = Driver(plan)
+        watcher = asyncio.ensure_future(_mark_phases(driver, n, tree, marks))
+        try:
+            return await driver.run()
+        finally:
+            watcher.cancel()
+
+    load0 = os.getloadavg()
+    result = asyncio.run(run())
+    marks["end"] = tree.sample()
+    tree.stop()
     s = result.stats
     wall = (s.t_end or time.time()) - (s.t_admit_start or s.t_start)
     ok = s.by_status["ok"]
     completion = sum(pq.read_table(f, columns=["completion_tokens"]).column(0).to_numpy().sum()
                      for f in data_files(out))
+    admitted, drained = marks.get("admitted", marks["start"]), marks.get("drained", marks["end"])
+    steady = _diff(drained, admitted)
     return {"calls_per_s": ok / wall, "tokens_per_s": completion / wall, "failed": s.by_status["failed"],
-            "cpu_s_per_call": (c1 - c0) / max(1, ok), "wall_s": wall}
+            "cpu_s_per_call": sum(_diff(marks["end"], marks["start"]).values()) / max(1, ok), "wall_s": wall,
+            "startup_cpu_s": sum(_diff(admitted, marks["start"]).values()),
+            "steady_cpu_s_per_call": sum(steady.values()) / max(1, ok),
+            "steady_by_kind_ms_per_call": {k: 1000 * v / max(1, ok) for k, v in steady.items()},
+            "tail_cpu_s": sum(_diff(marks["end"], drained).values()), "load_before": load0,
+            "load_after": os.getloadavg()}
 
 
-def client_tree_cpu_s() -> float:
-    """CPU of this process and its descendants (Ray, actors), servers excluded."""
-    import psutil
+async def _mark_phases(driver: Any, n: int, tree: TreeCPU, marks: dict[str, dict[str, float]]) -> None:
+    """Samples the process tree's CPU when the first task is admitted (start-up
+    ends) and when every task's row is acknowledged (steady state ends, before
+    the run's close, output check and actor shutdown)."""
+    while driver.stats.t_admit_start is None:  # noqa: ASYNC110 (the driver's counters have no event)
+        await asyncio.sleep(0.005)
+    marks["admitted"] = tree.sample()
+    while driver.stats.done < n:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    marks["drained"] = tree.sample()
 
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            if any(k in " ".join(p.cmdline()).lower() for k in SERVER_MARKERS):
-                continue
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+
+def _diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in sorted(set(a) | set(b))}
+
+
+#: Process kinds of the pipeline's tree, by command line (Ray sets actor processes' titles to ray::<Class>...).
+#: Matched against the first word of the command line (a worker's arguments name the raylet too).
+KINDS = (("ray::Worker", "workers"), ("ray::ShardSink", "sinks"), ("/gcs_server", "gcs"), ("/raylet", "raylet"))
+
+
+class TreeCPU:
+    """CPU seconds of this process and its descendants (Ray daemons and
+    actors), servers excluded, per process kind. A thread samples the tree
+    every second so that processes that exit (killed actors) keep their last
+    reading; :meth:`sample` reads it now."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        import threading
+
+        self._last: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds at its last reading)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                if self._last.get(p.pid, ("ray other",))[0] == "ray other":  # an idle Ray worker may become an actor
+                    args = p.cmdline()
+                    cmd = " ".join(args)
+                    if any(k in cmd.lower() for k in SERVER_MARKERS):
+                        kind = "server"
+                    elif p.pid == me.pid:
+                        kind = "driver"
+                    else:
+                        first = args[0] if args else ""
+                        kind = next((k for marker, k in KINDS if first.startswith(marker) or first.endswith(marker)),
+                                    "ray other")
+                else:
+                    kind = self._last[p.pid][0]
+                t = p.cpu_times()
+                with self._lock:
+                    self._last[p.pid] = (kind, t.user + t.system)
+            except psutil.Error:
+                pass
+        totals: dict[str, float] = {}
+        with self._lock:
+            for kind, cpu in self._last.values():
+                if kind != "server":
+                    totals[kind] = totals.get(kind, 0.0) + cpu
+        return totals
+
+
+def load_average() -> str:
+    return fmt_load(os.getloadavg())
+
+
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 SERVER_MARKERS = ("vllm", "sim_server", "simreplica")  # lower case: also VLLM::EngineCore, VLLMReplica
@@ -154,24 +240,40 @@ def main() -> None:
     # Static URLs, the ones bare() uses: both sides reach the same replicas.
     factory = LLMClientFactory(StaticEndpoints(urls), ClientConf(), model, api_key)
     print(f"backend {args.backend}: {urls}  (median of {args.repeats}, bare and pipeline interleaved; "
-          f"load avg {os.getloadavg()[0]:.1f})")
-    print(f"{'conc':>6} {'tasks':>6} {'bare calls/s':>13} {'pipe calls/s':>13} {'ratio':>6} "
-          f"{'bare out tok/s':>14} {'pipe out tok/s':>14} {'bare CPU ms/call':>16} {'pipe CPU ms/call':>16} "
-          f"{'bare err':>8} {'pipe failed':>11} {'load':>5}")
+          f"load avg {load_average()})")
     try:
         for conc in args.concurrency:
             n = args.tasks or args.rounds * conc
             b_runs, p_runs = [], []
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
+                load0 = load_average()
                 b_runs.append(asyncio.run(bare(urls, model, n, conc, args.max_tokens, api_key)))
+                b = b_runs[-1]
+                print(f"  bare     c={conc} #{rep}: {b['calls_per_s']:.0f} calls/s, {b['tokens_per_s']:.0f} out tok/s, "
+                      f"{1000 * b['cpu_s_per_call']:.2f} ms CPU/call, {b['errors']} errors; "
+                      f"load {load0} -> {load_average()}", flush=True)
                 p_runs.append(pipeline(factory, n, conc, args.max_tokens, workdir))
+                p = p_runs[-1]
+                kinds = ", ".join(f"{k} {v:.2f}" for k, v in p["steady_by_kind_ms_per_call"].items())
+                print(f"  pipeline c={conc} #{rep}: {p['calls_per_s']:.0f} calls/s, {p['tokens_per_s']:.0f} out tok/s, "
+                      f"CPU: start-up {p['startup_cpu_s']:.2f} s, steady {1000 * p['steady_cpu_s_per_call']:.2f} "
+                      f"ms/call ({kinds}), close {p['tail_cpu_s']:.2f} s, all {1000 * p['cpu_s_per_call']:.2f} "
+                      f"ms/call; {p['failed']} failed; load {fmt_load(p['load_before'])} -> "
+                      f"{fmt_load(p['load_after'])}", flush=True)
             med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
             b, p = med(b_runs, "calls_per_s"), med(p_runs, "calls_per_s")
-            ratio = p / b if b else float("nan")
-            print(f"{conc:>6} {n:>6} {b:>13.0f} {p:>13.0f} {ratio:>6.2f} {med(b_runs, 'tokens_per_s'):>14.0f} "
-                  f"{med(p_runs, 'tokens_per_s'):>14.0f} {1000 * med(b_runs, 'cpu_s_per_call'):>16.2f} "
-                  f"{1000 * med(p_runs, 'cpu_s_per_call'):>16.2f} {sum(r['errors'] for r in b_runs):>8} "
-                  f"{sum(r['failed'] for r in p_runs):>11} {os.getloadavg()[0]:>5.1f}", flush=True)
+            bt, pt = med(b_runs, "tokens_per_s"), med(p_runs, "tokens_per_s")
+            kinds = sorted({k for r in p_runs for k in r["steady_by_kind_ms_per_call"]})
+            print(f"c={conc} tasks={n} MEDIANS: calls/s bare {b:.0f} pipeline {p:.0f} ({p / b if b else 0:.2f}x); "
+                  f"out tok/s bare {bt:.0f} pipeline {pt:.0f} ({pt / bt if bt else 0:.2f}x); "
+                  f"client CPU ms/call bare {1000 * med(b_runs, 'cpu_s_per_call'):.2f}, pipeline steady "
+                  f"{1000 * med(p_runs, 'steady_cpu_s_per_call'):.2f} ("
+                  + ", ".join(f"{k} {statistics.median(r['steady_by_kind_ms_per_call'].get(k, 0) for r in p_runs):.2f}"
+                              for k in kinds)
+                  + f"), pipeline start-up {med(p_runs, 'startup_cpu_s'):.2f} CPU-s, with start-up and close "
+                  f"{1000 * med(p_runs, 'cpu_s_per_call'):.2f} ms/call; bare errors "
+                  f"{sum(r['errors'] for r in b_runs)}, pipeline failed {sum(r['failed'] for r in p_runs)}; "
+                  f"load {load_average()}", flush=True)
     finally:
         stop()
         ray.shutdown()
