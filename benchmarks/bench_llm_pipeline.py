@@ -167,10 +167,10 @@ class TreeCPU:
                 if self._last.get(p.pid, ("ray other",))[0] == "ray other":  # an idle Ray worker may become an actor
                     args = p.cmdline()
                     cmd = " ".join(args)
-                    if any(k in cmd.lower() for k in SERVER_MARKERS):
-                        kind = "server"
-                    elif p.pid == me.pid:
+                    if p.pid == me.pid:  # first: its own command line may say --backend vllm
                         kind = "driver"
+                    elif any(k in cmd.lower() for k in SERVER_MARKERS):
+                        kind = "server"
                     else:
                         first = args[0] if args else ""
                         kind = next((k for marker, k in KINDS if first.startswith(marker) or first.endswith(marker)),
