@@ -11,7 +11,10 @@ Each metric is declared once below and created lazily, in the process that
 first records it, and only when that process is connected to Ray: outside
 Ray (unit tests, the bare benchmarks) a record is one attribute check.
 Recording costs about 5 us in Ray, so hot paths add up counts per batch and
-record once (:meth:`Metric.inc` with the batch's count).
+record once (:meth:`Metric.inc` with the batch's count), or declare their
+metrics ``batched``: kept in the process and sent to Ray at most once per
+``PUBLISH_S`` (and at :func:`flush_batched`, which a worker calls before it
+stops). The LLM client's are (six records per call otherwise).
 
 Labels are bounded: the run id, the workflow, a role, an endpoint/replica,
 a status or error type; never a task id. ``run_id`` and ``workflow`` come
@@ -42,6 +45,8 @@ BASE_TAGS = ("run_id", "workflow")
 #: ``MATRIX_HPC_METRICS=off`` in the environment of ``matrix-hpc run``: record nothing (benchmarks compare with it).
 SWITCH_ENV = "MATRIX_HPC_METRICS"
 _base: dict[str, str] = {"run_id": "", "workflow": ""}
+PUBLISH_S = 1.0  # batched metrics go to Ray at most this often per process
+_next_publish = 0.0
 
 
 def set_run(run_id: str, workflow: str) -> None:
@@ -64,8 +69,10 @@ class Metric:
     """
 
     def __init__(self, kind: str, name: str, description: str, tag_keys: tuple[str, ...] = (),
-                 boundaries: tuple[float, ...] = ()) -> None:
+                 boundaries: tuple[float, ...] = (), batched: bool = False) -> None:
         self.kind, self.name, self.description = kind, name, description
+        self.batched = batched and kind != "histogram"  # a histogram batches as BatchedHistogram
+        self._pending: dict[tuple[str, ...], float] = {}  # batched: label values -> increase (counter) or value
         self.tag_keys = BASE_TAGS + tag_keys
         self.boundaries = boundaries
         self._impl: Any = None  # Any: a ray.util.metrics object; None until first use; False outside Ray
@@ -76,13 +83,29 @@ class Metric:
         """Counter: add ``value`` (a batch's count) for the label values ``tags`` (in ``tag_keys`` order)."""
         impl = self._impl if self._impl is not None else self._create()
         if impl and value > 0:
-            self._record(impl.inc, value, tags)
+            if self.batched:
+                self._pending[tags] = self._pending.get(tags, 0.0) + value
+                _maybe_publish()
+            else:
+                self._record(impl.inc, value, tags)
 
     def set(self, value: float, *tags: str) -> None:
         """Gauge: the current value."""
         impl = self._impl if self._impl is not None else self._create()
         if impl:
-            self._record(impl.set, value, tags)
+            if self.batched:
+                self._pending[tags] = value
+                _maybe_publish()
+            else:
+                self._record(impl.set, value, tags)
+
+    def flush(self) -> None:
+        """Batched: send what this process kept since the last flush."""
+        pending, self._pending = self._pending, {}
+        if pending and self._impl:
+            method = self._impl.inc if self.kind == "counter" else self._impl.set
+            for tags, value in pending.items():
+                self._record(method, value, tags)
 
     def observe(self, value: float, *tags: str) -> None:
         """Histogram: one observation."""
@@ -128,6 +151,23 @@ class Metric:
 
 
 _ALL: list[Metric] = []
+_HISTOGRAMS: list[BatchedHistogram] = []
+
+
+def flush_batched() -> None:
+    """Send every batched metric's values of this process to Ray now."""
+    global _next_publish
+    _next_publish = time.monotonic() + PUBLISH_S
+    for m in _ALL:
+        if m.batched:
+            m.flush()
+    for h in _HISTOGRAMS:
+        h.flush()
+
+
+def _maybe_publish() -> None:
+    if time.monotonic() >= _next_publish:
+        flush_batched()
 
 
 class BatchedHistogram:
@@ -154,6 +194,7 @@ class BatchedHistogram:
         self._counts: dict[tuple[str, ...], list[int]] = {}  # label values -> per-bucket (not cumulative) counts
         self._sums: dict[tuple[str, ...], float] = {}
         self._next_publish = 0.0
+        _HISTOGRAMS.append(self)
 
     def observe(self, value: float, *tags: str) -> None:
         counts = self._counts.get(tags)
@@ -194,20 +235,20 @@ STEP_ERRORS = Metric("counter", "matrix_step_errors_total", "Failed step attempt
                      ("role", "error_type"))
 
 # -- the LLM client (per endpoint = service, and replica = its URL) ------------------------
-LLM_LATENCY_S = Metric("histogram", "matrix_llm_request_latency_seconds",
-                       "One LLM request until its answer (retries included)", ("endpoint", "replica"),
-                       LATENCY_BUCKETS_S)
+LLM_LATENCY_S = BatchedHistogram("matrix_llm_request_latency_seconds",
+                                 "One LLM request until its answer (retries included)", ("endpoint", "replica"),
+                                 LATENCY_BUCKETS_S)
 # Time to first token: the client does not stream; vLLM's own vllm:time_to_first_token_seconds has it.
 LLM_PROMPT_TOKENS = Metric("counter", "matrix_llm_prompt_tokens_total", "Prompt tokens, as the server counted them",
-                           ("endpoint", "replica"))
+                           ("endpoint", "replica"), batched=True)
 LLM_COMPLETION_TOKENS = Metric("counter", "matrix_llm_completion_tokens_total", "Completion tokens",
-                               ("endpoint", "replica"))
+                               ("endpoint", "replica"), batched=True)
 LLM_REQUESTS = Metric("counter", "matrix_llm_requests_total", "LLM requests by outcome (ok / error / rejected)",
-                      ("endpoint", "replica", "outcome"))
+                      ("endpoint", "replica", "outcome"), batched=True)
 LLM_RETRIES = Metric("counter", "matrix_llm_retries_total", "LLM requests sent again after a failure",
-                     ("endpoint",))
+                     ("endpoint",), batched=True)
 LLM_OUTSTANDING = Metric("gauge", "matrix_llm_outstanding_requests", "Requests in flight from this process",
-                         ("endpoint", "replica"))
+                         ("endpoint", "replica"), batched=True)
 
 # -- sandboxes ---------------------------------------------------------------------
 SANDBOX_LEASES = Metric("counter", "matrix_sandbox_leases_total", "Sandboxes leased to tasks", ("pool",))

@@ -155,3 +155,35 @@ def test_batched_histogram_publishes_prometheus_histogram_series() -> None:
         {"0.1": 2, "1.0": 3, "+Inf": 5}  # cumulative, `le` inclusive as Prometheus has it
     assert sent[("matrix_test_batched_seconds_count", ("student",))] == 5
     assert sent[("matrix_test_batched_seconds_sum", ("student",))] == pytest.approx(5.65)
+
+
+def test_batched_counters_and_gauges_reach_ray_once_per_publish() -> None:
+    sent: list[tuple[str, str, float]] = []
+
+    class FakeRay:  # stands for a ray.util.metrics object: what reaches Ray, in order
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, value: float, tags: dict[str, str]) -> None:
+            sent.append((self.name, tags["replica"], value))
+
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            sent.append((self.name, tags["replica"], value))
+
+    calls = metrics.Metric("counter", "matrix_test_batched_total", "test", ("replica",), batched=True)
+    load = metrics.Metric("gauge", "matrix_test_batched_load", "test", ("replica",), batched=True)
+    try:
+        calls._impl, load._impl = FakeRay("calls"), FakeRay("load")
+        metrics.flush_batched()  # a publish period starts now
+        for i in range(1, 1001):
+            calls.inc(2, "a")
+            load.set(i, "a")
+        calls.inc(1, "b")
+        assert sent == []  # kept in the process until the period ends
+        metrics.flush_batched()
+        assert sorted(sent) == [("calls", "a", 2000.0), ("calls", "b", 1.0), ("load", "a", 1000)]
+        metrics.flush_batched()
+        assert len(sent) == 3  # nothing new, nothing sent
+    finally:
+        metrics._ALL.remove(calls)
+        metrics._ALL.remove(load)

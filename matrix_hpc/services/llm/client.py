@@ -133,6 +133,7 @@ class LLMClient:
     async def close(self) -> None:
         """Stop background tasks and close the pooled session."""
         self._closed = True
+        metrics.flush_batched()  # this client's counts since the last publish
         if self._first_fetch is not None:
             self._tasks.append(self._first_fetch)
         for task in self._tasks:
