@@ -1,9 +1,12 @@
 """The driver: admits tasks, and nothing else.
 
-It streams input rows, skips ids the output already holds, keeps at most
-``max_concurrent_tasks`` in flight, and returns a credit when a sink
-acknowledges a committed row. Task state never comes back here: it travels
-worker to worker and ends in a sink.
+It streams input rows, skips ids the output already holds, and keeps at most
+``max_concurrent_tasks`` running: a credit returns when a worker reports the
+task ended (its row on the way to its sink), so admission never waits for a
+commit. A task stays in flight until a sink acknowledges its committed row,
+and at most ``UNCOMMITTED_FACTOR`` x ``max_concurrent_tasks`` are in flight
+(a sink that cannot commit stops admission). Task state never comes back
+here: it travels worker to worker and ends in a sink.
 
 It also keeps the run honest: lost peers and failed sends lead to
 re-admission within seconds (see :mod:`matrix_hpc.runtime.peers`), and the
@@ -52,6 +55,10 @@ log = logging.getLogger(__name__)
 #: Dispatches of one task (first admission included) after which it fails as
 #: ``TaskLost`` whatever the causes (a guard against endless re-admission).
 MAX_DISPATCHES = 20
+#: In-flight tasks (running, or ended and not yet committed) at most, as a
+#: multiple of ``run.max_concurrent_tasks``.
+UNCOMMITTED_FACTOR = 2
+TAIL_FLUSH_EVERY_S = 0.25  # nothing runs, rows wait for a commit: ask the sinks this often
 
 
 @dataclass
@@ -92,7 +99,8 @@ class Driver:
         self.workflow = build_workflow(plan.workflow)
         self.stats = RunStats()
         self.inflight: dict[str, InputItem] = {}
-        self.credits = plan.run.max_concurrent_tasks
+        self.running: set[str] = set()  # dispatched to a worker, its end not yet reported (admission credits)
+        self.max_in_flight = UNCOMMITTED_FACTOR * plan.run.max_concurrent_tasks
         self.problems: list[str] = []
         self._credit_event: asyncio.Event | None = None
         self._stopping = False
@@ -195,7 +203,7 @@ class Driver:
     async def _create_actors(self, attempt: int) -> None:
         run, out = self.plan.run, self.plan.output
         schema = output_schema(self.workflow.result_columns())
-        # Credits return only on commit: flush before half the credits sit in buffers.
+        # Rows wait in sink buffers until committed (in flight meanwhile): commit before half the concurrency does.
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files,
@@ -261,6 +269,8 @@ class Driver:
         loops: list[tuple[Callable[[], Awaitable[None]], str]] = [
             (functools.partial(self._poll_commits, sink), f"commit poller of sink {n}")
             for n, sink in enumerate(self.sinks)]
+        loops += [(functools.partial(self._poll_finished, h), f"finish poller of worker {g}/{i}")
+                  for g, hs in self.handles.items() for i, h in enumerate(hs)]
         loops += [(functools.partial(self._watch.watch_workers, interval_s, self._after_peer_check), "worker watch"),
                   (functools.partial(self._watch.watch_sinks, interval_s, self._after_peer_check), "sink watch")]
         essential = [supervise(fn, name, max_restarts=5, on_fatal=functools.partial(self._on_loop_fatal, name))
@@ -339,14 +349,12 @@ class Driver:
 
     async def _take_credit(self) -> bool:
         assert self._credit_event is not None
-        while self.credits <= 0 and not self._stopping:
+        limit = self.plan.run.max_concurrent_tasks
+        while (len(self.running) >= limit or len(self.inflight) >= self.max_in_flight) and not self._stopping:
             self._flush_boxes(sinks=False)
             self._credit_event.clear()
             await self._credit_event.wait()
-        if self._stopping:
-            return False
-        self.credits -= 1
-        return True
+        return not self._stopping
 
     def _admit(self, item: InputItem) -> None:
         self.inflight[item.id] = item
@@ -358,6 +366,7 @@ class Driver:
         """Send a task on its way: to the first role, or (unreadable or invalid
         input) straight to its sink as a ``failed`` row."""
         self._admitted_at[item.id] = time.time()
+        self.running.discard(item.id)  # running again below, unless it goes straight to its sink
         if item.row is None:
             self._sink_box(item.id).put(_failed_input(item, attempt))
             return
@@ -369,6 +378,7 @@ class Driver:
             task.finish(FAILED, error_type="InputError", error=f"{item.where}: {e}")
             self._sink_box(item.id).put(task)
             return
+        self.running.add(item.id)
         self._first_boxes[self.router.route(first, item.id)].put(task)
 
     def _flush_boxes(self, sinks: bool = True) -> None:
@@ -378,7 +388,20 @@ class Driver:
     def _sink_box(self, task_id: str) -> Outbox:
         return self._sink_boxes[sink_of(task_id, self.plan.output.num_shards, len(self._sink_boxes))]
 
-    # -- commits ----------------------------------------------------------
+    # -- admission credits and commits ------------------------------------
+    async def _poll_finished(self, worker: Any) -> None:
+        """A worker's ended tasks return their admission credits."""
+        assert self._credit_event is not None
+        while True:
+            try:
+                ids = await worker.finished.remote(1.0)
+            except Exception:  # restarting: the worker watch re-admits what it held
+                await asyncio.sleep(1.0)
+                continue
+            if ids:
+                self.running.difference_update(ids)
+                self._credit_event.set()
+
     async def _poll_commits(self, sink: Any) -> None:
         assert self._credit_event is not None
         while True:
@@ -401,7 +424,7 @@ class Driver:
         if item is None:  # a late copy of a task already acknowledged
             return
         self._admitted_at.pop(task_id, None)
-        self.credits += 1
+        self.running.discard(task_id)  # its end report may still be on the way
         if status != DUPLICATE:  # a duplicate ack: a copy of a task whose row a sink had already written
             self.stats.record(status, error_type, error, tokens)
 
@@ -458,6 +481,7 @@ class Driver:
         losses = self._losses[task_id] = self._losses.get(task_id, 0) + int(loss)
         if losses >= self.plan.run.max_attempts or n > MAX_DISPATCHES:
             self._admitted_at[task_id] = time.time()
+            self.running.discard(task_id)
             self._sink_box(task_id).put(_lost_task(item, n, losses))
             return
         self.stats.readmitted += 1
@@ -466,8 +490,16 @@ class Driver:
     async def _wait_in_flight(self) -> None:
         assert self._credit_event is not None
         deadline: float | None = None
+        tail_flush_at = 0.0
         while self.inflight and not self._aborting:
             self._flush_boxes()
+            if not self.running and time.monotonic() >= tail_flush_at:  # the rest waits for commits: ask for them
+                tail_flush_at = time.monotonic() + TAIL_FLUSH_EVERY_S
+                try:
+                    await asyncio.wait_for(self._flush_sinks(), 5.0)  # a restarting sink: its watch takes over
+                except TimeoutError:
+                    pass
+                continue
             if self._stopping:
                 deadline = deadline or time.time() + self.plan.run.drain_timeout_s
                 if time.time() >= deadline:

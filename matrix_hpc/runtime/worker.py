@@ -63,6 +63,15 @@ def _tune_gc() -> None:
 #: the sandbox pool releases the task's leases, the LLM client its replica pin.
 TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
 
+#: Shortest gap between two answers of :meth:`Worker.finished`: finished ids
+#: gathered this long go to the driver in one call (its admission credits).
+FINISH_REPORT_GAP_S = 0.05
+#: Longest wait before a partial batch of finished tasks goes to a sink. Rows
+#: wait for the sink's next commit anyway (``output.flush_interval_s``), and
+#: admission does not wait for them (:meth:`Worker.finished`), so batching
+#: them longer than peer hops saves one actor call per task at low rates.
+SINK_BATCH_DELAY_S = 0.05
+
 
 class NotConnected(RuntimeError):
     """A restarted worker got tasks before the driver reconnected it."""
@@ -127,6 +136,9 @@ class Worker:
         self._sinks: list[Outbox] = []
         self._running: set[asyncio.Task[None]] = set()
         self._lost: list[str] = []  # ids of tasks whose batch to a peer or sink failed, not yet reported
+        self._finished: list[str] = []  # ids of tasks that ended here (handed to their sink), not yet reported
+        self._finished_ready: asyncio.Event | None = None  # created in the actor's event loop
+        self._finished_reported_at = 0.0
         self.steps = 0
         self.local_hops = 0
         self.remote_hops = 0
@@ -141,15 +153,17 @@ class Worker:
             for i, h in enumerate(handles):
                 if (group, i) != me:
                     self._peers[(group, i)] = self._outbox(h.deliver.remote, f"worker {group}/{i}")
-        self._sinks = [self._outbox(s.write.remote, f"sink {n}") for n, s in enumerate(sinks)]
+        self._sinks = [self._outbox(s.write.remote, f"sink {n}", max(self.spec.batch_delay_s, SINK_BATCH_DELAY_S))
+                       for n, s in enumerate(sinks)]
         for name, factory in self.spec.services.items():
             if name not in self.ctx.services:
                 self.ctx.services[name] = factory()
         _tune_gc()
         return self.incarnation
 
-    def _outbox(self, send: Callable[[list[Any]], Any], name: str) -> Outbox:
-        return Outbox(send, self.spec.batch_size, self.spec.batch_delay_s, on_failed=self._note_lost, name=name)
+    def _outbox(self, send: Callable[[list[Any]], Any], name: str, delay_s: float | None = None) -> Outbox:
+        delay_s = self.spec.batch_delay_s if delay_s is None else delay_s
+        return Outbox(send, self.spec.batch_size, delay_s, on_failed=self._note_lost, name=name)
 
     def _note_lost(self, batch: list[TaskState], error: BaseException) -> None:
         """Tasks of a batch that no peer took: the driver collects their ids
@@ -187,6 +201,7 @@ class Worker:
                     task.finish(OK)
                 await self._end_task(task)
                 self._to_sink(task)
+                self._note_finished(task.id)
                 return
             task.role = nxt
             dest = self.router.route(nxt, task.id)
@@ -229,8 +244,36 @@ class Worker:
     def _to_sink(self, task: TaskState) -> None:
         self._sinks[sink_of(task.id, self.spec.num_shards, len(self._sinks))].put(task)
 
+    def _note_finished(self, task_id: str) -> None:
+        if len(self._running) <= 1:  # the last task here (this one): its row need not wait for a fuller batch
+            for box in self._sinks:
+                box.flush()
+        self._finished.append(task_id)
+        if self._finished_ready is not None:
+            self._finished_ready.set()
+
+    async def finished(self, timeout_s: float = 1.0) -> list[str]:
+        """Long poll (the driver's admission): ids of the tasks that ended here
+        since the last call, at most one answer per ``FINISH_REPORT_GAP_S`` so
+        that a busy worker answers with batches, not single ids. Their rows
+        are on the way to their sinks; commits are acknowledged by the sinks."""
+        if self._finished_ready is None:
+            self._finished_ready = asyncio.Event()
+        if not self._finished:
+            try:
+                await asyncio.wait_for(self._finished_ready.wait(), timeout_s)
+            except TimeoutError:
+                pass
+        wait_s = self._finished_reported_at + FINISH_REPORT_GAP_S - time.monotonic()
+        if self._finished and wait_s > 0:
+            await asyncio.sleep(wait_s)
+        ids, self._finished = self._finished, []
+        self._finished_ready.clear()
+        self._finished_reported_at = time.monotonic()
+        return ids
+
     async def stats(self) -> dict[str, Any]:
-        metrics.STEP_LATENCY_S.flush()  # the driver asks last, before stopping the workers
+        metrics.flush_batched()  # the driver asks last, before stopping the workers
         return {"group": self.spec.group, "index": self.spec.index, "running": len(self._running),
                 "steps": self.steps, "local_hops": self.local_hops, "remote_hops": self.remote_hops,
                 "incarnation": self.incarnation}

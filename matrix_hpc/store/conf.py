@@ -10,12 +10,12 @@ class OutputConf:
     dir: str = "???"  # output directory (created; rerun the same command to resume)
     num_shards: int = 4  # shards by hash of task id (shard=NNNNN directories)
     num_sinks: int = 2  # sink actors writing the shards (each owns num_shards / num_sinks)
-    flush_interval_s: float = 0.2  # how often buffered rows are committed (credits wait for it)
+    flush_interval_s: float = 1.0  # how often buffered rows are committed (each commit: a file per shard)
     max_buffered_rows: int = 20000  # commit early at this many rows (or half the concurrency per sink)
     compact_min_files: int = 64  # merge a shard's small files once it has this many
     compression: str = "zstd"  # Parquet compression codec
     keep: str = "all"  # all | ok: with ok, filtered/failed rows go to _rejected/ (still counted)
-    commit_retry_max_s: float = 30.0  # a failed commit is retried after flush_interval_s, doubling up to this
+    commit_retry_max_s: float = 30.0  # a failed commit is retried after 0.4 s, doubling up to this
 
     def __post_init__(self) -> None:
         if self.num_sinks > self.num_shards:

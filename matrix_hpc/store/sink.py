@@ -13,7 +13,8 @@ The commit protocol (docs/output.md):
 - ids count as committed only after their file is published; a restarted
   sink rebuilds the ids this run committed in its shards from the files;
 - a commit that fails keeps its rows buffered and is retried with capped
-  exponential backoff, loudly; the driver's credits stay out meanwhile;
+  exponential backoff, loudly; its rows stay in flight meanwhile (the
+  driver stops admitting at twice the concurrency in flight);
 - a row that cannot be encoded becomes a ``failed`` row naming the column.
 """
 
@@ -60,6 +61,9 @@ DUPLICATE = "duplicate"
 #: the sink of that index fails. Never set it outside tests.
 FAULT_COMMIT_FAIL_ENV = "MATRIX_HPC_FAULT_COMMIT_FAIL_N"
 FAULT_SINK_ENV = "MATRIX_HPC_FAULT_COMMIT_FAIL_SINK"
+#: A failed commit is retried after 2x this, doubling (a full disk freed is
+#: noticed within a second, whatever ``flush_interval_s``).
+COMMIT_RETRY_BASE_S = 0.2
 
 
 @dataclass
@@ -73,7 +77,7 @@ class SinkSettings:
     keep: str = "all"  # "ok": filtered / failed rows go to _rejected/ (still counted for resume)
     compact_min_files: int = 64  # merge a shard's small files of this run once it has this many
     compact_max_rows: int = 200_000  # files this big are left alone by compaction
-    commit_retry_max_s: float = 30.0  # a failing commit is retried after flush_interval_s, doubling up to this
+    commit_retry_max_s: float = 30.0  # a failing commit is retried after 2 x COMMIT_RETRY_BASE_S, doubling up to this
     workflow: str = ""  # the metrics' workflow label (matrix_hpc.metrics)
 
 
@@ -260,7 +264,7 @@ class ShardSink:
             return
         self.commit_failures += 1
         self.last_error = str(failure)
-        delay_s = min(self.s.commit_retry_max_s, self.s.flush_interval_s * 2 ** self.commit_failures)
+        delay_s = min(self.s.commit_retry_max_s, COMMIT_RETRY_BASE_S * 2 ** self.commit_failures)
         self._retry_at = time.monotonic() + delay_s
         log.error("sink %d: commit failed (%s) with %d rows buffered under %s; keeping them and retrying in "
                   "%.1f s (attempt %d). Free space or fix the error; nothing is lost while the run lives.",
