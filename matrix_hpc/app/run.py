@@ -4,9 +4,12 @@ driver, commit, summarise. The run loop reads like its description."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,22 +74,25 @@ def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
 
 
 def _run_with_ray(cfg: DictConfig, plan: RunPlan, run_id: str, driver_hook: Any) -> RunResult:
-    owns_ray = init_ray(cfg)
+    driver = Driver(plan, run_id)
+    with ThreadPoolExecutor(1, thread_name_prefix="resume-scan") as pool:
+        scan = pool.submit(driver.prepare)  # the resume scan needs no Ray: it runs while Ray starts
+        owns_ray = init_ray(cfg)  # in the main thread, where Ray sets its SIGTERM handler
     startup.phase("ray_init")
-    services = start_services(cfg, plan)
-    startup.phase("services")
-    driver: Driver | None = None
+    services: list[Any] = []
     monitor = None
     try:
+        scan.result()
+        services = start_services(cfg, plan)
+        startup.phase("services")
         monitor = start_run_monitor(cfg, plan, run_id)  # monitoring=true: docs/monitoring.md
-        driver = Driver(plan, run_id)
         if driver_hook is not None:
             driver_hook(driver)
         return asyncio.run(_run_driver(driver))
     finally:
         if monitor is not None:
             failed = sys.exc_info()[0] is not None  # an error on its way out: no wait for the last counts
-            monitor.finish(driver.stats.done if driver is not None and not failed else None)
+            monitor.finish(driver.stats.done if not failed else None)
         for svc in services:
             svc.stop()
         if owns_ray:
@@ -116,14 +122,34 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True
     private_local_token()  # Ray would write its default token file world-readable
-    system_config = {}
+    system_config: dict[str, Any] = {}
     if cfg.get("monitoring", False):  # Ray sends its processes' metrics to its agent every 10 s by default
         system_config["metrics_report_interval_ms"] = int(cfg.prometheus.ray_export_interval_s * 1000)
-    with loopback_local_ray():  # Ray's metrics endpoint on 127.0.0.1, not on every interface
+    else:  # nothing scrapes this Ray: no unauthenticated exporter, no metrics reports from every process
+        system_config["enable_metrics_collection"] = False
+    with loopback_local_ray(), _inherited_pythonpath():  # metrics endpoint on 127.0.0.1, not on every interface
         ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
-                 logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+                 logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config)
     return True
+
+
+@contextlib.contextmanager
+def _inherited_pythonpath() -> Iterator[None]:
+    """The driver's ``sys.path`` as ``PYTHONPATH`` while ``ray.init`` starts the local Ray: its
+    raylet, and the workers it starts, inherit it (they import matrix_hpc, and a test's
+    workflows, from where the driver does). A ``runtime_env`` with the same variable costs
+    start-up: Ray's prestarted workers do not match it, so every actor waited for a fresh
+    worker process (measured: docs/performance.md, "Start-up"). Restored afterwards: the
+    driver's own children (vLLM under its own interpreter) must not get it."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 def _cluster_address(cfg: DictConfig) -> str | None:

@@ -29,9 +29,10 @@ def run_command(overrides: list[str]) -> int:
     startup.phase("config_check")
     import hydra
 
-    from matrix_hpc.config.schema import register_configs
+    if multirun:  # compose() registered the schemas otherwise (a second registration costs ~0.3 s)
+        from matrix_hpc.config.schema import register_configs
 
-    register_configs()
+        register_configs()
     hydra_main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_hydra_task)
     argv, sys.argv = sys.argv, ["matrix-hpc-run", *overrides]
     try:

@@ -113,6 +113,7 @@ class Driver:
         self._lost_sends: set[str] = set()  # ids of failed sends, re-admitted at the next peer check
         self._admitted = self._rows_read = 0  # cumulative, for the metrics (published once a second)
         self._published = metrics.Deltas()
+        self._done: Any = None  # the ids the output holds (the store's IdSet), once prepare() ran
         metrics.set_run(self.run_id, plan.workflow.name)
 
     # -- the run loop -----------------------------------------------------
@@ -121,8 +122,9 @@ class Driver:
         missing, close, and report what the output holds."""
         self._credit_event = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        done = self._prepare_output()
-        startup.phase("resume_scan")
+        if self._done is None:
+            self.prepare()
+        done = self._done
         self._start_counting_input()
         await self._start_actors()
         startup.phase("actors")
@@ -157,6 +159,11 @@ class Driver:
     def _wake_admission(self) -> None:
         if self._credit_event is not None:
             self._loop.call_soon_threadsafe(self._credit_event.set)
+
+    def prepare(self) -> None:
+        """The resume scan; it needs no Ray, so the app runs it while Ray starts (before :meth:`run`)."""
+        self._done = self._prepare_output()
+        startup.phase("resume_scan")
 
     # -- steps ------------------------------------------------------------
     def _prepare_output(self) -> Any:  # Any: the store's IdSet
