@@ -10,6 +10,7 @@ whole command's wall time.
     python benchmarks/bench_startup.py                         # overhead, generate on llm=sim, the 40-row demo
     python benchmarks/bench_startup.py --cases overhead --repeats 5
     python benchmarks/bench_startup.py --cases demo --demo-llm vllm   # `make demo`'s job itself (starts vLLM)
+    python benchmarks/bench_startup.py --checkouts /tmp/before,.      # two checkouts (git worktree), interleaved
 
 Cases: ``overhead`` (the overhead workload, 200 rows, default placement),
 ``generate_sim`` (``workflow=generate llm=sim``, 200 rows), ``demo`` (`make
@@ -51,12 +52,17 @@ def case_args(case: str, data: Path, demo_llm: str) -> list[str]:
     raise SystemExit(f"unknown case {case!r}; valid: overhead, generate_sim, demo")
 
 
-def run_once(case: str, data: Path, out: Path, demo_llm: str) -> dict[str, float]:
-    """One fresh ``matrix-hpc run``: the phase offsets it traced, and its wall time as ``wall``."""
+def run_once(case: str, data: Path, out: Path, demo_llm: str, checkout: Path | None) -> dict[str, float]:
+    """One fresh ``matrix-hpc run``: the phase offsets it traced, and its wall time as ``wall``.
+    ``checkout``: another copy of the repository, run as ``python -m matrix_hpc.cli.main`` from there."""
     env = {**os.environ, "MATRIX_HPC_STARTUP_TRACE": "1"}
-    cmd = [CLI, "run", *case_args(case, data, demo_llm), f"output.dir={out}", "run.progress_interval_s=0"]
+    cli = [CLI]
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
+        cli = [sys.executable, "-m", "matrix_hpc.cli.main"]
+    cmd = [*cli, "run", *case_args(case, data, demo_llm), f"output.dir={out}", "run.progress_interval_s=0"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=checkout or REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{case}: exit code {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -84,23 +90,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per case (medians; >= 3)")
     ap.add_argument("--rows", type=int, default=200, help="input rows of the overhead and generate_sim cases")
     ap.add_argument("--demo-llm", default="sim", choices=("sim", "vllm"), help="the demo case's LLM")
+    ap.add_argument("--checkouts", default="", help="comma-separated repository copies to compare (default: this one)")
     args = ap.parse_args()
-    cases = args.cases.split(",")
-    results: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
+    checkouts: list[Path | None] = [Path(c).resolve() for c in args.checkouts.split(",") if c] or [None]
+    cases = [(c, k) for c in args.cases.split(",") for k in checkouts]
+    results: dict[tuple[str, Path | None], list[dict[str, float]]] = {c: [] for c in cases}
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         data = Path(tmp) / "in.jsonl"
         subprocess.run([sys.executable, str(REPO / "scripts/make_overhead_data.py"), "--rows", str(args.rows),
                         "--out", str(data)], check=True, capture_output=True)
         for rep in range(args.repeats):
-            for case in cases:  # interleaved: a busy spell hits every case alike
+            for n, (case, checkout) in enumerate(cases):  # interleaved: a busy spell hits every case alike
                 before = loadavg()
-                r = run_once(case, data, Path(tmp) / f"out-{case}-{rep}", args.demo_llm)
-                results[case].append(r)
-                print(f"{case} #{rep + 1}: first admitted {r.get(TARGET_PHASE, float('nan')):.2f} s, "
+                r = run_once(case, data, Path(tmp) / f"out-{n}-{rep}", args.demo_llm, checkout)
+                results[(case, checkout)].append(r)
+                print(f"{label(case, checkout)} #{rep + 1}: first admitted {r.get(TARGET_PHASE, float('nan')):.2f} s, "
                       f"first committed {r.get('first_committed', float('nan')):.2f} s, whole {r['wall']:.2f} s; "
                       f"loadavg before {before}, after {loadavg()}", flush=True)
-    for case in cases:
-        report(case, results[case])
+    for case, checkout in cases:
+        report(label(case, checkout), results[(case, checkout)])
+
+
+def label(case: str, checkout: Path | None) -> str:
+    return case if checkout is None else f"{case} [{checkout}]"
 
 
 if __name__ == "__main__":

@@ -141,11 +141,12 @@ def workflow_names() -> list[str]:
 
 
 def build_workflow(conf: WorkflowConf) -> Workflow:
-    _import_builtin_workflows()
-    if conf.name not in _REGISTRY:  # a user workflow: its conf's module registers it
+    if conf.name not in _REGISTRY:  # its conf's module registers it (a worker process imports that one only)
         import importlib
 
         importlib.import_module(type(conf).__module__)
+    if conf.name not in _REGISTRY:  # registered elsewhere: every module that may (MATRIX_HPC_WORKFLOWS included)
+        _import_builtin_workflows()
     if conf.name not in _REGISTRY:
         raise ValueError(f"unknown workflow {conf.name!r}; valid choices: {', '.join(sorted(_REGISTRY))}")
     cls, _ = _REGISTRY[conf.name]
