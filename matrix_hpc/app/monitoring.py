@@ -83,6 +83,10 @@ def start_run_monitor(cfg: Any, plan: Any, run_id: str) -> RunMonitor | None:
     monitor.start()
     print(f"Prometheus for run {run_id}: {monitor.prometheus.url} (docs/monitoring.md)", file=sys.stderr,
           flush=True)
+    if not ray_metrics_targets():
+        print("monitoring: this cluster's Ray nodes export no metrics, so Prometheus sees only the run's LLM "
+              "services; bring the cluster up with cluster.export_metrics=true (docs/monitoring.md)",
+              file=sys.stderr, flush=True)
     return RunMonitor(conf, monitor, run_id)
 
 

@@ -68,7 +68,7 @@ def _spec(conf: ClusterConf, role: str, shape: JobShapeConf) -> NodeSpec:
         resources = {f"partition:{partition}": 1.0, **conf.worker_resources}
     return NodeSpec(role=role, num_cpus=shape.cpus_per_task, num_gpus=shape.gpus_per_node, resources=resources,
                     include_dashboard=conf.include_dashboard and role == "head", dashboard_host=conf.dashboard_host,
-                    tmp_root=conf.node_tmp_dir)
+                    tmp_root=conf.node_tmp_dir, export_metrics=conf.export_metrics)
 
 
 def _record(job: Any, role: str, conf: ClusterConf) -> JobRecord:

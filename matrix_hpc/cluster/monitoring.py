@@ -306,7 +306,7 @@ def ray_metrics_targets() -> list[str]:
     import ray
 
     return [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
-            if n.get("Alive") and n.get("MetricsExportPort")]
+            if n.get("Alive") and (n.get("MetricsExportPort") or 0) > 0]  # -1: the node exports none
 
 
 def ray_discovery_file() -> Path | None:

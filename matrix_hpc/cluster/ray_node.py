@@ -74,10 +74,18 @@ def job_identity() -> tuple[str, int]:
     return os.environ.get("SLURM_JOB_ID", str(os.getpid())), int(os.environ.get("SLURM_PROCID", 0))
 
 
-def _agent_ports() -> list[str]:
+def _agent_ports(export_metrics: bool) -> list[str]:
     """Per-node ports picked free, so several nodes can share a host."""
-    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    ports = ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+             "--runtime-env-agent-port", str(free_port())]
+    return ports + (["--metrics-export-port", str(free_port())] if export_metrics else [])
+
+
+def _metrics_env(export_metrics: bool) -> dict[str, str]:
+    """Ray's metrics exporter serves plain, unauthenticated HTTP on every interface of a node with a
+    routable address: without monitoring it is not started at all (the agent gets
+    ``--disable-metrics-collection`` from the raylet)."""
+    return {} if export_metrics else {"RAY_enable_metrics_collection": "0"}
 
 
 def _client_server_port() -> list[str]:
@@ -97,6 +105,7 @@ class NodeSpec:
     include_dashboard: bool = False  # head only
     dashboard_host: str = "127.0.0.1"  # head only: the dashboard's bind address (token-authenticated)
     tmp_root: str = "/tmp"  # node-local root of Ray's temp dir
+    export_metrics: bool = False  # Ray's Prometheus exporter (unauthenticated HTTP on the node's address)
 
 
 class RayNode:
@@ -111,7 +120,8 @@ class RayNode:
     def command(self, head_address: str | None, gcs_port: int | None, dashboard_port: int | None) -> list[str]:
         ray = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
         cmd = [ray, "start", "--block", "--disable-usage-stats", "--temp-dir", str(self.tmp_dir),
-               "--num-cpus", str(self.spec.num_cpus), "--num-gpus", str(self.spec.num_gpus), *_agent_ports()]
+               "--num-cpus", str(self.spec.num_cpus), "--num-gpus", str(self.spec.num_gpus),
+               *_agent_ports(self.spec.export_metrics)]
         if self.spec.resources:
             cmd += ["--resources", json.dumps(self.spec.resources)]
         if self.spec.object_store_gb:
@@ -152,7 +162,8 @@ class RayNode:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # earlier attempts' output
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(head_address, gcs_port, dash_port), stdout=log,
-                                         stderr=subprocess.STDOUT, env=node_env(self.state.token_file),
+                                         stderr=subprocess.STDOUT,
+                                         env=node_env(self.state.token_file) | _metrics_env(self.spec.export_metrics),
                                          preexec_fn=ignore_preempt_signals)
         self._wait_ready(timeout_s, offset)
         self._write_node_file()

@@ -58,3 +58,33 @@ def run_ray_client(address: str, home: Path, **auth_env: str) -> subprocess.Comp
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), **auth_env}
     return subprocess.run([sys.executable, "-c", RAY_CLIENT, address], env=env, capture_output=True, text=True,
                           timeout=180, cwd=home)
+
+
+def open_http_listeners(root_pid: int) -> list[tuple[str, int, str, int]]:
+    """(address, port, process name, HTTP status) of every TCP socket listening beyond loopback, held by
+    ``root_pid`` or a descendant (a Ray node: gcs, raylet, agents), that answers a plain
+    ``GET /metrics`` with a 2xx: a service anyone on the network can read without a credential."""
+    import http.client
+
+    import psutil
+
+    root = psutil.Process(root_pid)
+    tree = {root.pid: root.name()} | {p.pid: p.name() for p in root.children(recursive=True)}
+    assert len(tree) > 2, f"the node's process tree is not up: {tree}"
+    found = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in tree or conn.laddr.ip.startswith("127.") \
+                or conn.laddr.ip in ("::1", "::ffff:127.0.0.1"):
+            continue
+        name = tree[conn.pid]
+        host = "127.0.0.1" if conn.laddr.ip in ("0.0.0.0", "::") else conn.laddr.ip
+        try:
+            client = http.client.HTTPConnection(host, conn.laddr.port, timeout=5)
+            client.request("GET", "/metrics")
+            status = client.getresponse().status
+            client.close()
+        except (OSError, http.client.HTTPException):  # not HTTP (gRPC, object transfer): nothing read
+            continue
+        if 200 <= status < 300:
+            found.append((conn.laddr.ip, conn.laddr.port, name, status))
+    return found

@@ -20,7 +20,7 @@ from matrix_hpc.cluster import ClusterConf, LocalClusterConf, cluster_down, clus
 from matrix_hpc.cluster.slurm_run import submit_run, wait_run
 from matrix_hpc.cluster.state import ClusterState
 from tests.integration.runs import REPO, read_rows, run_cli, write_jsonl
-from tests.integration.security_checks import cmdlines_with, files_with, run_ray_client
+from tests.integration.security_checks import cmdlines_with, files_with, open_http_listeners, run_ray_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray"), pytest.mark.timeout(900)]
 
@@ -92,6 +92,9 @@ def test_local_cluster_refuses_clients_without_its_token_and_runs_with_it(tmp_pa
     assert http_status(dashboard, token) == 200
     with pytest.raises(urllib.error.URLError):  # loopback only: not on the node's address
         http_status(f"http://{head.node_ip}:{head.dashboard_port}/api/jobs/")
+    nodes = ClusterState(conf.cluster_dir).nodes()
+    for node in nodes:  # no node serves anything (Ray's metrics exporter included) without a credential
+        assert open_http_listeners(node["ray_pid"]) == [], node
 
     out = tmp_path / "out"
     data = write_jsonl(tmp_path / "in.jsonl", _rows(40))
