@@ -18,6 +18,7 @@ is not installed), so its process-group supervisor keeps its own stdlib code.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -156,3 +157,18 @@ def kill_uid_processes(uid: int, *, wait_s: float = 2.0) -> int:
         except (psutil.Error, psutil.TimeoutExpired):
             pass
     return len(victims)
+
+
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for a child that must not outlive the process starting it (SIGTERM when that
+    one dies, even by SIGKILL): Linux's ``PR_SET_PDEATHSIG``, looked up here in the parent (after
+    fork only the call runs); None elsewhere."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    return hook

@@ -69,6 +69,8 @@ class ClusterConf:
     include_dashboard: bool = False  # start Ray's dashboard on the head (costs a CPU-hungry process)
     dashboard_host: str = "127.0.0.1"  # its bind address; 0.0.0.0 serves other hosts (it asks for the Ray token)
     export_metrics: bool = False  # Ray's Prometheus exporter on every node (plain HTTP, no auth; for monitoring=true)
+    monitoring: bool = False  # a Prometheus on the head for the cluster's life (implies export_metrics)
+    monitoring_scrape_interval_s: float = 5.0  # its scrape interval
     node_tmp_dir: str = "/tmp"  # node-local dir for Ray's sockets and logs (keep the path short)
     submit_run: bool = True  # slurm: `matrix-hpc run` outside an allocation submits the driver as a job
     wait_run: bool = True  # wait for a submitted run to end and return its exit code

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matrix_hpc.cluster.auth import create_token, ensure_private_dir, use_cluster_token
+from matrix_hpc.cluster.cluster_monitor import server_url
 from matrix_hpc.cluster.config import ClusterConf, JobShapeConf, as_cluster_conf
 from matrix_hpc.cluster.errors import ClusterError, JobFailedError
 from matrix_hpc.cluster.local import LocalBackend
@@ -68,7 +69,9 @@ def _spec(conf: ClusterConf, role: str, shape: JobShapeConf) -> NodeSpec:
         resources = {f"partition:{partition}": 1.0, **conf.worker_resources}
     return NodeSpec(role=role, num_cpus=shape.cpus_per_task, num_gpus=shape.gpus_per_node, resources=resources,
                     include_dashboard=conf.include_dashboard and role == "head", dashboard_host=conf.dashboard_host,
-                    tmp_root=conf.node_tmp_dir, export_metrics=conf.export_metrics)
+                    tmp_root=conf.node_tmp_dir, export_metrics=conf.export_metrics or conf.monitoring,
+                    monitoring=conf.monitoring and role == "head",
+                    monitoring_scrape_interval_s=conf.monitoring_scrape_interval_s)
 
 
 def _record(job: Any, role: str, conf: ClusterConf) -> JobRecord:
@@ -96,6 +99,7 @@ class ClusterStatus:
     available: dict[str, float] = field(default_factory=dict)  # not in use right now
     services: list[str] = field(default_factory=list)  # named Ray actors, namespace/name
     ray_error: str = ""  # why Ray could not be asked, if it could not
+    prometheus: str = ""  # the cluster's Prometheus (cluster.monitoring=true), on the head's loopback
 
     @property
     def active_jobs(self) -> list[JobStatus]:
@@ -113,6 +117,8 @@ class ClusterStatus:
                 lines.append(f"  {n['host']:<16} {'alive' if n['alive'] else 'dead ':<6} {res}")
             lines.append(f"resources: total {_short(self.total)}; available {_short(self.available)}")
             lines.append(f"services: {', '.join(self.services) or 'none'}")
+        if self.prometheus:
+            lines.append(f"prometheus: {self.prometheus} (on the head node; docs/monitoring.md)")
         elif self.ray_error:
             lines.append(f"ray: {self.ray_error}")
         return "\n".join(lines)
@@ -231,6 +237,7 @@ def cluster_status(conf: Any, ask_ray: bool = True) -> ClusterStatus:
     head = state.head()
     if head is not None and port_available(head.node_ip, head.gcs_port):
         status.head = head
+        status.prometheus = server_url(state.root) or ""
         if ask_ray:
             _fill_from_ray(status, state)
     return status

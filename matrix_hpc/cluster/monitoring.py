@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matrix_hpc.procs import free_port, kill_tree, tail_text
+from matrix_hpc.procs import die_with_parent_hook, free_port, kill_tree, tail_text
 
 log = logging.getLogger(__name__)
 
@@ -91,34 +90,23 @@ def write_targets(path: Path, targets: list[str], labels: dict[str, str]) -> boo
 
 
 def prometheus_config(scrape_interval_s: float, ray_sd: Path, vllm_sd: Path | None,
-                      vllm_key_file: Path | None) -> dict[str, Any]:
-    """The server's config (JSON is YAML, so no YAML writer is needed)."""
+                      vllm_key_file: Path | None,
+                      services: dict[str, tuple[Path, Path | None]] | None = None) -> dict[str, Any]:
+    """The server's config (JSON is YAML, so no YAML writer is needed). ``services``: deployed LLM
+    services (name -> their file-SD list and key file), one job ``vllm-NAME`` each (each its own key)."""
     interval = f"{max(1, round(scrape_interval_s * 1000))}ms"
     jobs: list[dict[str, Any]] = [
         {"job_name": RAY_JOB, "file_sd_configs": [{"files": [str(ray_sd)], "refresh_interval": "5s"}]}]
-    if vllm_sd is not None:
-        job: dict[str, Any] = {"job_name": VLLM_JOB, "metrics_path": "/metrics",
-                               "file_sd_configs": [{"files": [str(vllm_sd)], "refresh_interval": "5s"}]}
-        if vllm_key_file is not None:
-            job["authorization"] = {"type": "Bearer", "credentials_file": str(vllm_key_file)}
+    llm_jobs = [(VLLM_JOB, vllm_sd, vllm_key_file)] if vllm_sd is not None else []
+    llm_jobs += [(f"{VLLM_JOB}-{name}", sd, key) for name, (sd, key) in sorted((services or {}).items())]
+    for job_name, sd, key in llm_jobs:
+        job: dict[str, Any] = {"job_name": job_name, "metrics_path": "/metrics",
+                               "file_sd_configs": [{"files": [str(sd)], "refresh_interval": "5s"}]}
+        if key is not None:
+            job["authorization"] = {"type": "Bearer", "credentials_file": str(key)}
         jobs.append(job)
     return {"global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
             "scrape_configs": jobs}
-
-
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A pre-exec hook for the child: SIGTERM when the process that started it
-    dies (a run killed with -9 must not leave a Prometheus behind). Linux's
-    prctl, looked up here in the parent (after fork only the call runs); None elsewhere."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-    return hook
 
 
 class PrometheusServer:
@@ -153,7 +141,7 @@ class PrometheusServer:
                 f"--web.listen-address=127.0.0.1:{self.port}"]
         with open(self.log_file, "ab") as out:
             return subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent_hook())
+                                    start_new_session=True, preexec_fn=die_with_parent_hook())
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + self.conf.start_timeout_s
@@ -191,31 +179,35 @@ class Monitor:
     ``ray_targets()``: ``host:port`` of Ray's metrics endpoints, or the path
     of Ray's own file-SD list (written by its dashboard) to read instead;
     ``vllm_targets()``: ``host:port`` of the replicas (None: no vLLM job);
-    ``vllm_key``: the replicas' key, given to Prometheus in a 0600 file.
+    ``vllm_key``: the replicas' key, given to Prometheus in a 0600 file;
+    ``services()``: deployed LLM services, name -> (``host:port`` of their
+    replicas, their key): one scrape job each, added (config reloaded) as
+    services come and removed as they go.
     """
 
     def __init__(self, conf: PrometheusConf, work_dir: Path, ray_targets: Callable[[], list[str]] | Path,
                  vllm_targets: Callable[[], list[str]] | None = None, vllm_key: str | None = None,
-                 labels: dict[str, str] | None = None, refresh_s: float = 2.0) -> None:
+                 labels: dict[str, str] | None = None, refresh_s: float = 2.0,
+                 services: Callable[[], dict[str, tuple[list[str], str | None]]] | None = None) -> None:
         self.conf, self.dir = conf, work_dir
         self._ray_targets, self._vllm_targets, self._vllm_key = ray_targets, vllm_targets, vllm_key
+        self._services = services
+        self._service_jobs: dict[str, tuple[Path, Path | None]] = {}  # name -> (file-SD list, key file)
         self._labels = labels or {}
         self._refresh_s = refresh_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._secret_dir: Path | None = None
+        self._key_file: Path | None = None
         self.prometheus = PrometheusServer(conf, work_dir / "prometheus.json", work_dir / "data",
                                            work_dir / "prometheus.log")
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        ray_sd = self._ray_targets if isinstance(self._ray_targets, Path) else self.dir / "ray_targets.json"
-        vllm_sd = self.dir / "vllm_targets.json"
-        key_file = self._write_key() if self._vllm_targets is not None and self._vllm_key else None
+        self._key_file = self._write_key("vllm_key", self._vllm_key) \
+            if self._vllm_targets is not None and self._vllm_key else None
         self.refresh()
-        config = prometheus_config(self.conf.scrape_interval_s, ray_sd,
-                                   vllm_sd if self._vllm_targets is not None else None, key_file)
-        self.prometheus.config_file.write_text(json.dumps(config, indent=1))
+        self._write_config()
         self.prometheus.start()
         self._thread = threading.Thread(target=self._refresh_loop, name="monitoring targets", daemon=True)
         self._thread.start()
@@ -223,14 +215,46 @@ class Monitor:
                                                          "pid": self.prometheus.proc.pid if self.prometheus.proc
                                                          else None}))
 
-    def _write_key(self) -> Path:
-        """The replicas' key in a private directory (0700, file 0600), removed at stop."""
-        self._secret_dir = Path(tempfile.mkdtemp(prefix="matrix-prom-"))
-        key_file = self._secret_dir / "vllm_key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    def _write_config(self) -> None:
+        ray_sd = self._ray_targets if isinstance(self._ray_targets, Path) else self.dir / "ray_targets.json"
+        config = prometheus_config(self.conf.scrape_interval_s, ray_sd,
+                                   self.dir / "vllm_targets.json" if self._vllm_targets is not None else None,
+                                   self._key_file, self._service_jobs)
+        tmp = self.prometheus.config_file.with_name(f".{self.prometheus.config_file.name}.tmp")
+        tmp.write_text(json.dumps(config, indent=1))
+        os.replace(tmp, self.prometheus.config_file)
+
+    def _write_key(self, name: str, value: str) -> Path:
+        """A key in a private directory (0700, file 0600), removed at stop."""
+        if self._secret_dir is None:
+            self._secret_dir = Path(tempfile.mkdtemp(prefix="matrix-prom-"))
+        key_file = self._secret_dir / name
+        tmp = key_file.with_name(f".{name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(self._vllm_key or "")
+            f.write(value)
+        os.replace(tmp, key_file)
         return key_file
+
+    def _refresh_services(self) -> None:
+        """Deployed services: their target lists and keys; the config reloaded when the set changes."""
+        assert self._services is not None
+        try:
+            services = self._services()
+        except Exception as e:  # the cluster busy or restarting: the next refresh tries again
+            log.debug("monitoring: services unavailable (%s)", e)
+            return
+        jobs: dict[str, tuple[Path, Path | None]] = {}
+        for name, (targets, key) in services.items():
+            sd = self.dir / f"{VLLM_JOB}-{name}_targets.json"
+            write_targets(sd, targets, {**self._labels, "service": name})
+            jobs[name] = (sd, self._write_key(f"key-{name}", key) if key else None)
+        if jobs != self._service_jobs:
+            self._service_jobs = jobs
+            if self.prometheus.proc is not None and self.prometheus.proc.poll() is None:
+                self._write_config()
+                self.prometheus.proc.send_signal(signal.SIGHUP)  # Prometheus re-reads its config
+                log.info("monitoring: scraping LLM services %s", sorted(jobs) or "(none)")
 
     def refresh(self) -> None:
         """Rewrite the target lists from their sources (a failing source keeps its last list)."""
@@ -248,6 +272,8 @@ class Monitor:
                     write_targets(path, [], self._labels)
                 continue
             write_targets(path, targets, self._labels)
+        if self._services is not None:
+            self._refresh_services()
 
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self._refresh_s):

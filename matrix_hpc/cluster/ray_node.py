@@ -28,7 +28,7 @@ from typing import Any
 from matrix_hpc.cluster.auth import check_token, create_token, node_env, use_cluster_token
 from matrix_hpc.cluster.errors import ClusterError
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, write_json_atomic
-from matrix_hpc.procs import free_port, kill_by_marker, kill_tree, tail_text
+from matrix_hpc.procs import die_with_parent_hook, free_port, kill_by_marker, kill_tree, tail_text, terminate
 
 #: ray start prints this once its node has registered with the head.
 READY_LINE = "Ray runtime started"
@@ -106,6 +106,8 @@ class NodeSpec:
     dashboard_host: str = "127.0.0.1"  # head only: the dashboard's bind address (token-authenticated)
     tmp_root: str = "/tmp"  # node-local root of Ray's temp dir
     export_metrics: bool = False  # Ray's Prometheus exporter (unauthenticated HTTP on the node's address)
+    monitoring: bool = False  # head only: the cluster's Prometheus next to the node (cluster_monitor.py)
+    monitoring_scrape_interval_s: float = 5.0
 
 
 class RayNode:
@@ -276,18 +278,38 @@ def _run_node(node: RayNode, head_address: str | None) -> int:
 
     # submitit ignores SIGTERM (it waits for its own preemption signal); a
     # cancelled or timed-out cluster job must stop its Ray node instead.
+    import psutil
+
     signal.signal(signal.SIGTERM, stop_on_signal)
+    monitor: subprocess.Popen[bytes] | None = None
     try:
         node.start(head_address)
         print(f"[matrix] {node.spec.role} node up: job {node.job_id} rank {node.rank}, log {node.log_path}",
               flush=True)
+        if node.spec.monitoring:
+            monitor = _start_monitor(node)
         code = node.wait()
     finally:
+        if monitor is not None:
+            with contextlib.suppress(psutil.Error):
+                terminate([psutil.Process(monitor.pid)], grace_s=15)
         node.stop()
     if code != 0:
         raise ClusterError(f"ray {node.spec.role} exited with code {code}; log {node.log_path}:\n"
                            f"{tail_text(node.log_path)}")
     return code
+
+
+def _start_monitor(node: RayNode) -> subprocess.Popen[bytes]:
+    """The cluster's Prometheus (cluster_monitor.py), a child that dies with this job."""
+    log_path = node.log_path.with_name("monitor.log")
+    cmd = [sys.executable, "-m", "matrix_hpc.cluster.cluster_monitor", "--cluster-dir", str(node.state.root),
+           "--scrape-interval-s", str(node.spec.monitoring_scrape_interval_s)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=node_env(node.state.token_file), preexec_fn=die_with_parent_hook())
+    print(f"[matrix] cluster monitor started (pid {proc.pid}, log {log_path})", flush=True)
+    return proc
 
 
 def probe(address: str, token_file: Path) -> dict[str, Any]:

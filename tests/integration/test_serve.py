@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClusterCo
     conf = LocalClusterConf(name=f"serve{os.getpid()}", dir=str(tmp_path_factory.mktemp("serve") / "cluster"),
                             workers=0, head_wait_timeout_s=240)
     conf.head.cpus_per_task = 2
+    # The cluster's own Prometheus (docs/monitoring.md), checked by the vLLM test below.
+    conf.monitoring, conf.monitoring_scrape_interval_s = shutil.which("prometheus") is not None, 1.0
     try:
         cluster_up(conf)
         yield conf
@@ -153,7 +158,26 @@ def _gone(pids: list[int], timeout_s: float = 30) -> bool:
     return not any(psutil.pid_exists(p) for p in pids)
 
 
+def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
+        return list(json.loads(r.read())["data"]["result"])
+
+
+def targets(url: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=10) as r:
+        return list(json.loads(r.read())["data"]["activeTargets"])
+
+
+def wait_for_series(url: str, expr: str, timeout_s: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while not (found := prometheus_query(url, expr)):
+        assert time.monotonic() < deadline, f"no series for {expr} after {timeout_s} s"
+        time.sleep(1)
+    return found
+
+
 @pytest.mark.vllm
+@pytest.mark.needs("prometheus")
 def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluster: LocalClusterConf) -> None:
     up = serve(cluster, "up", "llm=vllm", "llm.name=tiny", "llm.vllm.model=models/tiny-llama",
                "llm.vllm.num_replicas=1", "llm.vllm.max_model_len=512", "+llm.vllm.extra_engine_args.enforce-eager=true")
@@ -171,6 +195,20 @@ def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluste
     assert server_pids and all(psutil.pid_exists(p) for p in server_pids)
     check = serve(cluster, "check", "llm.name=tiny")
     assert check.returncode == 0 and " ok " in check.stdout, log_of(check)[-3000:]
+    # The cluster's Prometheus found the service and scrapes the replica's own metrics with the
+    # service's key (the replica refuses requests without it), and every Ray node of the cluster.
+    prom = cluster_status(cluster, ask_ray=False).prometheus
+    assert prom.startswith("http://127.0.0.1:"), prom
+    replica_host = replica["url"].split("://", 1)[1].split("/", 1)[0]
+    served = wait_for_series(prom, 'sum by (instance) (vllm:request_success_total{job="vllm-tiny"})')
+    assert [s["metric"]["instance"] for s in served] == [replica_host]
+    assert float(served[0]["value"][1]) >= len(ROWS)  # the run's calls, counted by the engine itself
+    ray_up = wait_for_series(prom, 'up{job="ray"} == 1')
+    assert len(ray_up) == 1  # the head (this cluster has no worker jobs)
     down = serve(cluster, "down", "llm.name=tiny")
     assert down.returncode == 0, log_of(down)[-3000:]
     assert _gone(server_pids), "vLLM server processes left after serve down"
+    deadline = time.monotonic() + 60  # a service gone: its scrape job goes too (config reloaded)
+    while any(t["labels"]["job"] == "vllm-tiny" for t in targets(prom)):
+        assert time.monotonic() < deadline, "the cluster's Prometheus still scrapes a service that is down"
+        time.sleep(1)

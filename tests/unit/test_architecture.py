@@ -38,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "store": set(),
     "services.llm": set(),
     "services.sandbox": set(),
-    "cluster": set(),
+    "cluster": {"services.llm"},  # cluster_monitor.py: the cluster's Prometheus scrapes deployed LLM services
 }
 ALLOWED = {package: allowed | BOTTOM for package, allowed in ALLOWED.items()} | {m: set() for m in BOTTOM}
 

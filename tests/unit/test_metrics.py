@@ -82,6 +82,14 @@ def test_config_scrapes_ray_and_vllm_with_the_key_by_file(tmp_path: Path) -> Non
     assert [j["job_name"] for j in prometheus_config(1, tmp_path / "r", None, None)["scrape_configs"]] == ["ray"]
 
 
+def test_each_deployed_service_is_a_job_with_its_own_key_file(tmp_path: Path) -> None:
+    services = {"b": (tmp_path / "b.json", tmp_path / "key-b"), "a": (tmp_path / "a.json", None)}
+    jobs = prometheus_config(5, tmp_path / "ray.json", None, None, services)["scrape_configs"]
+    assert [j["job_name"] for j in jobs] == ["ray", "vllm-a", "vllm-b"]
+    assert "authorization" not in jobs[1] and jobs[2]["file_sd_configs"][0]["files"] == [str(tmp_path / "b.json")]
+    assert jobs[2]["authorization"] == {"type": "Bearer", "credentials_file": str(tmp_path / "key-b")}
+
+
 def test_targets_file_is_replaced_whole_and_only_on_change(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
     assert write_targets(path, ["b:2", "a:1", "a:1"], {"job": "ray"})

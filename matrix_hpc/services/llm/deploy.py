@@ -28,6 +28,7 @@ Example (Ray initialised, connected to a cluster that outlives this process)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -410,6 +411,25 @@ def deployed_names() -> list[str]:
     actors = ray.util.list_named_actors(all_namespaces=True)
     return sorted(a["name"].removeprefix(DEPLOYED_REGISTRY_PREFIX) for a in actors
                   if a.get("namespace") == NAMESPACE and a["name"].startswith(DEPLOYED_REGISTRY_PREFIX))
+
+
+def metrics_targets() -> dict[str, tuple[list[str], str | None]]:
+    """Per deployed vLLM service: ``host:port`` of its registered replicas (each serves its own
+    ``/metrics``) and the service key they ask for. For a cluster's Prometheus (docs/monitoring.md)."""
+    import ray
+
+    found: dict[str, tuple[list[str], str | None]] = {}
+    for name in deployed_names():
+        with contextlib.suppress(ServiceNotDeployed, ray.exceptions.RayError):
+            registry = _registry(name)
+            record, registered = ray.get([registry.record.remote(), registry.replicas.remote()], timeout=30)
+            if record.get("backend") != "vllm":
+                continue  # sim and external endpoints serve no engine metrics
+            hosts = [reg["base_url"].split("://", 1)[-1].split("/", 1)[0] for reg in registered.values()
+                     if reg.get("base_url")]
+            key = read_key(Path(record["key_path"])).get() if record.get("key_path") else None
+            found[name] = (hosts, key)
+    return found
 
 
 def _registry(name: str) -> Any:
