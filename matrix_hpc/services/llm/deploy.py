@@ -423,8 +423,8 @@ def metrics_targets() -> dict[str, tuple[list[str], str | None]]:
         with contextlib.suppress(ServiceNotDeployed, ray.exceptions.RayError):
             registry = _registry(name)
             record, registered = ray.get([registry.record.remote(), registry.replicas.remote()], timeout=30)
-            if record.get("backend") != "vllm":
-                continue  # sim and external endpoints serve no engine metrics
+            if record.get("backend") != "vllm" or record.get("engine", {}).get("engine", "vllm") != "vllm":
+                continue  # the sim, command engines and external endpoints: no vLLM /metrics
             hosts = [reg["base_url"].split("://", 1)[-1].split("/", 1)[0] for reg in registered.values()
                      if reg.get("base_url")]
             key = read_key(Path(record["key_path"])).get() if record.get("key_path") else None

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parents[3]
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 DEVICES = ("auto", "gpu", "cpu")
+#: What a replica runs: vLLM's OpenAI server, the simulated endpoint, or any server from ``command``.
+ENGINES = ("vllm", "sim", "command")
+#: Placeholders a ``command`` template may use.
+COMMAND_FIELDS = ("python", "host", "port", "model", "served_model_name")
+#: The variable each preset reads its API key from (``command``: ``api_key_env``).
+PRESET_KEY_ENV = {"vllm": "VLLM_API_KEY", "sim": "MATRIX_SIM_API_KEY"}
 CPU_BINDS = ("spread", "auto", "nobind")
 #: The auth middleware (vllm_auth.py), importable under this name from the server's hook dir.
 AUTH_MODULE = "matrix_hpc_vllm_auth"
@@ -32,6 +38,16 @@ AUTH_MODULE = "matrix_hpc_vllm_auth"
 class VLLMConf:
     """``llm.vllm``: vLLM replicas served from Ray actors."""
 
+    # What each replica runs: 'vllm' (vLLM's OpenAI server), 'sim' (the simulated endpoint), or 'command':
+    # any OpenAI-compatible server started from `command` (SGLang, TGI, llama.cpp's server, ...).
+    engine: str = "vllm"
+    # engine=command: the server's argv, words may hold {python} {host} {port} {model} {served_model_name}, e.g.
+    # ["{python}", "-m", "sglang.launch_server", "--model-path", "{model}", "--host", "{host}", "--port", "{port}"].
+    command: list[str] = field(default_factory=list)
+    # engine=command: the environment variable the server reads its API key from (never argv).
+    api_key_env: str = ""
+    # GET path that answers 200 once the server is ready (and is open without the key).
+    health_path: str = "/health"
     # Model directory or Hugging Face name (a relative path is resolved against the working directory).
     model: str = "models/tiny-llama"
     # Name clients send as "model"; '' = the model path or name as given.
@@ -86,6 +102,20 @@ class VLLMConf:
     resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"llm.vllm.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "command":
+            if not self.command or not isinstance(self.command, (list, tuple)):
+                raise ValueError("llm.vllm.engine=command needs llm.vllm.command, the server's argv as a list, e.g. "
+                                 "['{python}', '-m', 'sglang.launch_server', '--host', '{host}', '--port', '{port}']")
+            if not self.api_key_env:
+                raise ValueError("llm.vllm.engine=command needs llm.vllm.api_key_env: the environment variable "
+                                 "the server reads its API key from (a key in argv would be readable in /proc)")
+            bad = sorted({name for word in self.command for name in _placeholders(str(word))} - set(COMMAND_FIELDS))
+            if bad:
+                raise ValueError(f"llm.vllm.command has unknown placeholder(s) {bad}; valid: {list(COMMAND_FIELDS)}")
+            if not any("{port}" in str(word) for word in self.command):
+                raise ValueError("llm.vllm.command must pass {port} to the server (the replica picks a free port)")
         if self.num_replicas < 1:
             raise ValueError(f"llm.vllm.num_replicas must be >= 1, got {self.num_replicas}")
         if self.tensor_parallel_size < 1:
@@ -108,6 +138,17 @@ class VLLMConf:
     def model_name(self) -> str:
         """What clients send as ``model``."""
         return self.served_model_name or self.model
+
+    @property
+    def key_env(self) -> str:
+        """The variable the server reads its API key from."""
+        return self.api_key_env or PRESET_KEY_ENV.get(self.engine, "")
+
+
+def _placeholders(word: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
 
 
 def as_vllm_conf(conf: VLLMConf | Mapping[str, Any]) -> VLLMConf:
@@ -154,6 +195,14 @@ def engine_args_list(extra: Mapping[str, Any] | list[Any] | tuple[Any, ...]) -> 
 
 
 def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: bool) -> list[str]:
+    """The replica's server argv: the engine preset's, or the ``command`` template filled in."""
+    if conf.engine == "command":
+        values = {"python": python, "host": host, "port": str(port), "model": conf.model,
+                  "served_model_name": conf.model_name}
+        return [str(word).format(**values) for word in conf.command]
+    if conf.engine == "sim":  # the simulated endpoint as a managed server; its key from MATRIX_SIM_API_KEY
+        return [python, "-m", "matrix_hpc.services.llm.sim_server", "--host", host, "--port", str(port),
+                *engine_args_list(conf.extra_engine_args)]
     cmd = [python, "-m", VLLM_ENTRYPOINT, "--model", conf.model, "--host", host, "--port", str(port)]
     cmd += ["--served-model-name", conf.model_name, "--dtype", conf.dtype]
     cmd += ["--middleware", f"{AUTH_MODULE}.RequireApiKey"]  # the key itself: VLLM_API_KEY in server_env
@@ -168,6 +217,8 @@ def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: b
 def resolve_python(conf: VLLMConf, use_gpu: bool = False) -> str:
     if conf.python_executable:
         return conf.python_executable
+    if conf.engine != "vllm":  # the sim (matrix_hpc itself), or a command whose {python} is this interpreter
+        return sys.executable
     # The source checkout's venv (editable install), else one in the working directory.
     for root in (REPO_ROOT, Path.cwd()):
         venv = root / ".venv-vllm"
@@ -185,7 +236,8 @@ def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
 
 
 def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    key_vars = {"VLLM_API_KEY", conf.key_env}
+    env = {k: v for k, v in os.environ.items() if k not in key_vars}
     # Ray pins OMP_NUM_THREADS for its workers; vLLM sizes its own threads from the core binding.
     env.pop("OMP_NUM_THREADS", None)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -197,7 +249,7 @@ def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     env.update({k: str(v) for k, v in conf.env.items()})
     if api_key:
-        env["VLLM_API_KEY"] = str(api_key.get())  # read by vLLM and by vllm_auth.RequireApiKey
+        env[conf.key_env] = str(api_key.get())  # vLLM: read by vLLM and by vllm_auth.RequireApiKey
     return env
 
 

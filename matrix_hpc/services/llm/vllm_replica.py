@@ -149,7 +149,8 @@ class VLLMReplica:
         header = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start #{self.restarts} of {self.replica_id}: "
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_append, self.log_path, header + shlex.join(cmd) + "\n")
-        install_auth_middleware(self.log_path.parent / HOOK_DIR)
+        if self.conf.engine == "vllm":
+            install_auth_middleware(self.log_path.parent / HOOK_DIR)
         self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu, self.api_key),
                                       self.log_path, grace_s=self.conf.stop_grace_s)
         self._pgid = await asyncio.to_thread(server_pgid, self._proc)
@@ -176,7 +177,8 @@ class VLLMReplica:
             if await self._healthy():
                 return
             await asyncio.sleep(0.5)
-        raise self._start_error(f"did not answer {self._root_url()}/health within {self.conf.startup_timeout_s:.0f} s")
+        raise self._start_error(f"did not answer {self._root_url()}{self.conf.health_path} "
+                                f"within {self.conf.startup_timeout_s:.0f} s")
 
     def _start_error(self, what: str) -> ReplicaStartError:
         return ReplicaStartError(
@@ -195,7 +197,7 @@ class VLLMReplica:
             self._session = aiohttp.ClientSession()
         try:
             timeout = aiohttp.ClientTimeout(total=self.conf.health_timeout_s)
-            async with self._session.get(self._root_url() + "/health", timeout=timeout) as resp:
+            async with self._session.get(self._root_url() + self.conf.health_path, timeout=timeout) as resp:
                 return bool(resp.status == 200)
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
