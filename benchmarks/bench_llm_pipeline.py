@@ -139,9 +139,12 @@ class TreeCPU:
     """CPU seconds of this process and its descendants (Ray daemons and
     actors), servers excluded, per process kind. A thread samples the tree
     every second so that processes that exit (killed actors) keep their last
-    reading; :meth:`sample` reads it now."""
+    reading; :meth:`sample` reads it now. Listing the tree reads every
+    process's /proc entry (costly on a busy machine, and counted as the
+    driver's), so the thread samples only every few seconds: the phase marks
+    sample on demand."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
+    def __init__(self, interval_s: float = 5.0) -> None:
         import threading
 
         self._last: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds at its last reading)

@@ -26,7 +26,7 @@ RETRY_CHOICES = ("none", "failed")
 
 @dataclass
 class RunConf:
-    max_concurrent_tasks: int = 1000  # tasks running (in flight until committed: at most twice this)
+    max_concurrent_tasks: int = 1000  # tasks running (then in flight until their rows are committed)
     max_attempts: int = 3  # executions of one step before its task fails
     backoff_base_s: float = 0.5  # first retry delay of a failed step (doubles each retry)
     backoff_max_s: float = 30.0  # longest retry delay

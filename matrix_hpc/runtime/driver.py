@@ -4,9 +4,10 @@ It streams input rows, skips ids the output already holds, and keeps at most
 ``max_concurrent_tasks`` running: a credit returns when a worker reports the
 task ended (its row on the way to its sink), so admission never waits for a
 commit. A task stays in flight until a sink acknowledges its committed row,
-and at most ``UNCOMMITTED_FACTOR`` x ``max_concurrent_tasks`` are in flight
-(a sink that cannot commit stops admission). Task state never comes back
-here: it travels worker to worker and ends in a sink.
+and at most ``max_concurrent_tasks`` + max(``max_concurrent_tasks``,
+``MIN_UNCOMMITTED``) are in flight (a sink that cannot commit stops
+admission). Task state never comes back here: it travels worker to worker
+and ends in a sink.
 
 It also keeps the run honest: lost peers and failed sends lead to
 re-admission within seconds (see :mod:`matrix_hpc.runtime.peers`), and the
@@ -55,9 +56,10 @@ log = logging.getLogger(__name__)
 #: Dispatches of one task (first admission included) after which it fails as
 #: ``TaskLost`` whatever the causes (a guard against endless re-admission).
 MAX_DISPATCHES = 20
-#: In-flight tasks (running, or ended and not yet committed) at most, as a
-#: multiple of ``run.max_concurrent_tasks``.
-UNCOMMITTED_FACTOR = 2
+#: Ended tasks whose rows are not committed yet, at most (or max_concurrent_tasks
+#: if more): rows wait up to output.flush_interval_s for their commit, and a
+#: small concurrency must not stall on that.
+MIN_UNCOMMITTED = 1024
 TAIL_FLUSH_EVERY_S = 0.25  # nothing runs, rows wait for a commit: ask the sinks this often
 
 
@@ -100,7 +102,7 @@ class Driver:
         self.stats = RunStats()
         self.inflight: dict[str, InputItem] = {}
         self.running: set[str] = set()  # dispatched to a worker, its end not yet reported (admission credits)
-        self.max_in_flight = UNCOMMITTED_FACTOR * plan.run.max_concurrent_tasks
+        self.max_in_flight = plan.run.max_concurrent_tasks + max(plan.run.max_concurrent_tasks, MIN_UNCOMMITTED)
         self.problems: list[str] = []
         self._credit_event: asyncio.Event | None = None
         self._stopping = False

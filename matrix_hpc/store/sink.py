@@ -14,7 +14,7 @@ The commit protocol (docs/output.md):
   sink rebuilds the ids this run committed in its shards from the files;
 - a commit that fails keeps its rows buffered and is retried with capped
   exponential backoff, loudly; its rows stay in flight meanwhile (the
-  driver stops admitting at twice the concurrency in flight);
+  driver stops admitting once too many are in flight);
 - a row that cannot be encoded becomes a ``failed`` row naming the column.
 """
 
