@@ -253,3 +253,47 @@ def test_spread_nodes_puts_workers_round_robin_on_every_node_in_a_stable_order()
     assert spread_nodes(["b", "a", "c"], 5) == spread_nodes(["c", "b", "a"], 5)  # order of ray.nodes() is not kept
     assert spread_nodes(["a", "b", "c"], 2) == ["a", "b"]
     assert spread_nodes([], 3) == []
+
+
+def test_admission_counts_running_tasks_and_caps_the_uncommitted_ones(tmp_path: Any) -> None:
+    """A credit returns when a worker reports a task ended; its row stays in
+    flight until committed, and a full in-flight cap stops admission too (a
+    sink that cannot commit)."""
+    from matrix_hpc.store.input import InputItem
+
+    d = _driver_with_tasks(tmp_path, 0)
+    d.plan.run.max_concurrent_tasks, d.max_in_flight = 2, 3
+
+    async def scenario() -> list[tuple[int, int, int]]:
+        d._credit_event = asyncio.Event()
+        d._loop = asyncio.get_running_loop()
+        seen = []
+
+        async def admit_all() -> None:
+            for i in range(5):
+                if not await d._take_credit():
+                    return
+                d._admit(InputItem(f"t{i}", {"question": "q"}, where=f"in.jsonl:{i + 1}"))
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            seen.append((len(_sent(d)), len(d.running), len(d.inflight)))
+
+        admitting = asyncio.ensure_future(admit_all())
+        await settle()  # 2 running: the 3rd waits
+        d.running.difference_update(["t0"])  # a worker reports t0 ended (its row not committed yet)
+        d._credit_event.set()
+        await settle()  # t2 admitted: 2 running, 3 in flight = the cap
+        d.running.difference_update(["t1"])
+        d._credit_event.set()
+        await settle()  # a running slot is free but the cap holds
+        d._on_ack("t0", "ok", None, None, 0)  # t0's row committed
+        d._credit_event.set()
+        await settle()  # t3 admitted
+        d._stopping = True
+        d._credit_event.set()
+        await admitting
+        return seen
+
+    assert asyncio.run(scenario()) == [(2, 2, 2), (3, 2, 3), (3, 1, 3), (4, 2, 3)]
