@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,16 @@ import psutil
 import pytest
 
 from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_status, cluster_up
-from tests.integration.runs import REPO, assert_each_id_once, log_of, run_cli, write_jsonl
+from tests.integration.runs import (
+    REPO,
+    assert_each_id_once,
+    kill_tree,
+    log_of,
+    read_rows,
+    run_cli,
+    start_cli,
+    write_jsonl,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray"), pytest.mark.timeout(600)]
 
@@ -174,6 +185,49 @@ def test_any_openai_server_is_a_managed_replica_from_its_command(tmp_path: Path,
     assert pids and all(psutil.pid_exists(p) for p in pids)
     down = serve(cluster, "down", "llm.name=cmd")
     assert down.returncode == 0 and _gone(pids), log_of(down)[-3000:]
+
+
+def test_scaling_and_a_killed_replica_during_a_run_lose_nothing(tmp_path: Path, cluster: LocalClusterConf) -> None:
+    """`serve up` 1 -> 2 -> 1 replicas while a run uses the service, and one replica's process killed
+    with SIGKILL: every id once, every row ok (in-flight requests of a removed replica are drained,
+    those of the killed one retried on the other), the killed replica restarted."""
+    up = serve(cluster, "up", "llm=sim", "llm.name=live", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.05")
+    assert up.returncode == 0, log_of(up)[-3000:]
+    rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}"} for i in range(120)]
+    data, out, log = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", tmp_path / "run.log"
+    run = start_cli("workflow=coral", f"dataset.path={data}", f"output.dir={out}", "workflow.max_turns=2",
+                    "run.max_concurrent_tasks=8", "llm=deployed", "llm.name=live", "cluster=local",
+                    f"cluster.dir={cluster.dir}", f"cluster.name={cluster.name}", stderr=log)
+    try:
+        def committed() -> int:
+            return len(read_rows(out)) if out.exists() else 0
+
+        def wait_rows(n: int) -> None:
+            deadline = time.monotonic() + 120
+            while committed() < n:
+                assert run.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"fewer than {n} rows after 120 s"
+                time.sleep(0.3)
+
+        wait_rows(10)
+        more = serve(cluster, "up", "llm=sim", "llm.name=live", "llm.sim.num_replicas=2", "llm.sim.ttft_s=0.05")
+        assert more.returncode == 0 and "started live-1" in more.stdout, log_of(more)[-3000:]
+        wait_rows(40)
+        victim = next(r for r in status(cluster)["live"]["replica_list"] if r["id"] == "live-0")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_rows(70)
+        fewer = serve(cluster, "up", "llm=sim", "llm.name=live", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.05")
+        assert fewer.returncode == 0 and "removed live-1" in fewer.stdout, log_of(fewer)[-3000:]
+        assert run.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if run.poll() is None:
+            kill_tree(run)
+    assert_each_id_once(out, [r["id"] for r in rows])
+    statuses = Counter(r["status"] for r in read_rows(out))
+    assert statuses == {"ok": len(rows)}, statuses
+    (kept,) = status(cluster)["live"]["replica_list"]  # live-0, killed, is back in a new process
+    assert kept["id"] == "live-0" and kept["state"] == "running" and kept["pid"] != victim["pid"], kept
+    assert serve(cluster, "down", "llm.name=live").returncode == 0
 
 
 def _gone(pids: list[int], timeout_s: float = 30) -> bool:
