@@ -157,3 +157,41 @@ def test_a_bad_engine_config_is_named(fields: dict, named: str) -> None:
     with pytest.raises(ValueError) as e:
         VLLMConf(**fields)
     assert named in str(e.value)
+
+
+def test_a_pipeline_parallel_replica_spans_nodes_through_vllms_ray_executor() -> None:
+    from matrix_hpc.services.llm.vllm_replica import replica_actor_gpus
+
+    conf = VLLMConf(model="/m", tensor_parallel_size=8, pipeline_parallel_size=2)
+    cmd = server_command(conf, "/py", "10.0.0.5", 8000, use_gpu=True)
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "8"
+    assert cmd[cmd.index("--pipeline-parallel-size") + 1] == "2"
+    assert cmd[cmd.index("--distributed-executor-backend") + 1] == "ray"
+    assert conf.gpus_per_replica == 16 and conf.ray_executor
+    assert replica_actor_gpus(conf, use_gpu=True) == 0  # vLLM's placement group holds the 16 GPUs
+    assert server_env(conf, 0, use_gpu=True, ray_address="10.0.0.1:6379")["RAY_ADDRESS"] == "10.0.0.1:6379"
+    one_node = VLLMConf(model="/m", tensor_parallel_size=4)
+    assert not one_node.ray_executor and replica_actor_gpus(one_node, use_gpu=True) == 4
+    words = server_command(one_node, "/py", "h", 1, use_gpu=True)
+    assert "--distributed-executor-backend" not in words and "--pipeline-parallel-size" not in words
+    assert "RAY_ADDRESS" not in server_env(one_node, 0, use_gpu=True, ray_address="10.0.0.1:6379")
+    spanning_tp = VLLMConf(model="/m", tensor_parallel_size=16, distributed_executor_backend="ray")
+    assert spanning_tp.ray_executor and replica_actor_gpus(spanning_tp, use_gpu=True) == 0
+
+
+def test_a_replica_larger_than_the_cluster_or_a_node_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from matrix_hpc.services.llm.vllm_replica import _check_gpus
+
+    nodes = [{"Alive": True, "Resources": {"GPU": 8.0}}, {"Alive": True, "Resources": {"GPU": 8.0}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 16.0})
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    _check_gpus(VLLMConf(tensor_parallel_size=8, pipeline_parallel_size=2))  # 16 GPUs over 2 nodes: fits
+    with pytest.raises(ValueError, match="= 32 GPUs; this Ray cluster has 16"):
+        _check_gpus(VLLMConf(tensor_parallel_size=8, pipeline_parallel_size=4))
+    with pytest.raises(ValueError, match="do not fit on one node .at most 8 per node.; set"):
+        _check_gpus(VLLMConf(tensor_parallel_size=16))
+    _check_gpus(VLLMConf(tensor_parallel_size=16, distributed_executor_backend="ray"))
+    with pytest.raises(ValueError, match="distributed_executor_backend must be one of"):
+        VLLMConf(distributed_executor_backend="slurm")

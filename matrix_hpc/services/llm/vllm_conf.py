@@ -29,6 +29,7 @@ COMMAND_FIELDS = ("python", "host", "port", "model", "served_model_name")
 #: The variable each preset reads its API key from (``command``: ``api_key_env``).
 PRESET_KEY_ENV = {"vllm": "VLLM_API_KEY", "sim": "MATRIX_SIM_API_KEY"}
 CPU_BINDS = ("spread", "auto", "nobind")
+EXECUTORS = ("auto", "mp", "ray")
 #: The auth middleware (vllm_auth.py), importable under this name from the server's hook dir.
 AUTH_MODULE = "matrix_hpc_vllm_auth"
 
@@ -52,8 +53,14 @@ class VLLMConf:
     model: str = "models/tiny-llama"
     # Name clients send as "model"; '' = the model path or name as given.
     served_model_name: str = ""
-    # GPUs per replica (vLLM --tensor-parallel-size); each replica reserves that many Ray GPUs.
+    # GPUs per pipeline stage (vLLM --tensor-parallel-size).
     tensor_parallel_size: int = 1
+    # Pipeline stages (vLLM --pipeline-parallel-size); > 1 spans nodes: vLLM's Ray executor places the
+    # tensor x pipeline GPU workers through a Ray placement group on this cluster.
+    pipeline_parallel_size: int = 1
+    # vLLM --distributed-executor-backend: 'auto' = 'ray' when pipeline_parallel_size > 1, else vLLM's
+    # own choice (one node, its processes); 'ray' lets even a tensor-parallel replica span nodes.
+    distributed_executor_backend: str = "auto"
     # Replicas to start (each a Ray actor with its own server).
     num_replicas: int = 1
     # Context window in tokens (vLLM --max-model-len); 0 = the model's own.
@@ -120,6 +127,11 @@ class VLLMConf:
             raise ValueError(f"llm.vllm.num_replicas must be >= 1, got {self.num_replicas}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"llm.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"llm.vllm.pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.distributed_executor_backend not in EXECUTORS:
+            raise ValueError(f"llm.vllm.distributed_executor_backend must be one of {EXECUTORS}, "
+                             f"got {self.distributed_executor_backend!r}")
         if self.device not in DEVICES:
             raise ValueError(f"llm.vllm.device must be one of {DEVICES}, got {self.device!r}")
         if self.cpu_bind not in CPU_BINDS:
@@ -138,6 +150,17 @@ class VLLMConf:
     def model_name(self) -> str:
         """What clients send as ``model``."""
         return self.served_model_name or self.model
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ray_executor(self) -> bool:
+        """The server's workers are Ray actors in their own placement group (they may span nodes): the
+        replica actor then holds no GPU itself."""
+        return self.distributed_executor_backend == "ray" or (
+            self.distributed_executor_backend == "auto" and self.pipeline_parallel_size > 1)
 
     @property
     def key_env(self) -> str:
@@ -211,6 +234,12 @@ def server_command(conf: VLLMConf, python: str, host: str, port: int, use_gpu: b
     if use_gpu:
         cmd += ["--tensor-parallel-size", str(conf.tensor_parallel_size)]
         cmd += ["--gpu-memory-utilization", str(conf.gpu_memory_utilization)]
+    if conf.pipeline_parallel_size > 1:
+        cmd += ["--pipeline-parallel-size", str(conf.pipeline_parallel_size)]
+    if conf.ray_executor:
+        cmd += ["--distributed-executor-backend", "ray"]
+    elif conf.distributed_executor_backend == "mp":
+        cmd += ["--distributed-executor-backend", "mp"]
     return cmd + engine_args_list(conf.extra_engine_args)
 
 
@@ -235,7 +264,10 @@ def cpu_bind_list(index: int, num_replicas: int, cpus: list[int]) -> str:
     return ",".join(str(c) for c in cpus[start : start + per_replica])
 
 
-def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None = None) -> dict[str, str]:
+def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None = None,
+               ray_address: str | None = None) -> dict[str, str]:
+    """The server's environment. ``ray_address``: the cluster's GCS, which a server with the Ray
+    executor joins (its Ray token settings come with this process's environment, as a node's)."""
     key_vars = {"VLLM_API_KEY", conf.key_env}
     env = {k: v for k, v in os.environ.items() if k not in key_vars}
     # Ray pins OMP_NUM_THREADS for its workers; vLLM sizes its own threads from the core binding.
@@ -250,6 +282,8 @@ def server_env(conf: VLLMConf, index: int, use_gpu: bool, api_key: Secret | None
     env.update({k: str(v) for k, v in conf.env.items()})
     if api_key:
         env[conf.key_env] = str(api_key.get())  # vLLM: read by vLLM and by vllm_auth.RequireApiKey
+    if conf.ray_executor and ray_address:
+        env["RAY_ADDRESS"] = ray_address
     return env
 
 

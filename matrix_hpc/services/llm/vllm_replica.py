@@ -151,7 +151,8 @@ class VLLMReplica:
         await asyncio.to_thread(_append, self.log_path, header + shlex.join(cmd) + "\n")
         if self.conf.engine == "vllm":
             install_auth_middleware(self.log_path.parent / HOOK_DIR)
-        self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu, self.api_key),
+        address = _gcs_address() if self.conf.ray_executor else None
+        self._proc = spawn_supervised(cmd, server_env(self.conf, self.index, self.use_gpu, self.api_key, address),
                                       self.log_path, grace_s=self.conf.stop_grace_s)
         self._pgid = await asyncio.to_thread(server_pgid, self._proc)
         self.base_url = f"http://{self.advertise_host}:{port}/v1"
@@ -384,6 +385,34 @@ class VLLMService:
         return f"VLLMService({self.service!r}, model={self.conf.model!r}, replicas={self.replica_ids})"
 
 
+def replica_actor_gpus(conf: VLLMConf, use_gpu: bool) -> int:
+    """GPUs the replica actor reserves: its server's, unless vLLM's Ray executor reserves them for its
+    own workers (a placement group of tensor x pipeline GPUs, on one node or several)."""
+    return conf.tensor_parallel_size if use_gpu and not conf.ray_executor else 0
+
+
+def _gcs_address() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def _check_gpus(conf: VLLMConf) -> None:
+    """A replica needs tensor x pipeline GPUs of the cluster; say so before anything starts."""
+    import ray
+
+    total = float(ray.cluster_resources().get("GPU", 0))
+    per_node = max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0)
+    need = conf.gpus_per_replica
+    if need > total:
+        raise ValueError(f"one replica needs tensor_parallel_size x pipeline_parallel_size = {need} GPUs; "
+                         f"this Ray cluster has {total:.0f}")
+    if not conf.ray_executor and conf.tensor_parallel_size > per_node:
+        raise ValueError(f"llm.vllm.tensor_parallel_size={conf.tensor_parallel_size} GPUs do not fit on one node "
+                         f"(at most {per_node:.0f} per node); set llm.vllm.distributed_executor_backend=ray "
+                         "or llm.vllm.pipeline_parallel_size to span nodes")
+
+
 def _cluster_has_gpus() -> bool:
     import ray
 
@@ -412,6 +441,8 @@ def prepare_vllm_conf(conf: VLLMConf | Mapping[str, Any]) -> tuple[VLLMConf, boo
     # Name first: clients keep sending the model as the user wrote it.
     conf = dataclasses.replace(conf, served_model_name=conf.model_name, model=_resolve_model(conf.model))
     use_gpu = conf.device == "gpu" or (conf.device == "auto" and _cluster_has_gpus())
+    if use_gpu and conf.engine == "vllm":
+        _check_gpus(conf)
     return conf, use_gpu, _server_host(conf)
 
 
@@ -425,7 +456,7 @@ def new_replica_actor(conf: VLLMConf, index: int, log_root: Path, use_gpu: bool,
         name=replica_actor_name(ref, index),
         namespace=NAMESPACE,
         num_cpus=conf.actor_num_cpus,
-        num_gpus=conf.tensor_parallel_size if use_gpu else 0,
+        num_gpus=replica_actor_gpus(conf, use_gpu),
         resources=dict(conf.resources) or None,
         max_concurrency=16,  # status() and kill_server() answer while start() waits
         max_restarts=conf.max_actor_restarts,
