@@ -64,6 +64,7 @@ def run_from_config(cfg: DictConfig) -> int:
     from matrix_hpc.cluster.monitoring import MonitoringError
     from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
     from matrix_hpc.services.llm.deploy import ServeError
+    from matrix_hpc.services.sandbox.ray_pool import PoolNotDeployed
     from matrix_hpc.store.input import InputPathError
     from matrix_hpc.store.lock import OutputLocked
     from matrix_hpc.store.resume import ResumeRefused
@@ -74,7 +75,7 @@ def run_from_config(cfg: DictConfig) -> int:
         return submitted
     try:
         result = execute(cfg)
-    except (ResumeRefused, InputPathError, MonitoringError, ServeError) as e:
+    except (ResumeRefused, InputPathError, MonitoringError, ServeError, PoolNotDeployed) as e:
         return fail(str(e))
     except OutputLocked as e:  # its message names the holder and what to do
         fail(str(e))

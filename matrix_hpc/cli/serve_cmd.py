@@ -28,9 +28,11 @@ from matrix_hpc.cli.main import conf_dir, fail
 
 ACTIONS = ("up", "status", "down", "check")
 USAGE = ("usage: matrix-hpc serve up llm=sim|vllm|openai llm.name=NAME [llm.<backend>.KEY=VALUE ...] [cluster=...]\n"
+         "       matrix-hpc serve up sandbox=bwrap|apptainer sandbox.pool.name=NAME [sandbox.KEY=VALUE ...] "
+         "[cluster=...]\n"
          "       matrix-hpc serve status [--json] [cluster=...]\n"
          "       matrix-hpc serve check [llm.name=NAME] [cluster=...]\n"
-         "       matrix-hpc serve down llm.name=NAME [cluster=...]")
+         "       matrix-hpc serve down llm.name=NAME | sandbox.pool.name=NAME [cluster=...]")
 
 
 def serve_command(args: list[str]) -> int:
@@ -39,12 +41,16 @@ def serve_command(args: list[str]) -> int:
     action, rest = args[0], args[1:]
     as_json = "--json" in rest
     rest = [a for a in rest if a != "--json"]
-    name = ""
+    name = pool = ""
+    pool_up = action == "up" and any(a.startswith("sandbox=") for a in rest) and \
+        not any(a.startswith("llm=") for a in rest)
     if action != "up":  # only the name matters: the llm group is not composed
         name = next((a.split("=", 1)[1] for a in rest if a.startswith("llm.name=")), "")
-        rest = [a for a in rest if not a.startswith(("llm.name=", "llm="))]
-        if action == "down" and not name:
-            return fail("serve down needs the service's name: matrix-hpc serve down llm.name=NAME [cluster=...]")
+        pool = next((a.split("=", 1)[1] for a in rest if a.startswith("sandbox.pool.name=")), "")
+        rest = [a for a in rest if not a.startswith(("llm.name=", "llm=", "sandbox.pool.name=", "sandbox="))]
+        if action == "down" and not (name or pool):
+            return fail("serve down needs the service's name: matrix-hpc serve down llm.name=NAME "
+                        "(or sandbox.pool.name=NAME) [cluster=...]")
     try:
         # A service needs no dataset or output: fill the run's mandatory keys with placeholders.
         cfg = compose(["dataset.path=-", "output.dir=-", *rest], str(conf_dir()))
@@ -56,13 +62,15 @@ def serve_command(args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cluster_dir = _connect(cfg)
+        if pool_up:
+            return _pool_up(cfg)
         if action == "up":
             return _up(cfg, cluster_dir)
         if action == "status":
             return _status(as_json)
         if action == "check":
             return _check(name)
-        return _down(name)
+        return _pool_down(pool) if pool else _down(name)
     except (ServeError, ClusterError, ValueError) as e:
         return fail(f"serve {action}: {e}")
 
@@ -102,11 +110,35 @@ def _up(cfg: Any, cluster_dir: Path) -> int:
     return 0
 
 
+def _pool_up(cfg: Any) -> int:
+    """A sandbox pool that outlives runs (docs/serve.md): runs attach with sandbox.pool.deployed=true."""
+    from matrix_hpc.services.sandbox.ray_pool import deploy_pool
+
+    print(deploy_pool(OmegaConf.to_object(cfg.sandbox)))  # type: ignore[arg-type]
+    return 0
+
+
+def _pool_down(name: str) -> int:
+    from matrix_hpc.services.sandbox.ray_pool import PoolNotDeployed, deployed_pools, shutdown_pool
+
+    pools = deployed_pools()
+    if name not in pools:
+        raise PoolNotDeployed(f"no sandbox pool named {name!r} (deployed: {', '.join(sorted(pools)) or 'none'})")
+    print(f"sandbox pool {name!r} down: stopped {shutdown_pool(name)} pool actor(s) and their sandboxes")
+    return 0
+
+
 def _status(as_json: bool) -> int:
     from matrix_hpc.services.llm.deploy import all_status, format_status
+    from matrix_hpc.services.sandbox.ray_pool import pool_status
 
     services = all_status()
     print(json.dumps(services, indent=1) if as_json else format_status(services))
+    if not as_json:  # (--json lists the LLM services, as before)
+        pools = pool_status()
+        print("sandbox pools: " + ("none" if not pools else ""))
+        for p in pools:
+            print(f"  {p['name']:<20} {p['backend']:<12} size {p['size']:<5} {p['stats']}")
     return 0
 
 

@@ -230,6 +230,38 @@ def test_scaling_and_a_killed_replica_during_a_run_lose_nothing(tmp_path: Path, 
     assert serve(cluster, "down", "llm.name=live").returncode == 0
 
 
+@pytest.mark.needs("bwrap", "tau2_retail")
+def test_a_deployed_sandbox_pool_serves_runs_by_name_and_outlives_them(tmp_path: Path,
+                                                                       cluster: LocalClusterConf) -> None:
+    from matrix_hpc.workflows.tau2.rows import task_rows
+
+    up = serve(cluster, "up", "sandbox=bwrap", "sandbox.pool.name=shared", "sandbox.pool.size=2",
+               f"sandbox.scratch_root={tmp_path / 'sandboxes'}")
+    assert up.returncode == 0 and "sandbox pool 'shared' deployed (bwrap, size 2)" in up.stdout, log_of(up)[-3000:]
+
+    def granted() -> int:
+        listing = serve(cluster, "status")
+        line = next(ln for ln in listing.stdout.splitlines() if ln.strip().startswith("shared "))
+        return int(line.split("granted=")[1].split(",")[0])
+
+    tasks = [dict(t) for t in task_rows("retail")][:3]
+    data = write_jsonl(tmp_path / "tasks.jsonl", tasks)
+    args = ["workflow=tau2", "workflow.domain=retail", "dataset=tau2_retail", f"dataset.path={data}",
+            "workflow.max_steps=4", "llm=sim", "cluster=local", f"cluster.dir={cluster.dir}",
+            f"cluster.name={cluster.name}"]
+    missing = run_cli(*args, f"output.dir={tmp_path / 'missing'}", "sandbox=deployed", "sandbox.pool.name=nope")
+    assert missing.returncode != 0 and "no sandbox pool named 'nope'" in missing.stderr, log_of(missing)[-3000:]
+    assert "deployed: shared" in missing.stderr and "Traceback" not in missing.stderr
+    run = run_cli(*args, f"output.dir={tmp_path / 'out'}", "sandbox=deployed", "sandbox.pool.name=shared")
+    assert run.returncode == 0, log_of(run)[-4000:]
+    assert_each_id_once(tmp_path / "out", [t["id"] for t in tasks])
+    assert {r["status"] for r in read_rows(tmp_path / "out")} == {"ok"}
+    assert granted() >= len(tasks)  # the tasks' sandboxes came from the deployed pool, which is still up
+    down = serve(cluster, "down", "sandbox.pool.name=shared")
+    assert down.returncode == 0 and "stopped 1 pool actor(s)" in down.stdout, log_of(down)[-3000:]
+    assert "sandbox pools: none" in serve(cluster, "status").stdout
+
+
 def _gone(pids: list[int], timeout_s: float = 30) -> bool:
     deadline = time.monotonic() + timeout_s
     while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:

@@ -22,6 +22,9 @@ class SandboxPoolConf:
     lease_ttl_s: float = 60.0  # a lease whose owner stops renewing it for this long is reaped
     max_lease_s: float = 3600.0  # hard limit on one lease's lifetime, renewed or not
     reap_interval_s: float = 2.0  # how often expired leases and dead owners are looked for
+    # Attach to the pool `matrix-hpc serve up sandbox=...` deployed under `name` (its settings apply, not
+    # this config's; docs/serve.md); the run then leaves it running.
+    deployed: bool = False
 
     def __post_init__(self) -> None:
         check_pool_mode(self.mode)

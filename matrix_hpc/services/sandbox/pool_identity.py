@@ -28,6 +28,7 @@ def pool_identity(conf: SandboxConf) -> dict[str, Any]:
     identity = dataclasses.asdict(conf)
     identity["env"] = sorted(conf.env)
     identity["pool"].pop("mode", None)
+    identity["pool"].pop("deployed", None)  # how a run finds the pool, not what the pool is
     return identity
 
 
@@ -40,8 +41,9 @@ def pool_actor_name(conf: SandboxConf) -> str:
 def config_differences(have: SandboxConf, want: SandboxConf) -> list[str]:
     """Dotted names of the settings that differ (``env`` by name only: its values are secrets)."""
     a, b = _flat(dataclasses.asdict(have)), _flat(dataclasses.asdict(want))
-    a.pop("pool.mode", None)
-    b.pop("pool.mode", None)
+    for key in ("pool.mode", "pool.deployed"):
+        a.pop(key, None)
+        b.pop(key, None)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

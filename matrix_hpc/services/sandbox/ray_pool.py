@@ -67,6 +67,74 @@ def shutdown_pool(pool: SandboxConf | str = "default") -> int:
     return stopped
 
 
+class PoolNotDeployed(ValueError):
+    """A run or command names a sandbox pool that is not deployed on this cluster."""
+
+
+def deployed_pools() -> dict[str, list[str]]:
+    """Pool name -> its pool actors on the connected cluster (one per config; deployed ones have one)."""
+    from ray.util import list_named_actors
+
+    found: dict[str, list[str]] = {}
+    for actor in list_named_actors(all_namespaces=True):
+        full = actor["name"]
+        if actor.get("namespace") == NAMESPACE and full.startswith(ACTOR_PREFIX):
+            found.setdefault(full[len(ACTOR_PREFIX):-DIGEST_CHARS - 1], []).append(full)
+    return found
+
+
+def deployed_pool_conf(name: str) -> SandboxConf:
+    """The settings of the pool deployed as ``name``; refused naming the deployed ones otherwise."""
+    import ray
+
+    actors = deployed_pools().get(name, [])
+    if len(actors) != 1:
+        names = ", ".join(sorted(deployed_pools())) or "none"
+        what = "no sandbox pool" if not actors else f"{len(actors)} sandbox pools with different settings"
+        raise PoolNotDeployed(f"{what} named {name!r} on this Ray cluster (deployed: {names}); deploy one with "
+                              f"`matrix-hpc serve up sandbox=bwrap sandbox.pool.name={name} [sandbox.KEY=VALUE ...]`")
+    handle: Any = ray.get_actor(actors[0], namespace=NAMESPACE)  # Any: Ray actor handle
+    found: SandboxConf = ray.get(handle.config.remote(), timeout=60)
+    return found
+
+
+def pool_status() -> list[dict[str, Any]]:
+    """Name, backend, size and lease counts of every sandbox pool on the connected cluster."""
+    import ray
+
+    rows = []
+    for name, actors in sorted(deployed_pools().items()):
+        for full in actors:
+            actor: Any = ray.get_actor(full, namespace=NAMESPACE)  # Any: Ray actor handle
+            try:
+                conf, stats = ray.get([actor.config.remote(), actor.stats.remote()], timeout=30)
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                rows.append({"name": name, "backend": "?", "size": 0, "stats": f"unreachable ({type(e).__name__})"})
+                continue
+            rows.append({"name": name, "backend": conf.backend, "size": conf.pool.size, "stats": stats})
+    return rows
+
+
+def deploy_pool(conf: SandboxConf) -> str:
+    """``serve up sandbox=...``: the pool of ``conf`` under its name, detached, with its hosts started.
+    A pool of that name with other settings is replaced when idle, refused while it has sandboxes."""
+    import ray
+
+    for other in [a for a in deployed_pools().get(conf.pool.name, []) if a != pool_actor_name(conf)]:
+        actor: Any = ray.get_actor(other, namespace=NAMESPACE)  # Any: Ray actor handle
+        stats: PoolStats = ray.get(actor.stats.remote(), timeout=60)
+        if stats.live or stats.waiting:
+            raise ValueError(f"sandbox pool {conf.pool.name!r} runs {stats.live} sandbox(es) with other settings "
+                             f"({stats.waiting} lease request(s) waiting): `serve down sandbox.pool.name="
+                             f"{conf.pool.name}` once its runs are done, then deploy again")
+        ray.get(actor.shutdown.remote(), timeout=60)
+        ray.kill(actor)
+    RayPoolBackend.start_pool(conf)
+    pool: Any = ray.get_actor(pool_actor_name(conf), namespace=NAMESPACE)  # Any: Ray actor handle
+    stats = ray.get(pool.stats.remote(), timeout=60)
+    return f"sandbox pool {conf.pool.name!r} deployed ({conf.backend}, size {conf.pool.size}): {stats}"
+
+
 def _pools_named(name: str) -> list[str]:
     from ray.util import list_named_actors
 

@@ -108,6 +108,10 @@ class SandboxPoolActor:
     async def stats(self) -> PoolStats:
         return await (await self._ready()).stats()
 
+    def config(self) -> SandboxConf:
+        """The settings this pool runs with (a run attaching by name takes them)."""
+        return self.conf
+
     def check_config(self, want: SandboxConf) -> None:
         """Refuse a client that asked for another pool under this name (a digest collision or other env)."""
         differ = config_differences(self.conf, want)

@@ -29,20 +29,27 @@ class SandboxPoolFactory:
 
 
 class SandboxService:
-    def __init__(self, conf: SandboxConf, pool_backend: type[PoolBackend]) -> None:
+    def __init__(self, conf: SandboxConf, pool_backend: type[PoolBackend], owned: bool = True) -> None:
         self.conf = conf
         self.pool_backend = pool_backend  # where the pool runs (local, ray)
+        self.owned = owned  # False: a deployed pool, left running when the run ends
 
     def client_factory(self) -> SandboxPoolFactory:
         return SandboxPoolFactory(self.conf)
 
     def stop(self) -> None:
-        """Stop every sandbox of the pool and its actors (idempotent)."""
-        self.pool_backend.stop_pool(self.conf)
+        """Stop every sandbox of the pool and its actors (idempotent); a deployed pool stays."""
+        if self.owned:
+            self.pool_backend.stop_pool(self.conf)
 
 
 def start_service(conf: SandboxConf, plan: Any = None) -> SandboxService:  # Any: runtime RunPlan (unused)
-    """Create the pool up front so that configuration errors surface before any task runs."""
+    """Create the pool up front so that configuration errors surface before any task runs; with
+    ``sandbox.pool.deployed``, attach to the pool deployed under its name (docs/serve.md)."""
+    if conf.pool.deployed:
+        from matrix_hpc.services.sandbox.ray_pool import RayPoolBackend, deployed_pool_conf
+
+        return SandboxService(deployed_pool_conf(conf.pool.name), RayPoolBackend, owned=False)
     pool_backend = pool_backend_class(conf.pool.mode)
     pool_backend.start_pool(conf)
     return SandboxService(conf, pool_backend)
