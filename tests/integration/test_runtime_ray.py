@@ -81,6 +81,8 @@ def test_malformed_input_lines_fail_alone(tmp_path: Path) -> None:
     assert "missing required column(s) ['id']" in rows["in.jsonl:22"]["error"]
 
 
+# slow: five runs end to end; the comparison itself is unit-tested (tests/unit/test_store_resume.py)
+@pytest.mark.slow
 def test_resume_compares_config_values_new_keys_at_their_default_resume(tmp_path: Path) -> None:
     """Release 2 of a workflow adds a key: at its default the old output resumes;
     a changed value, or another id column, is refused naming the setting."""

@@ -83,6 +83,8 @@ def test_multi_node_sbatch_on_one_node_runs_the_driver_on_its_ray(tmp_path: Path
     assert not find_by_marker(str(cluster_dir)), "Ray processes outlived the job"
 
 
+# slow: a 3-node sbatch job and a head kill (~70 s); CI runs it when its time budget holds
+@pytest.mark.slow
 def test_multi_node_sbatch_stops_its_driver_when_the_ray_head_dies(tmp_path: Path) -> None:
     """A head that dies (a port taken, a node lost) must end the job, not leave the driver
     retrying its Ray until the time limit."""
