@@ -24,10 +24,12 @@ Example::
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,6 +47,7 @@ from matrix_hpc.procs import die_with_parent_hook, free_port, kill_tree, tail_te
 
 log = logging.getLogger(__name__)
 
+PROMETHEUS_USER = "matrix"  # the basic-auth user of every Prometheus matrix_hpc starts
 RAY_JOB = "ray"  # Prometheus job of Ray's metrics endpoints (Ray's own file-SD uses this name too)
 VLLM_JOB = "vllm"  # Prometheus job of the vLLM replicas' /metrics
 
@@ -75,6 +78,21 @@ class PrometheusConf:
 
 class MonitoringError(RuntimeError):
     """Prometheus could not be started (missing binary, bad config, no ready answer)."""
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An HTTP ``Authorization`` value for basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new 0600 file at ``path`` (replacing any, never through a link)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def write_targets(path: Path, targets: list[str], labels: dict[str, str]) -> bool:
@@ -115,14 +133,42 @@ class PrometheusServer:
     def __init__(self, conf: PrometheusConf, config_file: Path, data_dir: Path, log_file: Path) -> None:
         self.conf, self.config_file, self.data_dir, self.log_file = conf, config_file, data_dir, log_file
         self.proc: subprocess.Popen[bytes] | None = None
+        self._web_config = config_file.with_name("web.json")
         self.port = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def password_file(self) -> Path:
+        """The password of user ``matrix`` (0600): 127.0.0.1 is shared by every user of the node."""
+        return self.config_file.with_name("password")
+
+    def auth_header(self) -> dict[str, str]:
+        return {"Authorization": basic_auth(PROMETHEUS_USER, self.password_file.read_text())}
+
+    def get(self, path: str, timeout_s: float = 10) -> Any:
+        """GET ``path`` of the server's HTTP API (with its credentials), parsed JSON."""
+        request = urllib.request.Request(self.url + path, headers=self.auth_header())
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def _write_web_config(self) -> Path:
+        """Prometheus's web config: basic auth for every request (its bcrypt hash; the password in a
+        0600 file beside it, for the owner's queries, Grafana and the report)."""
+        import bcrypt
+
+        password = secrets.token_urlsafe(24)
+        write_private(self.password_file, password)
+        digest = bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()
+        web = self.config_file.with_name("web.json")
+        write_private(web, json.dumps({"basic_auth_users": {PROMETHEUS_USER: digest}}))
+        return web
+
     def start(self, tries: int = 3) -> None:
         binary = self.conf.find_binary()
+        self._web_config = self._write_web_config()
         for attempt in range(1, tries + 1):  # a free port can be taken before the server binds it
             self.port = self.conf.port or free_port("127.0.0.1")
             self.proc = self._spawn(binary)
@@ -138,7 +184,7 @@ class PrometheusServer:
     def _spawn(self, binary: str) -> subprocess.Popen[bytes]:
         argv = [binary, f"--config.file={self.config_file}", f"--storage.tsdb.path={self.data_dir}",
                 f"--storage.tsdb.retention.time={self.conf.retention}",
-                f"--web.listen-address=127.0.0.1:{self.port}"]
+                f"--web.listen-address=127.0.0.1:{self.port}", f"--web.config.file={self._web_config}"]
         with open(self.log_file, "ab") as out:
             return subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL,
                                     start_new_session=True, preexec_fn=die_with_parent_hook())
@@ -149,7 +195,8 @@ class PrometheusServer:
             if self.proc is None or self.proc.poll() is not None:
                 return False
             with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
+                request = urllib.request.Request(f"{self.url}/-/ready", headers=self.auth_header())
+                with urllib.request.urlopen(request, timeout=2) as resp:
                     if resp.status == 200:
                         return True
             time.sleep(0.2)
@@ -157,9 +204,7 @@ class PrometheusServer:
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         """An instant query through the HTTP API: the result vector."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.loads(resp.read())
+        body = self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
         if body.get("status") != "success":
             raise MonitoringError(f"query {expr!r} failed: {body}")
         return list(body["data"]["result"])
@@ -211,7 +256,8 @@ class Monitor:
         self.prometheus.start()
         self._thread = threading.Thread(target=self._refresh_loop, name="monitoring targets", daemon=True)
         self._thread.start()
-        (self.dir / "server.json").write_text(json.dumps({"url": self.prometheus.url,
+        (self.dir / "server.json").write_text(json.dumps({"url": self.prometheus.url, "user": PROMETHEUS_USER,
+                                                         "password_file": str(self.prometheus.password_file),
                                                          "pid": self.prometheus.proc.pid if self.prometheus.proc
                                                          else None}))
 
@@ -229,11 +275,7 @@ class Monitor:
         if self._secret_dir is None:
             self._secret_dir = Path(tempfile.mkdtemp(prefix="matrix-prom-"))
         key_file = self._secret_dir / name
-        tmp = key_file.with_name(f".{name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value)
-        os.replace(tmp, key_file)
+        write_private(key_file, value)
         return key_file
 
     def _refresh_services(self) -> None:

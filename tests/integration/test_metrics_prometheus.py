@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import re
+import stat
 import time
 import urllib.error
 import urllib.parse
@@ -57,24 +58,38 @@ def grafana_vars(expr: str, run_id: str) -> str:
     return expr.replace("$run_id", run_id).replace("$workflow", ".*").replace("$__rate_interval", "5m")
 
 
-def query(url: str, expr: str) -> list[dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}),
-                                    timeout=10) as r:
-            body = json.loads(r.read())
-    except urllib.error.HTTPError as e:  # a bad query: Prometheus says why
-        raise AssertionError(f"{expr}: HTTP {e.code} {e.read()[:500]!r}") from None
-    assert body["status"] == "success", body
-    return list(body["data"]["result"])
+class Prom:
+    """Queries to a Prometheus matrix_hpc started: basic auth with its password file (0600)."""
+
+    def __init__(self, url: str, password_file: str | Path) -> None:
+        self.url, self.password_file = url, Path(password_file)
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        from matrix_hpc.cluster.monitoring import PROMETHEUS_USER, basic_auth
+
+        request = urllib.request.Request(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}),
+                                         headers={"Authorization": basic_auth(PROMETHEUS_USER,
+                                                                              self.password_file.read_text())})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:  # a bad query: Prometheus says why
+            raise AssertionError(f"{expr}: HTTP {e.code} {e.read()[:500]!r}") from None
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
 
 
-def scalar(url: str, expr: str) -> float:
-    result = query(url, expr)
+def query(prom: Prom, expr: str) -> list[dict[str, Any]]:
+    return prom.query(expr)
+
+
+def scalar(prom: Prom, expr: str) -> float:
+    result = query(prom, expr)
     return float(result[0]["value"][1]) if result else 0.0
 
 
-def by_label(url: str, expr: str, label: str) -> dict[str, float]:
-    return {r["metric"].get(label, ""): float(r["value"][1]) for r in query(url, expr)}
+def by_label(prom: Prom, expr: str, label: str) -> dict[str, float]:
+    return {r["metric"].get(label, ""): float(r["value"][1]) for r in query(prom, expr)}
 
 
 class MonitoredRun:
@@ -94,6 +109,7 @@ class MonitoredRun:
         self.run_id, self.url = found.group(1), found.group(2)
         server = json.loads((self.out / "_matrix" / "monitoring" / self.run_id / "server.json").read_text())
         self.prometheus = psutil.Process(server["pid"])
+        self.prom = Prom(self.url, server["password_file"])
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -105,11 +121,11 @@ class MonitoredRun:
         assert not self.prometheus.is_running() or self.prometheus.status() == psutil.STATUS_ZOMBIE
 
 
-def assert_queries_return_data(url: str, run_id: str, rows: list[tuple[str, str, str]]) -> None:
+def assert_queries_return_data(prom: Prom, run_id: str, rows: list[tuple[str, str, str]]) -> None:
     """Each query answers at least one series, and no NaN (a rate or quantile over samples that never moved)."""
     empty = []
     for row, title, expr in rows:
-        values = [float(r["value"][1]) for r in query(url, grafana_vars(expr, run_id))]
+        values = [float(r["value"][1]) for r in query(prom, grafana_vars(expr, run_id))]
         if not values or any(math.isnan(v) for v in values):
             empty.append(f"{row} / {title}: {expr} -> {values}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
@@ -130,29 +146,33 @@ def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Pat
     try:
         rows = read_rows(run.out)
         assert len(rows) == len(tasks) + 1
+        with pytest.raises(urllib.error.HTTPError) as refused:  # 127.0.0.1 is every local user's: a password
+            urllib.request.urlopen(f"{run.url}/api/v1/query?query=up", timeout=10)
+        assert refused.value.code == 401
+        assert stat.S_IMODE(run.prom.password_file.stat().st_mode) == 0o600
         on_disk = Counter(r["status"] for r in rows)
         sel = f'run_id="{run.run_id}"'
-        counted = by_label(run.url, f"sum by (status) (ray_matrix_tasks_completed_total{{{sel}}})", "status")
+        counted = by_label(run.prom, f"sum by (status) (ray_matrix_tasks_completed_total{{{sel}}})", "status")
         assert counted == {s: float(n) for s, n in on_disk.items()}
-        assert scalar(run.url, f"sum(ray_matrix_tasks_admitted_total{{{sel}}})") == len(rows)
-        assert scalar(run.url, f"sum(ray_matrix_sink_rows_total{{{sel}}})") == len(rows)
-        assert scalar(run.url, f"sum(ray_matrix_tasks_in_flight{{{sel}}})") == 0
+        assert scalar(run.prom, f"sum(ray_matrix_tasks_admitted_total{{{sel}}})") == len(rows)
+        assert scalar(run.prom, f"sum(ray_matrix_sink_rows_total{{{sel}}})") == len(rows)
+        assert scalar(run.prom, f"sum(ray_matrix_tasks_in_flight{{{sel}}})") == 0
         # The sim's answers: one latency observation per answered request, per replica URL.
-        answered = by_label(run.url, f'sum by (replica) (ray_matrix_llm_requests_total{{{sel}, outcome="ok"}})',
+        answered = by_label(run.prom, f'sum by (replica) (ray_matrix_llm_requests_total{{{sel}, outcome="ok"}})',
                             "replica")
-        latency = by_label(run.url, f"sum by (replica) (ray_matrix_llm_request_latency_seconds_count{{{sel}}})",
+        latency = by_label(run.prom, f"sum by (replica) (ray_matrix_llm_request_latency_seconds_count{{{sel}}})",
                            "replica")
         assert latency == answered and sum(answered.values()) >= on_disk["ok"] and len(answered) == 2
-        assert scalar(run.url, f"sum(ray_matrix_llm_completion_tokens_total{{{sel}}})") > 0
+        assert scalar(run.prom, f"sum(ray_matrix_llm_completion_tokens_total{{{sel}}})") > 0
         llm_failed_rows = sum(r["error_type"] == "LLMRequestError" for r in rows)
-        step_errors = scalar(run.url, f'sum(ray_matrix_step_errors_total{{{sel}, error_type="LLMRequestError"}})')
+        step_errors = scalar(run.prom, f'sum(ray_matrix_step_errors_total{{{sel}, error_type="LLMRequestError"}})')
         assert step_errors >= llm_failed_rows
-        assert scalar(run.url, "sum(ray_matrix_sandbox_leases_total)") >= 1
+        assert scalar(run.prom, "sum(ray_matrix_sandbox_leases_total)") >= 1
         # Ray's metrics endpoint of a local run listens on loopback only, and it is what Prometheus scraped.
         ray_sd = json.loads((run.out / "_matrix" / "monitoring" / run.run_id / "ray_targets.json").read_text())
         listening = {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
         assert ray_sd[0]["targets"] and all(t.startswith("127.0.0.1:") and t in listening for t in ray_sd[0]["targets"])
-        assert scalar(run.url, 'sum(up{job="ray"})') == len(ray_sd[0]["targets"])
-        assert_queries_return_data(run.url, run.run_id, [t for t in dashboard_targets() if VLLM_ROW not in t[0]])
+        assert scalar(run.prom, 'sum(up{job="ray"})') == len(ray_sd[0]["targets"])
+        assert_queries_return_data(run.prom, run.run_id, [t for t in dashboard_targets() if VLLM_ROW not in t[0]])
     finally:
         run.end()

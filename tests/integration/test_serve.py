@@ -270,13 +270,24 @@ def _gone(pids: list[int], timeout_s: float = 30) -> bool:
 
 
 def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10) as r:
-        return list(json.loads(r.read())["data"]["result"])
+    return list(prometheus_get(url, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["data"]["result"])
+
+
+def prometheus_get(url: str, path: str) -> Any:
+    """GET from the cluster's Prometheus with its password (the file beside its server.json)."""
+    from matrix_hpc.cluster.monitoring import PROMETHEUS_USER, basic_auth
+
+    server = json.loads((Path(CLUSTER_DIRS[url]) / "monitoring" / "server.json").read_text())
+    auth = basic_auth(PROMETHEUS_USER, Path(server["password_file"]).read_text())
+    with urllib.request.urlopen(urllib.request.Request(url + path, headers={"Authorization": auth}), timeout=10) as r:
+        return json.loads(r.read())
+
+
+CLUSTER_DIRS: dict[str, str] = {}  # a cluster Prometheus's URL -> its cluster dir
 
 
 def targets(url: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(f"{url}/api/v1/targets", timeout=10) as r:
-        return list(json.loads(r.read())["data"]["activeTargets"])
+    return list(prometheus_get(url, "/api/v1/targets")["data"]["activeTargets"])
 
 
 def wait_for_series(url: str, expr: str, timeout_s: float = 60) -> list[dict[str, Any]]:
@@ -310,6 +321,10 @@ def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluste
     # service's key (the replica refuses requests without it), and every Ray node of the cluster.
     prom = cluster_status(cluster, ask_ray=False).prometheus
     assert prom.startswith("http://127.0.0.1:"), prom
+    CLUSTER_DIRS[prom] = cluster.dir
+    with pytest.raises(urllib.error.HTTPError) as refused:  # other users of the node get nothing
+        urllib.request.urlopen(prom + "/api/v1/targets", timeout=10)
+    assert refused.value.code == 401
     replica_host = replica["url"].split("://", 1)[1].split("/", 1)[0]
     served = wait_for_series(prom, 'sum by (instance) (vllm:request_success_total{job="vllm-tiny"})')
     assert [s["metric"]["instance"] for s in served] == [replica_host]

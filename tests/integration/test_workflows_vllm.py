@@ -136,7 +136,7 @@ def test_vllm_engine_metrics_in_the_runs_prometheus(llm_factory: Any, tmp_path: 
     from matrix_hpc.app.run import plan_from_config
     from matrix_hpc.cli.config_check import compose
     from matrix_hpc.runtime.driver import Driver, new_run_id
-    from tests.integration.test_metrics_prometheus import VLLM_ROW, assert_queries_return_data, dashboard_targets
+    from tests.integration.test_metrics_prometheus import VLLM_ROW, Prom, assert_queries_return_data, dashboard_targets
 
     src = write_jsonl(tmp_path / "in.jsonl", _sample_rows("mmlu", 3))
     cfg = compose(["workflow=coral", "dataset=mmlu_pro_sample", f"dataset.path={src}", f"output.dir={tmp_path / 'o'}",
@@ -157,7 +157,7 @@ def test_vllm_engine_metrics_in_the_runs_prometheus(llm_factory: Any, tmp_path: 
         assert monitor.monitor.wait_until(f"{answered} > bool 0", 1, timeout_s=60)  # Ray exports every 10 s here
         n = float(prom.query(answered)[0]["value"][1])
         assert n >= 3 and monitor.monitor.wait_until(f"{engines} - {before}", n, timeout_s=30)
-        assert_queries_return_data(prom.url, run_id, [t for t in dashboard_targets() if VLLM_ROW in t[0]])
+        assert_queries_return_data(Prom(prom.url, prom.password_file), run_id, [t for t in dashboard_targets() if VLLM_ROW in t[0]])
         config = prom.config_file.read_text()
         key_file = Path(json.loads(config)["scrape_configs"][1]["authorization"]["credentials_file"])
         key = llm_factory.api_key.get()
