@@ -81,8 +81,8 @@ def start_run_monitor(cfg: Any, plan: Any, run_id: str) -> RunMonitor | None:
     monitor = Monitor(conf, work_dir, ray_discovery_file() or ray_metrics_targets, vllm_targets, key,
                       labels={"matrix_run_id": run_id})
     monitor.start()
-    print(f"Prometheus for run {run_id}: {monitor.prometheus.url} (docs/monitoring.md)", file=sys.stderr,
-          flush=True)
+    print(f"Prometheus for run {run_id}: {monitor.prometheus.url} (user matrix, password in "
+          f"{monitor.prometheus.password_file}; docs/monitoring.md)", file=sys.stderr, flush=True)
     if not ray_metrics_targets():
         print("monitoring: this cluster's Ray nodes export no metrics, so Prometheus sees only the run's LLM "
               "services; bring the cluster up with cluster.export_metrics=true (docs/monitoring.md)",

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     monitor.start()
-    print(f"[matrix] cluster Prometheus at {monitor.prometheus.url} (data {state.root / MONITOR_DIR})", flush=True)
+    print(f"[matrix] cluster Prometheus at {monitor.prometheus.url} (user matrix, password in "
+          f"{monitor.prometheus.password_file})", flush=True)
     try:
         while not stop.wait(5.0):
             if monitor.prometheus.proc is None or monitor.prometheus.proc.poll() is not None:
