@@ -310,6 +310,7 @@ def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluste
     assert_each_id_once(out, [r["id"] for r in ROWS])
     (replica,) = status(cluster)["tiny"]["replica_list"]
     assert replica["state"] == "running" and replica["url"].endswith("/v1") and replica["node"]
+    assert replica["outstanding"] == 0  # from the engine's own /metrics (running + waiting), idle now
     log = Path(replica["log"])
     assert log == Path(cluster.dir) / "services" / "tiny" / "logs" / "vllm-tiny-0.log"
     assert "vllm.entrypoints" in log.read_text()

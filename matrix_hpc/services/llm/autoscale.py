@@ -15,7 +15,7 @@ from typing import Any
 
 from matrix_hpc.services.llm.config import AutoscaleConf, LLMConf
 from matrix_hpc.services.llm.contract import Secret
-from matrix_hpc.services.llm.deploy import Deployer, actor_or_none, deployed_ref, replica_index
+from matrix_hpc.services.llm.deploy import Deployer, actor_or_none, deployed_ref, replica_index, vllm_outstanding
 from matrix_hpc.services.llm.registry import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ def desired_replicas(current: int, outstanding: float, conf: AutoscaleConf) -> i
 def outstanding_requests(record: dict[str, Any], replica_ids: list[str], api_key: Secret) -> float | None:
     """Requests in flight on ``replica_ids`` (sim: its counter; vLLM: running + waiting from /metrics);
     None when a replica cannot say (no decision is taken on a partial view)."""
-    import urllib.request
-
     import ray
 
     total = 0.0
@@ -45,14 +43,12 @@ def outstanding_requests(record: dict[str, Any], replica_ids: list[str], api_key
             if member["backend"] == "sim":
                 total += float(ray.get(actor.stats.remote(), timeout=10).get("in_flight", 0))
                 continue
-            url = str(ray.get(actor.status.remote(), timeout=10)["base_url"]).removesuffix("/v1") + "/metrics"
-            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key.get()}"})
-            with urllib.request.urlopen(request, timeout=10) as response:
-                text = response.read().decode()
+            load = vllm_outstanding(str(ray.get(actor.status.remote(), timeout=10)["base_url"]), api_key, 10.0)
         except Exception:  # a replica that does not answer now: look again next time
             return None
-        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                     if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
+        if load is None:
+            return None
+        total += load
     return total
 
 

@@ -470,6 +470,8 @@ def service_status(name: str) -> dict[str, Any]:
                 st = ray.get(actor.status.remote(), timeout=10)
                 row.update(state=st["state"] if member["state"] == "running" else member["state"],
                            restarts=max(row["restarts"], int(st["restarts"])), log=st["log"], server_pids=st["pids"])
+                if row["url"] and record.get("engine", {}).get("engine", "vllm") == "vllm" and record.get("key_path"):
+                    row["outstanding"] = vllm_outstanding(row["url"], read_key(Path(record["key_path"])))
         except (ray.exceptions.RayError, TimeoutError) as e:
             row["state"] = f"unreachable ({type(e).__name__})"
         if member["backend"] != "openai" and actor is None:
@@ -478,6 +480,25 @@ def service_status(name: str) -> dict[str, Any]:
     public = {k: record.get(k) for k in ("name", "backend", "model", "dialect", "digest", "replicas", "created",
                                          "updated", "log_dir", "autoscale")}
     return {**public, "engine": record.get("engine", {}), "replica_list": replicas}
+
+
+def vllm_outstanding(base_url: str, key: Secret, timeout_s: float = 5.0) -> int | None:
+    """Requests a vLLM replica is running or has waiting, from its own ``/metrics`` (the service key
+    required); None when it does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = base_url.removesuffix("/").removesuffix("/v1")
+    request = urllib.request.Request(root + "/metrics", headers={"Authorization": f"Bearer {key.get()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
+    return int(sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name in wanted))
 
 
 def all_status() -> list[dict[str, Any]]:
