@@ -84,8 +84,13 @@ def _agent_ports(export_metrics: bool) -> list[str]:
 def _metrics_env(export_metrics: bool) -> dict[str, str]:
     """Ray's metrics exporter serves plain, unauthenticated HTTP on every interface of a node with a
     routable address: without monitoring it is not started at all (the agent gets
-    ``--disable-metrics-collection`` from the raylet)."""
-    return {} if export_metrics else {"RAY_enable_metrics_collection": "0"}
+    ``--disable-metrics-collection`` from the raylet).
+
+    The head's autoscaler monitor and dashboard also start Prometheus endpoints of their own on every
+    interface (ports 44217 and 44227), with no setting for the address and nothing of ours scraping
+    them: an impossible port (-1) makes their start fail, which Ray logs and goes on without."""
+    closed = {"AUTOSCALER_METRIC_PORT": "-1", "DASHBOARD_METRIC_PORT": "-1"}
+    return closed if export_metrics else {**closed, "RAY_enable_metrics_collection": "0"}
 
 
 def _client_server_port() -> list[str]:
