@@ -14,6 +14,7 @@ import logging
 import signal
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,6 @@ def _vllm_targets(plan: Any) -> tuple[Any, str | None]:
 
     def targets() -> list[str]:
         _, replicas = asyncio.run(endpoints.fetch())
-        return [url.split("://", 1)[-1].split("/", 1)[0] for url in replicas.values()]
+        return [urllib.parse.urlsplit(url).netloc for url in replicas.values()]
 
     return targets, secret.get() if secret is not None else None

@@ -269,30 +269,28 @@ def _gone(pids: list[int], timeout_s: float = 30) -> bool:
     return not any(psutil.pid_exists(p) for p in pids)
 
 
-def prometheus_query(url: str, expr: str) -> list[dict[str, Any]]:
-    return list(prometheus_get(url, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["data"]["result"])
+def prometheus_query(conf: LocalClusterConf, expr: str) -> list[dict[str, Any]]:
+    return list(prometheus_get(conf, "/api/v1/query?" + urllib.parse.urlencode({"query": expr}))["data"]["result"])
 
 
-def prometheus_get(url: str, path: str) -> Any:
-    """GET from the cluster's Prometheus with its password (the file beside its server.json)."""
+def prometheus_get(conf: LocalClusterConf, path: str) -> Any:
+    """GET from the cluster's Prometheus (URL and password file from its server.json)."""
     from matrix_hpc.cluster.monitoring import PROMETHEUS_USER, basic_auth
 
-    server = json.loads((Path(CLUSTER_DIRS[url]) / "monitoring" / "server.json").read_text())
+    server = json.loads((Path(conf.dir) / "monitoring" / "server.json").read_text())
     auth = basic_auth(PROMETHEUS_USER, Path(server["password_file"]).read_text())
-    with urllib.request.urlopen(urllib.request.Request(url + path, headers={"Authorization": auth}), timeout=10) as r:
+    request = urllib.request.Request(server["url"] + path, headers={"Authorization": auth})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 
-CLUSTER_DIRS: dict[str, str] = {}  # a cluster Prometheus's URL -> its cluster dir
+def targets(conf: LocalClusterConf) -> list[dict[str, Any]]:
+    return list(prometheus_get(conf, "/api/v1/targets")["data"]["activeTargets"])
 
 
-def targets(url: str) -> list[dict[str, Any]]:
-    return list(prometheus_get(url, "/api/v1/targets")["data"]["activeTargets"])
-
-
-def wait_for_series(url: str, expr: str, timeout_s: float = 60) -> list[dict[str, Any]]:
+def wait_for_series(conf: LocalClusterConf, expr: str, timeout_s: float = 60) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
-    while not (found := prometheus_query(url, expr)):
+    while not (found := prometheus_query(conf, expr)):
         assert time.monotonic() < deadline, f"no series for {expr} after {timeout_s} s"
         time.sleep(1)
     return found
@@ -322,20 +320,19 @@ def test_deployed_vllm_service_serves_a_run_and_goes_down(tmp_path: Path, cluste
     # service's key (the replica refuses requests without it), and every Ray node of the cluster.
     prom = cluster_status(cluster, ask_ray=False).prometheus
     assert prom.startswith("http://127.0.0.1:"), prom
-    CLUSTER_DIRS[prom] = cluster.dir
     with pytest.raises(urllib.error.HTTPError) as refused:  # other users of the node get nothing
         urllib.request.urlopen(prom + "/api/v1/targets", timeout=10)
     assert refused.value.code == 401
     replica_host = replica["url"].split("://", 1)[1].split("/", 1)[0]
-    served = wait_for_series(prom, 'sum by (instance) (vllm:request_success_total{job="vllm-tiny"})')
+    served = wait_for_series(cluster, 'sum by (instance) (vllm:request_success_total{job="vllm-tiny"})')
     assert [s["metric"]["instance"] for s in served] == [replica_host]
     assert float(served[0]["value"][1]) >= len(ROWS)  # the run's calls, counted by the engine itself
-    ray_up = wait_for_series(prom, 'up{job="ray"} == 1')
+    ray_up = wait_for_series(cluster, 'up{job="ray"} == 1')
     assert len(ray_up) == 1  # the head (this cluster has no worker jobs)
     down = serve(cluster, "down", "llm.name=tiny")
     assert down.returncode == 0, log_of(down)[-3000:]
     assert _gone(server_pids), "vLLM server processes left after serve down"
     deadline = time.monotonic() + 60  # a service gone: its scrape job goes too (config reloaded)
-    while any(t["labels"]["job"] == "vllm-tiny" for t in targets(prom)):
+    while any(t["labels"]["job"] == "vllm-tiny" for t in targets(cluster)):
         assert time.monotonic() < deadline, "the cluster's Prometheus still scrapes a service that is down"
         time.sleep(1)

@@ -36,6 +36,7 @@ import re
 import secrets
 import stat
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,7 +426,7 @@ def metrics_targets() -> dict[str, tuple[list[str], str | None]]:
             record, registered = ray.get([registry.record.remote(), registry.replicas.remote()], timeout=30)
             if record.get("backend") != "vllm" or record.get("engine", {}).get("engine", "vllm") != "vllm":
                 continue  # the sim, command engines and external endpoints: no vLLM /metrics
-            hosts = [reg["base_url"].split("://", 1)[-1].split("/", 1)[0] for reg in registered.values()
+            hosts = [urllib.parse.urlsplit(reg["base_url"]).netloc for reg in registered.values()
                      if reg.get("base_url")]
             key = read_key(Path(record["key_path"])).get() if record.get("key_path") else None
             found[name] = (hosts, key)

@@ -52,7 +52,7 @@ def shutdown_pool(pool: SandboxConf | str = "default") -> int:
     """
     import ray
 
-    names = [pool_actor_name(pool)] if isinstance(pool, SandboxConf) else _pools_named(pool)
+    names = [pool_actor_name(pool)] if isinstance(pool, SandboxConf) else deployed_pools().get(pool, [])
     stopped = 0
     for name in names:
         try:
@@ -78,7 +78,8 @@ def deployed_pools() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for actor in list_named_actors(all_namespaces=True):
         full = actor["name"]
-        if actor.get("namespace") == NAMESPACE and full.startswith(ACTOR_PREFIX):
+        if actor.get("namespace") == NAMESPACE and full.startswith(ACTOR_PREFIX) \
+                and len(full) > len(ACTOR_PREFIX) + DIGEST_CHARS and full[-DIGEST_CHARS - 1] == "-":
             found.setdefault(full[len(ACTOR_PREFIX):-DIGEST_CHARS - 1], []).append(full)
     return found
 
@@ -87,9 +88,10 @@ def deployed_pool_conf(name: str) -> SandboxConf:
     """The settings of the pool deployed as ``name``; refused naming the deployed ones otherwise."""
     import ray
 
-    actors = deployed_pools().get(name, [])
+    pools = deployed_pools()
+    actors = pools.get(name, [])
     if len(actors) != 1:
-        names = ", ".join(sorted(deployed_pools())) or "none"
+        names = ", ".join(sorted(pools)) or "none"
         what = "no sandbox pool" if not actors else f"{len(actors)} sandbox pools with different settings"
         raise PoolNotDeployed(f"{what} named {name!r} on this Ray cluster (deployed: {names}); deploy one with "
                               f"`matrix-hpc serve up sandbox=bwrap sandbox.pool.name={name} [sandbox.KEY=VALUE ...]`")
@@ -133,14 +135,6 @@ def deploy_pool(conf: SandboxConf) -> str:
     pool: Any = ray.get_actor(pool_actor_name(conf), namespace=NAMESPACE)  # Any: Ray actor handle
     stats = ray.get(pool.stats.remote(), timeout=60)
     return f"sandbox pool {conf.pool.name!r} deployed ({conf.backend}, size {conf.pool.size}): {stats}"
-
-
-def _pools_named(name: str) -> list[str]:
-    from ray.util import list_named_actors
-
-    prefix = f"{ACTOR_PREFIX}{name}-"
-    found = [a["name"] for a in list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE]
-    return [n for n in found if n.startswith(prefix) and len(n) == len(prefix) + DIGEST_CHARS]
 
 
 class RayPoolBackend:
