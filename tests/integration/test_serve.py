@@ -32,6 +32,7 @@ from tests.integration.runs import (
     read_rows,
     run_cli,
     start_cli,
+    wait_for_rows,
     write_jsonl,
 )
 
@@ -228,6 +229,55 @@ def test_scaling_and_a_killed_replica_during_a_run_lose_nothing(tmp_path: Path, 
     (kept,) = status(cluster)["live"]["replica_list"]  # live-0, killed, is back in a new process
     assert kept["id"] == "live-0" and kept["state"] == "running" and kept["pid"] != victim["pid"], kept
     assert serve(cluster, "down", "llm.name=live").returncode == 0
+
+
+def test_a_killed_registry_comes_back_with_every_replica_and_the_service_keeps_working(
+        tmp_path: Path, cluster: LocalClusterConf) -> None:
+    """SIGKILL of the registry actor's process while a run routes through it: Ray restarts it and it
+    rebuilds its table and record from its 0600 file; the run ends with every row ok, `status` lists
+    the replica, `serve up` scales through the new registry (and the run's client routes to the
+    added replica), `serve down` leaves no process and no file."""
+    up = serve(cluster, "up", "llm=sim", "llm.name=phoenix", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.05")
+    assert up.returncode == 0, log_of(up)[-3000:]
+    state = Path(cluster.dir) / "services" / "phoenix" / "registry.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    assert (Path(cluster.dir) / "services" / "phoenix" / "api_key").read_text() not in state.read_text()
+    before = status(cluster)["phoenix"]
+    (replica0,) = before["replica_list"]
+    rows = [{**ROWS[i % len(ROWS)], "id": f"k{i}"} for i in range(90)]
+    data, out, log = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", tmp_path / "run.log"
+    run = start_cli("workflow=coral", f"dataset.path={data}", f"output.dir={out}", "workflow.max_turns=2",
+                    "run.max_concurrent_tasks=4", "llm=deployed", "llm.name=phoenix", "llm.client.refresh_interval_s=0.5",
+                    "cluster=local", f"cluster.dir={cluster.dir}", f"cluster.name={cluster.name}", stderr=log)
+    try:
+        wait_for_rows(out, 10, while_running=run)
+        os.kill(before["registry"]["pid"], signal.SIGKILL)
+        assert _gone([before["registry"]["pid"]])
+        back = status(cluster)  # restarted by Ray, not re-made by a `serve up`
+        assert [(r["id"], r["registered"], r["state"]) for r in back["phoenix"]["replica_list"]] == \
+            [("phoenix-0", True, "running")], back
+        more = serve(cluster, "up", "llm=sim", "llm.name=phoenix", "llm.sim.num_replicas=2", "llm.sim.ttft_s=0.05")
+        assert more.returncode == 0 and "started phoenix-1; removed none" in more.stdout, log_of(more)[-3000:]
+        assert run.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if run.poll() is None:
+            kill_tree(run)
+    assert_each_id_once(out, [r["id"] for r in rows])
+    assert Counter(r["status"] for r in read_rows(out)) == {"ok": len(rows)}
+    after = status(cluster)["phoenix"]
+    assert after["registry"]["pid"] != before["registry"]["pid"] and after["registry"]["restored"] >= 1
+    by_id = {r["id"]: r for r in after["replica_list"]}
+    assert sorted(by_id) == ["phoenix-0", "phoenix-1"], by_id
+    assert all(r["state"] == "running" and r["registered"] for r in by_id.values()), by_id
+    assert by_id["phoenix-0"]["pid"] == replica0["pid"] and by_id["phoenix-0"]["restarts"] == 0
+    assert by_id["phoenix-1"]["requests"] > 0, "the run's client never routed to the replica added after the kill"
+    pids = [after["registry"]["pid"], *(r["pid"] for r in by_id.values())]
+    down = serve(cluster, "down", "llm.name=phoenix")
+    assert down.returncode == 0 and "llm-replica-phoenix-0, llm-replica-phoenix-1" in down.stdout, log_of(down)
+    assert _gone(pids), "registry or replica processes left after serve down"
+    assert not state.exists()
+    left = cluster_status(cluster).services
+    assert left is not None and not [s for s in left if "phoenix" in s], left
 
 
 @pytest.mark.needs("bwrap", "tau2_retail")

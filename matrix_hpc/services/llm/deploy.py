@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -90,22 +91,51 @@ class DeployedRegistry(ReplicaRegistry):
     ``record`` is plain data without secrets: backend, model, dialect, the
     engine config and its digest, the wanted replica count, the key file's
     path, and ``members`` (replica id -> actor name, engine digest, state).
+
+    It survives its own death: every change is written to ``state_path`` (JSON, 0600, in the
+    service's dir on the cluster's shared filesystem) before the call returns, and Ray restarts the
+    actor (:func:`registry_actor`: ``max_restarts=-1``, calls retried), which reads it back. Its table
+    version goes on counting up from the saved one, so clients see the restored table as news.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state_path: str = "") -> None:
         super().__init__(digest="", owner_job="")
         self._record: dict[str, Any] = {}
         self._registrations: dict[str, int] = {}
+        self._state_path = Path(state_path) if state_path else None
+        self._restored = 0  # how often this registry was rebuilt from its file (its actor restarted)
+        if self._state_path is not None and self._state_path.exists():
+            saved = json.loads(self._state_path.read_text())
+            self._record, self._replicas = saved["record"], saved["replicas"]
+            self._registrations, self._version = saved["registrations"], saved["version"] + 1
+            self._restored = saved.get("restored", 0) + 1
+            log.warning("llm service registry restarted: restored %d replica(s) and the record from %s",
+                        len(self._replicas), self._state_path)
+            self._save()
+
+    def _save(self) -> None:
+        if self._state_path is not None:
+            write_private(self._state_path, json.dumps({
+                "record": self._record, "replicas": self._replicas, "registrations": self._registrations,
+                "version": self._version, "restored": self._restored}))
 
     def register(self, replica_id: str, base_url: str, meta: dict[str, Any] | None = None) -> int:
         self._registrations[replica_id] = self._registrations.get(replica_id, 0) + 1
-        return super().register(replica_id, base_url, meta)
+        version = super().register(replica_id, base_url, meta)
+        self._save()
+        return version
+
+    def unregister(self, replica_id: str) -> int:
+        version = super().unregister(replica_id)
+        self._save()
+        return version
 
     def record(self) -> dict[str, Any]:
         return self._record
 
     def set_record(self, record: dict[str, Any]) -> None:
         self._record = record
+        self._save()
 
     def replicas(self) -> dict[str, dict[str, Any]]:
         """Registered replicas: {id: {base_url, meta, since, registrations}}."""
@@ -113,6 +143,26 @@ class DeployedRegistry(ReplicaRegistry):
 
     def forget(self, replica_id: str) -> None:
         self._registrations.pop(replica_id, None)
+        self._save()
+
+    def info(self) -> dict[str, Any]:
+        """Where the registry runs and how often it was rebuilt (for ``serve status`` and tests)."""
+        import ray
+
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "restored": self._restored}
+
+
+def registry_actor(name: str, state_path: Path) -> Any:  # Any: a Ray actor handle
+    """The registry actor of the deployed service ``name``, made if absent. Ray restarts it whenever
+    its process or node dies, and retries the calls made meanwhile, so clients and replicas wait for
+    it instead of failing (a retried call sets the same value again; only a replica's registration
+    count, shown as its restarts, can then be one too high)."""
+    import ray
+
+    actor_cls: Any = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(
+        DeployedRegistry)  # Any: Ray's actor class wrapper
+    return actor_cls.options(name=deployed_ref(name).registry, namespace=NAMESPACE, lifetime="detached",
+                             get_if_exists=True).remote(str(state_path))
 
 
 # -- key files -----------------------------------------------------------------------------
@@ -120,18 +170,23 @@ class DeployedRegistry(ReplicaRegistry):
 
 def ensure_key(path: Path, value: str | None = None) -> Secret:
     """The service's key in ``path`` (0600): written (``value``, or a new random 256-bit key) when
-    ``value`` is given or no file exists yet, else read. Written under a private temporary name and
-    renamed into place, so it is never readable by others nor half-written. (The cluster package has
-    the same for Ray's token, but services sit below it in the layering.)"""
+    ``value`` is given or no file exists yet, else read (:func:`write_private`). (The cluster package
+    has the same for Ray's token, but services sit below it in the layering.)"""
     if value is None and (path.exists() or path.is_symlink()):
         return read_key(path)
+    write_private(path, value if value is not None else secrets.token_urlsafe(32))
+    return read_key(path)
+
+
+def write_private(path: Path, text: str) -> None:
+    """``text`` into ``path`` (0600 from its first byte, under a private temporary name renamed into
+    place: never readable by others nor half-written)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(value if value is not None else secrets.token_urlsafe(32))
+        f.write(text)
     os.replace(tmp, path)
-    return read_key(path)
 
 
 def read_key(path: Path) -> Secret:
@@ -220,16 +275,14 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
     from matrix_hpc.services.llm.autoscale import start_autoscaler, stop_autoscaler
 
     stop_autoscaler(ref.name)  # one writer of the record at a time: it starts again below
-    actor_cls: Any = ray.remote(num_cpus=0)(DeployedRegistry)  # Any: Ray's actor class wrapper
-    registry = actor_cls.options(name=ref.registry, namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote()
+    registry = registry_actor(ref.name, registry_state_path(files_dir))
     record: dict[str, Any] = ray.get(registry.record.remote())
     created = not record
     record.setdefault("members", {})
     record.setdefault("next_index", 0)
     record.update(name=ref.name, backend=spec.backend, model=spec.model, dialect=spec.dialect, engine=spec.engine,
                   digest=spec.digest, replicas=spec.replicas, key_path=str(key_path),
-                  log_dir=str(Path(files_dir) / "logs"),
+                  log_dir=str(Path(files_dir) / "logs"), state_path=str(registry_state_path(files_dir)),
                   autoscale=dataclasses.asdict(scale) if scale.max_replicas and spec.backend != "openai" else None,
                   updated=time.time())
     record.setdefault("created", record["updated"])
@@ -255,6 +308,11 @@ def deploy_service(conf: LLMConf, key_path: Path, files_dir: Path) -> DeployRepo
     if record["autoscale"]:
         start_autoscaler(conf, api_key, Path(files_dir))
     return report
+
+
+def registry_state_path(files_dir: Path) -> Path:
+    """Where the registry of the service whose dir is ``files_dir`` keeps its state."""
+    return Path(files_dir).resolve() / "registry.json"
 
 
 def replica_index(replica_id: str) -> int:
@@ -451,7 +509,8 @@ def service_status(name: str) -> dict[str, Any]:
     import ray
 
     registry = _registry(name)
-    record, registered = ray.get([registry.record.remote(), registry.replicas.remote()])
+    record, registered, info = ray.get([registry.record.remote(), registry.replicas.remote(),
+                                        registry.info.remote()])
     replicas = []
     for rid, member in sorted(record.get("members", {}).items(), key=lambda kv: replica_index(kv[0])):
         reg = registered.get(rid, {})
@@ -480,7 +539,7 @@ def service_status(name: str) -> dict[str, Any]:
         replicas.append(row)
     public = {k: record.get(k) for k in ("name", "backend", "model", "dialect", "digest", "replicas", "created",
                                          "updated", "log_dir", "autoscale")}
-    return {**public, "engine": record.get("engine", {}), "replica_list": replicas}
+    return {**public, "engine": record.get("engine", {}), "registry": info, "replica_list": replicas}
 
 
 def vllm_outstanding(base_url: str, key: Secret, timeout_s: float = 5.0) -> int | None:
@@ -513,8 +572,10 @@ def format_status(services: list[dict[str, Any]]) -> str:
     for s in services:
         scale = s.get("autoscale")
         bounds = f", autoscaled {scale['min_replicas']}-{scale['max_replicas']}" if scale else ""
+        restored = s.get("registry", {}).get("restored", 0)
+        rebuilt = f"; registry restarted {restored}x" if restored else ""
         lines.append(f"{s['name']}: llm={s['backend']} model={s['model']} replicas {len(s['replica_list'])}/"
-                     f"{s['replicas']}{bounds} (config {s['digest']})")
+                     f"{s['replicas']}{bounds} (config {s['digest']}{rebuilt})")
         for r in s["replica_list"]:
             out = "-" if r["outstanding"] is None else str(r["outstanding"])
             lines.append(f"  {r['id']:<20} {r['state']:<10} node={r['node'] or '-'} {r['url'] or '-'} "
@@ -589,8 +650,9 @@ def undeploy_service(name: str) -> list[str]:
         ray.get(registry.unregister.remote(rid))
     stopped = [n for n in sorted(names) if stop_replica_actor(n)]
     ray.kill(registry, no_restart=True)
-    if record.get("key_path"):
-        Path(record["key_path"]).unlink(missing_ok=True)
+    for path in (record.get("key_path"), record.get("state_path")):
+        if path:
+            Path(path).unlink(missing_ok=True)
     return stopped
 
 
