@@ -14,6 +14,7 @@ read it from there.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -132,14 +133,26 @@ def _status(as_json: bool) -> int:
     from matrix_hpc.services.llm.deploy import all_status, format_status
     from matrix_hpc.services.sandbox.ray_pool import pool_status
 
-    services = all_status()
-    print(json.dumps(services, indent=1) if as_json else format_status(services))
-    if not as_json:  # (--json lists the LLM services, as before)
-        pools = pool_status()
-        print("sandbox pools: " + ("none" if not pools else ""))
-        for p in pools:
-            print(f"  {p['name']:<20} {p['backend']:<12} size {p['size']:<5} {p['stats']}")
+    services, pools = all_status(), pool_status()
+    if as_json:
+        print(json.dumps(status_entries(services, pools), indent=1, default=str))
+        return 0
+    print(format_status(services))
+    print("sandbox pools: " + ("none" if not pools else ""))
+    for p in pools:
+        print(f"  {p['name']:<20} {p['backend']:<12} size {p['size']:<5} {p['stats']}")
     return 0
+
+
+def status_entries(services: list[dict[str, Any]], pools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``serve status --json``: one list, each entry with its ``kind``: the LLM services first (as
+    before pools were listed), then the sandbox pools (``name``, ``backend``, ``size``, ``stats``)."""
+    entries = [{"kind": "llm_service", **s} for s in services]
+    for p in pools:
+        stats = p["stats"]
+        stats = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) and not isinstance(stats, type) else stats
+        entries.append({"kind": "sandbox_pool", **p, "stats": stats})
+    return entries
 
 
 def _check(name: str) -> int:

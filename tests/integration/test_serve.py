@@ -73,7 +73,7 @@ def serve_bg(conf: LocalClusterConf, *args: str) -> subprocess.Popen[str]:
 def status(conf: LocalClusterConf) -> dict[str, dict[str, Any]]:
     out = serve(conf, "status", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
-    return {s["name"]: s for s in json.loads(out.stdout)}
+    return {s["name"]: s for s in json.loads(out.stdout) if s["kind"] == "llm_service"}
 
 
 def requests(svc: dict[str, Any]) -> int:
@@ -306,6 +306,11 @@ def test_a_deployed_sandbox_pool_serves_runs_by_name_and_outlives_them(tmp_path:
     assert run.returncode == 0, log_of(run)[-4000:]
     assert_each_id_once(tmp_path / "out", [t["id"] for t in tasks])
     assert {r["status"] for r in read_rows(tmp_path / "out")} == {"ok"}
+    listed = serve(cluster, "status", "--json")  # pools listed after the LLM services, by kind
+    assert listed.returncode == 0, log_of(listed)[-3000:]
+    (entry,) = [e for e in json.loads(listed.stdout) if e["kind"] == "sandbox_pool"]
+    assert (entry["name"], entry["backend"], entry["size"]) == ("shared", "bwrap", 2), entry
+    assert entry["stats"]["granted"] == granted() and entry["stats"]["live"] == 0, entry
     assert granted() >= len(tasks)  # the tasks' sandboxes came from the deployed pool, which is still up
     down = serve(cluster, "down", "sandbox.pool.name=shared")
     assert down.returncode == 0 and "stopped 1 pool actor(s)" in down.stdout, log_of(down)[-3000:]

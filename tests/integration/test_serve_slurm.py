@@ -61,7 +61,7 @@ def test_a_slurm_job_uses_a_deployed_sim_and_vllm_service_then_nothing_is_left(
     # Both services answered the job: the sim counts its requests, vLLM logs each chat request.
     st = serve(cluster, "status", "--json")
     assert st.returncode == 0, log_of(st)[-3000:]
-    services = {s["name"]: s for s in json.loads(st.stdout)}
+    services = {s["name"]: s for s in json.loads(st.stdout) if s["kind"] == "llm_service"}
     assert sum(r["requests"] for r in services["tea"]["replica_list"]) > 0
     (replica,) = services["stu"]["replica_list"]
     assert "POST /v1/chat/completions" in Path(replica["log"]).read_text()

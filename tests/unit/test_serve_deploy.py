@@ -59,3 +59,19 @@ def test_autoscaling_follows_outstanding_requests_within_bounds_one_step_down_at
     assert desired_replicas(2, 0, AutoscaleConf(min_replicas=2, max_replicas=3)) == 2
     with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
         AutoscaleConf(min_replicas=3, max_replicas=2)
+
+
+def test_status_json_lists_llm_services_first_then_sandbox_pools_each_with_its_kind() -> None:
+    import json
+
+    from matrix_hpc.cli.serve_cmd import status_entries
+    from matrix_hpc.services.sandbox.lease import PoolStats
+
+    services = [{"name": "tea", "backend": "sim", "replica_list": []}]
+    pools = [{"name": "tools", "backend": "bwrap", "size": 2, "stats": PoolStats(live=1, granted=5)},
+             {"name": "odd", "backend": "?", "size": 0, "stats": "unreachable (GetTimeoutError)"}]
+    entries = json.loads(json.dumps(status_entries(services, pools)))
+    assert [(e["kind"], e["name"]) for e in entries] == [
+        ("llm_service", "tea"), ("sandbox_pool", "tools"), ("sandbox_pool", "odd")]
+    assert entries[1]["stats"]["granted"] == 5 and entries[1]["stats"]["live"] == 1
+    assert entries[2]["stats"] == "unreachable (GetTimeoutError)" and entries[0]["replica_list"] == []
