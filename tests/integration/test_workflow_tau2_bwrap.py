@@ -1,5 +1,8 @@
 """workflow=tau2 on each domain with real bubblewrap sandboxes (one environment server per task) and llm=sim.
 
+``workflow.env_server=per_task`` here: a sandbox leased per task (the forked
+default is test_workflow_tau2_scale.py's, at 1,000 concurrent).
+
 Real Ray, simulated LLM replicas (random text and tool calls built from the
 tool schemas), a sandbox leased per task. Checks: one row per input, every
 row ok with a reward in [0, 1] and its trajectory in tau2's format, tool
@@ -41,7 +44,7 @@ def test_dialogues_in_sandboxes_write_every_row_and_leave_nothing(domain: str, t
     proc = run_cli(
         "workflow=tau2", f"workflow.domain={domain}", "llm=sim", "sandbox=bwrap", f"dataset.path={data}",
         f"output.dir={tmp_path / 'out'}", f"sandbox.scratch_root={scratch}", "sandbox.pool.size=3",
-        "workflow.max_steps=8", "workflow.require_sandbox=true", "llm.sim.tool_call_rate=0.8",
+        "workflow.max_steps=8", "workflow.require_sandbox=true", "workflow.env_server=per_task", "llm.sim.tool_call_rate=0.8",
         "+sandbox.env.HF_TOKEN=${oc.env:MHPC_TEST_SANDBOX_SECRET}",
         timeout_s=240, env={**os.environ, "MHPC_TEST_SANDBOX_SECRET": secret},
     )
@@ -61,6 +64,7 @@ def test_dialogues_in_sandboxes_write_every_row_and_leave_nothing(domain: str, t
     assert not scratch.exists() or [p.name for p in scratch.iterdir() if not p.name.startswith(".")] == []
     assert processes_matching(str(scratch)) == []
     assert processes_matching("matrix_hpc.workflows.tau2.server") == []
+    assert processes_matching("matrix_hpc.workflows.tau2.forkserver") == []
     # the sandboxes' secret: in no row (decoded), log line or output file; the stored config redacts it
     assert secret not in json.dumps(list(out.values()), default=str) and secret not in proc.stdout + proc.stderr
     assert [p for p in (tmp_path / "out").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []

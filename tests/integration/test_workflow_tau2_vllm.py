@@ -55,12 +55,12 @@ def test_tau2_dialogues_on_two_vllm_replicas(tmp_path: Path, domain: str) -> Non
     assert set(out) == {r["id"] for r in rows}
     assert {r["status"] for r in out.values()} == {"ok"}, [r["error"] for r in out.values()]
     for r in out.values():
-        assert r["env_backend"] == "sandbox" and 0.0 <= r["reward"] <= 1.0
+        assert r["env_backend"] == "fork" and 0.0 <= r["reward"] <= 1.0  # auto: a warm server forks each task's
         assert r["termination_reason"] in ("max_steps", "too_many_errors", "user_error", "agent_error",
                                            "user_stop", "agent_stop")
         traj = json.loads(r["tau2_messages"])
         assert traj[0]["content"] == "Hi! How can I help you today?" and len(traj) >= 2
         assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0  # usage came from vLLM
     assert processes_matching(str(scratch)) == []
-    assert processes_matching("matrix_hpc.workflows.tau2.server") == []
+    assert processes_matching("matrix_hpc.workflows.tau2.forkserver") == []
     assert processes_matching(marker) == []  # the run's vLLM servers are gone

@@ -68,7 +68,7 @@ def test_sandbox_files_carry_the_package_and_the_data_unless_the_data_is_bound()
     files = copied.server_files()
     assert {"data/db.toml", "data/user_db.toml", "data/tasks.json",
             "matrix_hpc/workflows/tau2/server.py", "matrix_hpc/workflows/tau2/domains/telecom/tools.py"} <= set(files)
-    assert copied.server_argv()[-2:] == ["--data-dir", "/scratch/data"]
+    assert copied.server_argv()[-2:] == ["--data-dir", "data"]  # relative to the server's cwd, scratch
     bound = EnvSessions("telecom", None, 60, 30, data_dir_inside="/data/tau2_telecom")
     assert not [p for p in bound.server_files() if p.startswith("data/")]
     assert bound.server_argv()[-2:] == ["--data-dir", "/data/tau2_telecom"]

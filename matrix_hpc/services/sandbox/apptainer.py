@@ -121,9 +121,10 @@ class ApptainerSandbox(Sandbox):
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
         return process_env(self.conf.apptainer.binary, {**self.conf.env, **extra})
 
-    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    async def _spawn_server(self, argv: list[str], env: dict[str, str],
+                            pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
         return await spawn_server(exec_argv(self.conf, self.instance, argv, SCRATCH_IN_SANDBOX),
-                                  log_path=self.dir / "server.log", env=self._env(env))
+                                  log_path=self.dir / "server.log", env=self._env(env), pass_fds=pass_fds)
 
     async def _stop(self) -> None:
         if not self.instance_running:

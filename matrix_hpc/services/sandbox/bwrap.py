@@ -213,10 +213,11 @@ class BwrapSandbox(Sandbox):
             return await run_capped(self._command(argv, env_fd, cwd), stdin=stdin, timeout_s=timeout_s,
                                     max_output_bytes=max_output_bytes, env=_HOST_ENV, pass_fds=(env_fd,))
 
-    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-        with env_args_fd(sandbox_env(self.conf, env)) as env_fd:
+    async def _spawn_server(self, argv: list[str], env: dict[str, str],
+                            pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
+        with env_args_fd(sandbox_env(self.conf, env)) as env_fd:  # bwrap hands inherited fds on
             return await spawn_server(self._command(argv, env_fd, SCRATCH_IN_SANDBOX),
-                                      log_path=self.dir / "server.log", env=_HOST_ENV, pass_fds=(env_fd,))
+                                      log_path=self.dir / "server.log", env=_HOST_ENV, pass_fds=(env_fd, *pass_fds))
 
     async def _stop(self) -> None:
         if self.uid_claim is not None:

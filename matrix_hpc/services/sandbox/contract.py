@@ -141,7 +141,8 @@ class Sandbox(abc.ABC):
                     env: dict[str, str], cwd: str) -> ExecResult: ...
 
     @abc.abstractmethod
-    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process: ...
+    async def _spawn_server(self, argv: list[str], env: dict[str, str],
+                            pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process: ...
 
     def scratch_owner(self) -> tuple[int, int] | None:
         """(uid, gid) that files written into scratch are given; None = keep ours.
@@ -211,13 +212,18 @@ class Sandbox(abc.ABC):
             raise SandboxError(f"sandbox {self.id}: /scratch/{path} is larger than max_bytes={max_bytes}")
         return data
 
-    async def start_server(self, argv: Sequence[str], name: str = "server") -> ServerProcess:
-        """Start a long-lived process inside; talk to it over stdio or ``/scratch/<name>.sock``."""
+    async def start_server(self, argv: Sequence[str], name: str = "server",
+                           pass_fds: tuple[int, ...] = ()) -> ServerProcess:
+        """Start a long-lived process inside; talk to it over stdio or ``/scratch/<name>.sock``.
+
+        ``pass_fds``: host fds the process inherits under the same numbers (e.g. one end of a
+        ``socketpair``: a channel no other process can connect to, which can carry fds).
+        """
         self._require_started()
         if name in self.servers:
             raise SandboxError(f"sandbox {self.id} already runs a server named {name!r}")
         env = {"MATRIX_SANDBOX_SOCKET": f"{SCRATCH_IN_SANDBOX}/{name}.sock"}
-        proc = await self._spawn_server(command_argv(argv), env)
+        proc = await self._spawn_server(command_argv(argv), env, tuple(pass_fds))
         server = ServerProcess(name, proc, self.scratch / f"{name}.sock")
         self.servers[name] = server
         return server

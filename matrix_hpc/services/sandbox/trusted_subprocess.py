@@ -57,7 +57,9 @@ class TrustedSubprocessSandbox(Sandbox):
                                 timeout_s=timeout_s, max_output_bytes=max_output_bytes, env=self._env(env),
                                 cwd=self._host_cwd(cwd))
 
-    async def _spawn_server(self, argv: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    async def _spawn_server(self, argv: list[str], env: dict[str, str],
+                            pass_fds: tuple[int, ...] = ()) -> asyncio.subprocess.Process:
         env = {**env, "MATRIX_SANDBOX_SOCKET": str(self.scratch / os.path.basename(env["MATRIX_SANDBOX_SOCKET"]))}
         return await spawn_server([*self.cgroup_prefix(), *prlimit_argv(self.conf.limits), *argv],
-                                  log_path=self.dir / "server.log", env=self._env(env), cwd=str(self.scratch))
+                                  log_path=self.dir / "server.log", env=self._env(env), cwd=str(self.scratch),
+                                  pass_fds=pass_fds)

@@ -1,12 +1,23 @@
 """Each task's tau2 environment, held by the process that runs the ``env`` role.
 
-With a sandbox service, a task's environment is :mod:`server` inside a
-sandbox leased for that task: the package's code and the domain's data files
-are written into the sandbox's scratch dir (nothing of the host is writable
-inside, no binds needed), and requests travel over the pool's stdio relay.
-With ``workflow.sandbox_data_dir`` the data is read where the run's
-``sandbox.binds`` mount it instead of being copied per task.
-Without one (``sandbox=disabled``) it is an in-process environment.
+With a sandbox service, each task's environment is a process of its own,
+started one of two ways (``workflow.env_server``):
+
+- ``fork`` (``auto``'s choice unless the pool is deployed or placed by
+  resources): this process starts one sandbox holding :mod:`forkserver`,
+  which loads the domain once and forks a fresh process per task (about a
+  millisecond, pages shared); the task's requests go straight to its process
+  over a socketpair whose other end was handed over with ``SCM_RIGHTS``.
+  Tasks of one worker share that sandbox's namespaces and limits, never each
+  other's memory;
+- ``per_task``: each task leases its own sandbox from the pool and starts
+  :mod:`server` in it (its own namespaces; 0.3-0.4 s of CPU and 50-75 MB a task).
+
+Either way the package's code and the domain's data files are written into
+the sandbox's scratch dir (nothing of the host is writable inside, no binds
+needed); with ``workflow.sandbox_data_dir`` the data is read where the
+run's ``sandbox.binds`` mount it instead. Without a sandbox service
+(``sandbox=disabled``) it is an in-process environment.
 
 :class:`EnvSessions` sits in ``ctx.services`` so the worker's ``on_task_end``
 hook releases a task's sandbox whatever the task's fate.
@@ -16,9 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import os
+import resource
+import socket
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +48,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tau2_envs"  # key in ctx.services
 SERVER_NAME = "tau2env"  # the server's name inside the sandbox
+FORK_SERVER_NAME = "tau2fork"
+ENV_SERVERS = ("auto", "fork", "per_task")
+_LINE_LIMIT = 64 * 1024 * 1024  # one reply line (a state dump of the largest DB fits)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _PACKAGE_IN_SCRATCH = "matrix_hpc/workflows/tau2"  # importable with cwd=/scratch (namespace parents)
 _DATA_FILES = {"retail": ("db.json",), "airline": ("db.json",), "telecom": ("db.toml", "user_db.toml")}
@@ -77,17 +96,7 @@ class SandboxEnv:
         self._next_id += 1
         line = json.dumps({**payload, "id": self._next_id})
         reply = await self.lease.server_request(line, name=SERVER_NAME, timeout_s=timeout_s or self.timeout_s)
-        try:
-            answer: dict[str, Any] = json.loads(reply)
-        except json.JSONDecodeError:
-            raise EnvServerError(f"tau2 env server in sandbox {self.lease.id} answered a non-JSON line: "
-                                 f"{reply[:200]!r}") from None
-        if "protocol_error" in answer:
-            raise EnvServerError(f"tau2 env server in sandbox {self.lease.id}: {answer['protocol_error']}")
-        if answer.get("id") != self._next_id:
-            raise EnvServerError(f"tau2 env server in sandbox {self.lease.id} answered id {answer.get('id')}, "
-                                 f"expected {self._next_id}")
-        return answer
+        return checked_answer(reply, f"sandbox {self.lease.id}", self._next_id)
 
     async def step(self, calls: Sequence[Mapping[str, Any]]) -> list[ToolOutput]:
         answer = await self.request({"op": "step", "calls": list(calls)})
@@ -95,6 +104,169 @@ class SandboxEnv:
 
     async def close(self) -> None:
         return None  # the sandbox's release stops the server
+
+
+def checked_answer(reply: str | bytes, where: str, expected_id: int) -> dict[str, Any]:
+    """One reply line of :mod:`server`, parsed and matched to its request."""
+    try:
+        answer: dict[str, Any] = json.loads(reply)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EnvServerError(f"tau2 env server in {where} answered a non-JSON line: {reply[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise EnvServerError(f"tau2 env server in {where} answered {type(answer).__name__}, not an object")
+    if "protocol_error" in answer:
+        raise EnvServerError(f"tau2 env server in {where}: {answer['protocol_error']}")
+    if answer.get("id") != expected_id:
+        raise EnvServerError(f"tau2 env server in {where} answered id {answer.get('id')}, expected {expected_id}")
+    return answer
+
+
+class ForkedEnv:
+    """A task's own process, forked by this worker's warm server, reached over its socketpair."""
+
+    backend = "fork"
+
+    def __init__(self, warm: WarmServer, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout_s: float) -> None:
+        self.warm = warm
+        self.pid = pid
+        self.reader = reader
+        self.writer = writer
+        self.timeout_s = timeout_s
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+
+    async def request(self, payload: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        async with self._lock:  # one request at a time keeps replies matched to requests
+            self._next_id += 1
+            self.writer.write(json.dumps({**payload, "id": self._next_id}).encode() + b"\n")
+            try:
+                await self.writer.drain()
+                reply = await asyncio.wait_for(self.reader.readline(), timeout_s or self.timeout_s)
+            except (TimeoutError, OSError, ValueError) as e:
+                raise EnvServerError(f"tau2 env process {self.pid} in sandbox {self.warm.id}: "
+                                     f"{type(e).__name__}: {e or 'no answer in time'}") from None
+            if not reply:
+                raise EnvServerError(f"tau2 env process {self.pid} in sandbox {self.warm.id} closed its socket")
+            return checked_answer(reply, f"sandbox {self.warm.id} (process {self.pid})", self._next_id)
+
+    async def step(self, calls: Sequence[Mapping[str, Any]]) -> list[ToolOutput]:
+        answer = await self.request({"op": "step", "calls": list(calls)})
+        return [ToolOutput(bool(o["ok"]), str(o["text"])) for o in answer["outputs"]]
+
+    async def close(self) -> None:
+        self.writer.close()  # the process exits at end of input; the kill covers one that does not
+        await self.warm.kill(self.pid)
+
+
+class WarmServer:
+    """This process's sandbox running :mod:`forkserver`, and the control channel to it."""
+
+    def __init__(self, conf: Any, argv: list[str], files: Mapping[str, bytes], start_timeout_s: float,
+                 max_children: int, mem_mb: int) -> None:  # Any: SandboxConf (services layer, imported lazily)
+        from matrix_hpc.services.sandbox.registry import create_sandbox
+
+        limits = dataclasses.replace(conf.limits, max_procs=conf.limits.max_procs + max_children,
+                                     sandbox_mem_mb=max(conf.limits.sandbox_mem_mb, mem_mb))
+        self.conf = dataclasses.replace(conf, limits=limits, server_argv=[])
+        self.id = f"tau2fork-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.sandbox = create_sandbox(self.conf, self.id)
+        self.argv = argv
+        self.files = files
+        self.start_timeout_s = start_timeout_s
+        self.control: socket.socket | None = None
+        self.broken = False
+        self._next_id = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def running(self) -> bool:
+        server = self.sandbox.servers.get(FORK_SERVER_NAME)
+        return not self.broken and self.control is not None and server is not None and server.running
+
+    async def start(self) -> None:
+        _raise_open_files_limit()
+        await self.sandbox.start()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for path, data in self.files.items():
+                await self.sandbox.put_file(path, data)
+            await self.sandbox.start_server([*self.argv, "--control-fd", str(theirs.fileno())],
+                                            name=FORK_SERVER_NAME, pass_fds=(theirs.fileno(),))
+            theirs.close()
+            ours.setblocking(False)
+            self.control = ours
+            await self._control({"op": "ping"}, timeout_s=self.start_timeout_s)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            await self.stop()
+            raise
+
+    async def fork(self, timeout_s: float) -> ForkedEnv:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            answer = await self._control({"op": "fork"}, fd=theirs.fileno())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=_LINE_LIMIT)
+        return ForkedEnv(self, int(answer["pid"]), reader, writer, timeout_s)
+
+    async def kill(self, pid: int) -> None:
+        if self.running:
+            with contextlib.suppress(EnvServerError):
+                await self._control({"op": "kill", "pid": pid})
+
+    async def _control(self, payload: Mapping[str, Any], fd: int | None = None,
+                       timeout_s: float = 30.0) -> dict[str, Any]:
+        async with self._lock:  # one exchange at a time: replies carry no fds and come in order
+            if self.control is None or self.broken:
+                raise EnvServerError(f"the tau2 fork server in sandbox {self.id} is not running")
+            self._next_id += 1
+            packet = json.dumps({**payload, "id": self._next_id}).encode()
+            loop = asyncio.get_running_loop()
+            try:
+                # SOCK_SEQPACKET: one packet per message; a small one never blocks for long
+                while True:
+                    try:
+                        socket.send_fds(self.control, [packet], [fd] if fd is not None else [])
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.001)
+                reply = await asyncio.wait_for(loop.sock_recv(self.control, 65536), timeout_s)
+            except (TimeoutError, OSError) as e:
+                self.broken = True  # out of step with the server: the next open starts a new one
+                raise EnvServerError(f"the tau2 fork server in sandbox {self.id} did not answer "
+                                     f"{payload.get('op')!r}: {type(e).__name__}: {e} "
+                                     f"(its log: {self.sandbox.dir / 'server.log'})") from None
+            if not reply:
+                self.broken = True
+                raise EnvServerError(f"the tau2 fork server in sandbox {self.id} exited "
+                                     f"(its log: {self.sandbox.dir / 'server.log'})")
+            answer: dict[str, Any] = json.loads(reply)
+            if "error" in answer or answer.get("id") != self._next_id:
+                self.broken = True
+                raise EnvServerError(f"the tau2 fork server in sandbox {self.id}: {answer}")
+            return answer
+
+    async def stop(self) -> None:
+        """Close the control channel (the server kills its children and exits) and stop the sandbox."""
+        self.broken = True
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        await self.sandbox.stop()
+
+
+def _raise_open_files_limit() -> None:
+    """Each forked task holds a socket in this process: allow as many as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
 
 
 @dataclass
@@ -107,8 +279,16 @@ class EnvSessions:
     """This process's task environments by task id."""
 
     def __init__(self, domain: str, sandboxes: Any, start_timeout_s: float, request_timeout_s: float,
-                 data_dir_inside: str | None = None) -> None:
+                 data_dir_inside: str | None = None, env_server: str = "auto", max_children: int = 4096,
+                 fork_mem_mb: int = 16384) -> None:
+        if env_server not in ENV_SERVERS:
+            raise ValueError(f"workflow.env_server={env_server!r}; choose one of {', '.join(ENV_SERVERS)}")
         self.domain = domain
+        self.env_server = env_server
+        self.max_children = max_children
+        self.fork_mem_mb = fork_mem_mb
+        self._warm: WarmServer | None = None
+        self._warm_lock = asyncio.Lock()
         self.data_dir_inside = data_dir_inside  # the domain's data bound read-only here; None: copied per task
         self.sandboxes = sandboxes  # Any: SandboxPoolClient, or None to run in-process
         self.start_timeout_s = start_timeout_s
@@ -124,10 +304,54 @@ class EnvSessions:
             from matrix_hpc.workflows.tau2.tasks import build_environment
 
             held = _Held(LocalEnv(build_environment(self.domain, task)))
+        elif self.forks():
+            held = await self._open_forked(task_id, task)
         else:
             held = await self._open_sandbox(task_id, attempt, task)
         self.held[task_id] = held
         return held.env
+
+    def forks(self) -> bool:
+        """Whether tasks' environments are forked by a warm server (see the module's doc)."""
+        if self.sandboxes is None or self.env_server == "per_task":
+            return False
+        if self.env_server == "fork":
+            return True
+        pool = self.sandboxes.conf.pool  # auto: a deployed or resource-placed pool leases per task
+        return not (pool.deployed or pool.host_resources)
+
+    async def _warm_server(self) -> WarmServer:
+        async with self._warm_lock:  # the first opens of a process wait for one start
+            if self._warm is None or not self._warm.running:
+                if self._warm is not None:
+                    log.warning("the tau2 fork server in sandbox %s is gone; starting another", self._warm.id)
+                    with contextlib.suppress(Exception):
+                        await self._warm.stop()
+                    self._warm = None
+                argv = [sys.executable, "-m", "matrix_hpc.workflows.tau2.forkserver", *self.server_argv()[3:]]
+                warm = WarmServer(self.sandboxes.conf, argv, self.server_files(), self.start_timeout_s,
+                                  self.max_children, self.fork_mem_mb)
+                try:
+                    await warm.start()
+                except Exception as e:
+                    raise EnvServerError(f"the tau2 {self.domain} fork server did not start in sandbox "
+                                         f"{warm.id}: {e}") from e
+                self._warm = warm
+            return self._warm
+
+    async def _open_forked(self, task_id: str, task: Mapping[str, Any]) -> _Held:
+        warm = await self._warm_server()
+        env = await warm.fork(self.request_timeout_s)
+        try:
+            await env.request({"op": "open", "task": dict(task)}, timeout_s=self.start_timeout_s)
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(env.close())
+            if isinstance(e, Exception):
+                raise EnvServerError(f"task {task_id}: the tau2 {self.domain} environment did not open in "
+                                     f"sandbox {warm.id}: {e}") from e
+            raise
+        return _Held(env)
 
     def get(self, task_id: str) -> TaskEnv:
         try:
@@ -155,7 +379,7 @@ class EnvSessions:
 
     def server_argv(self) -> list[str]:
         return [sys.executable, "-m", "matrix_hpc.workflows.tau2.server", "--domain", self.domain,
-                "--data-dir", self.data_dir_inside or "/scratch/data"]
+                "--data-dir", self.data_dir_inside or "data"]  # relative: the server starts in scratch (every backend)
 
     def server_files(self) -> dict[str, bytes]:
         """The server's code and the domain's data, as scratch-relative paths (read once per process)."""
@@ -189,13 +413,17 @@ class EnvSessions:
             await self.release(task_id)
         if task_id in self._released:
             self._released.discard(task_id)
-        elif self.sandboxes is not None:
+        elif self.sandboxes is not None and not self.forks():
             await self.sandboxes.release_task(task_id)  # the task ended in another role's process
 
     async def close(self) -> None:
         for task_id in list(self.held):
             with contextlib.suppress(Exception):
                 await self.release(task_id)
+        if self._warm is not None:
+            with contextlib.suppress(Exception):
+                await self._warm.stop()
+            self._warm = None
 
 
 def transport_failed(error: Exception) -> bool:

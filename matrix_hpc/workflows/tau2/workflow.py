@@ -47,7 +47,7 @@ from matrix_hpc.workflows.tau2.dialogue import Dialogue, MalformedTurn, agent_vi
 from matrix_hpc.workflows.tau2.dialogue import user_view as simulator_view
 from matrix_hpc.workflows.tau2.judge import fixed_judge, judge_request, parse_verdicts
 from matrix_hpc.workflows.tau2.schemas import tool_schemas
-from matrix_hpc.workflows.tau2.sessions import SERVICE_NAME, EnvSessions, transport_failed
+from matrix_hpc.workflows.tau2.sessions import ENV_SERVERS, SERVICE_NAME, EnvSessions, transport_failed
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,11 @@ class Tau2Conf(WorkflowConf):
     user_llm: RoleLLMConf = field(default_factory=RoleLLMConf)  # the user simulator's
     judge_llm: RoleLLMConf = field(default_factory=RoleLLMConf)  # the NL-assertion judge's
     sandbox_data_dir: str | None = None  # the domain's data as bound inside sandboxes (sandbox.binds); null: copied
+    # How a sandboxed environment starts (docs/workflows.md): fork = one warm server per worker process forks
+    # a process per task; per_task = a sandbox leased per task; auto = fork unless the pool is deployed/placed
+    env_server: str = "auto"
+    fork_max_children: int = 4096  # fork: most task processes of one worker at once (added to the sandbox's nproc)
+    fork_mem_mb: int = 16384  # fork: memory of all task processes of one worker together (its sandbox's cgroup)
     server_start_timeout_s: float = 60.0  # sandboxed environment: start to ready
     tool_timeout_s: float = 30.0  # sandboxed environment: one request
 
@@ -85,6 +90,10 @@ class Tau2Conf(WorkflowConf):
             raise ValueError(f"workflow.domain={self.domain!r}; choose one of {list(DOMAINS)}")
         if self.max_steps < 1 or self.max_errors < 1 or self.trials < 1:
             raise ValueError("workflow.max_steps, workflow.max_errors and workflow.trials must be >= 1")
+        if self.env_server not in ENV_SERVERS:
+            raise ValueError(f"workflow.env_server={self.env_server!r}; choose one of {', '.join(ENV_SERVERS)}")
+        if self.fork_max_children < 1 or self.fork_mem_mb < 1:
+            raise ValueError("workflow.fork_max_children and workflow.fork_mem_mb must be >= 1")
         if self.max_tool_calls_per_turn is not None and self.max_tool_calls_per_turn < 1:
             raise ValueError("workflow.max_tool_calls_per_turn must be >= 1, or null to run every call as tau2 does")
 
@@ -318,7 +327,8 @@ class Tau2Workflow(Workflow):
         if sessions is None:
             pool = ctx.services.get("sandbox") if self.conf.use_sandbox else None
             sessions = EnvSessions(self.conf.domain, pool, self.conf.server_start_timeout_s, self.conf.tool_timeout_s,
-                                   self.conf.sandbox_data_dir)
+                                   self.conf.sandbox_data_dir, self.conf.env_server, self.conf.fork_max_children,
+                                   self.conf.fork_mem_mb)
             ctx.services[SERVICE_NAME] = sessions
         return sessions
 
