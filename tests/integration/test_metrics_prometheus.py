@@ -131,7 +131,7 @@ def assert_queries_return_data(prom: Prom, run_id: str, rows: list[tuple[str, st
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
 
-@pytest.mark.needs("prometheus", "bwrap", "tau2_retail")
+@pytest.mark.needs("prometheus", "bwrap", "tau2_data")
 def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Path) -> None:
     from matrix_hpc.workflows.tau2.rows import task_rows
 

@@ -280,7 +280,7 @@ def test_a_killed_registry_comes_back_with_every_replica_and_the_service_keeps_w
     assert left is not None and not [s for s in left if "phoenix" in s], left
 
 
-@pytest.mark.needs("bwrap", "tau2_retail")
+@pytest.mark.needs("bwrap", "tau2_data")
 def test_a_deployed_sandbox_pool_serves_runs_by_name_and_outlives_them(tmp_path: Path,
                                                                        cluster: LocalClusterConf) -> None:
     from matrix_hpc.workflows.tau2.rows import task_rows

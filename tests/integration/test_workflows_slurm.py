@@ -28,7 +28,8 @@ def _retail_rows(path: Path, n: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("workflow", ["coral", "natural_reasoning", "tau2"])
+@pytest.mark.parametrize("workflow", ["coral", "natural_reasoning",
+                                      pytest.param("tau2", marks=pytest.mark.needs("tau2_data"))])
 def test_each_paper_workflow_runs_as_a_slurm_job(workflow: str, tmp_path: Path, cleanup: list) -> None:  # noqa: F811
     require_component(slurm_available(), "Slurm", "run .ci/setup_slurm.sh as root")
     conf = small_conf(tmp_path, workflow[:4])

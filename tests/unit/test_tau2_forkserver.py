@@ -25,7 +25,7 @@ from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
 from matrix_hpc.workflows.tau2.sessions import EnvServerError, EnvSessions
 from matrix_hpc.workflows.tau2.tasks import load_tasks
 
-pytestmark = pytest.mark.needs("tau2_retail")
+pytestmark = pytest.mark.needs("tau2_data")
 
 
 @pytest.fixture
