@@ -57,6 +57,14 @@ def line(conn: socket.socket, payload: dict[str, object]) -> dict[str, object]:
     return answer
 
 
+def cpu_limit(pid: int) -> int:
+    """The soft RLIMIT_CPU of ``pid``, from /proc (seconds)."""
+    for row in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if row.startswith("Max cpu time"):
+            return int(row.split()[3])
+    raise AssertionError(f"no cpu limit line for {pid}")
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -127,6 +135,10 @@ async def _sessions_run(tmp_path: Path) -> None:
         assert len({e.pid for e in envs}) == 5  # type: ignore[attr-defined]
         calc = [{"name": "calculate", "arguments": {"expression": "2 * 3"}}]
         assert [o.text for o in await envs[0].step(calc)] == ["6.0"]
+        # each task's process has the sandbox's CPU limit; the long-lived server a day's
+        assert cpu_limit(envs[0].pid) == 60  # type: ignore[attr-defined]
+        assert sessions._warm is not None
+        assert cpu_limit(sessions._warm.sandbox.servers["tau2fork"].proc.pid) == 86_400
         # a task's process killed under it: that task's next request fails as a transport error
         os.kill(envs[1].pid, signal.SIGKILL)  # type: ignore[attr-defined]
         with pytest.raises(EnvServerError, match=f"tau2 env process {envs[1].pid}"):  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -43,9 +44,10 @@ _MAX_PACKET = 65536
 
 
 class ForkServer:
-    def __init__(self, server: EnvServer, control: socket.socket) -> None:
+    def __init__(self, server: EnvServer, control: socket.socket, task_cpu_s: int | None = None) -> None:
         self.server = server
         self.control = control
+        self.task_cpu_s = task_cpu_s
         self.children: set[int] = set()
 
     def run(self) -> None:
@@ -99,6 +101,8 @@ class ForkServer:
             try:
                 self.control.close()
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                if self.task_cpu_s is not None:  # the task's own CPU limit (the parent's is higher: it lives long)
+                    resource.setrlimit(resource.RLIMIT_CPU, (self.task_cpu_s, self.task_cpu_s))
                 conn = socket.socket(fileno=os.dup(fd))
                 serve(self.server, conn.makefile("rb"), conn.makefile("w", encoding="utf-8"))
                 code = 0
@@ -147,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--domain", required=True, choices=("retail", "airline", "telecom"))
     parser.add_argument("--data-dir", default=None, help="the domain's data folder (default: the usual lookup)")
     parser.add_argument("--control-fd", type=int, required=True, help="the inherited SOCK_SEQPACKET control socket")
+    parser.add_argument("--task-cpu-s", type=int, default=None, help="CPU seconds of each task's process (RLIMIT_CPU)")
     args = parser.parse_args(argv)
     if args.data_dir:
         os.environ[domain_dir_env(args.domain)] = args.data_dir
@@ -159,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_up(args.domain)
     gc.collect()
     gc.freeze()  # the loaded objects: children's collections leave their pages shared
-    ForkServer(server, control).run()
+    ForkServer(server, control, args.task_cpu_s).run()
     return 0
 
 

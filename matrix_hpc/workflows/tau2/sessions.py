@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "tau2_envs"  # key in ctx.services
 SERVER_NAME = "tau2env"  # the server's name inside the sandbox
 FORK_SERVER_NAME = "tau2fork"
+SERVER_CPU_S = 86_400  # the warm server's CPU limit (forks cost it CPU; a later open starts another past it)
 ENV_SERVERS = ("auto", "fork", "per_task")
 _LINE_LIMIT = 64 * 1024 * 1024  # one reply line (a state dump of the largest DB fits)
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -166,9 +167,13 @@ class WarmServer:
                  max_children: int, mem_mb: int) -> None:  # Any: SandboxConf (services layer, imported lazily)
         from matrix_hpc.services.sandbox.registry import create_sandbox
 
+        # The server lives as long as the worker and pays for every fork: its own CPU limit is a day; each
+        # task's process gets sandbox.limits.cpu_time_s back (--task-cpu-s).
         limits = dataclasses.replace(conf.limits, max_procs=conf.limits.max_procs + max_children,
-                                     sandbox_mem_mb=max(conf.limits.sandbox_mem_mb, mem_mb))
+                                     sandbox_mem_mb=max(conf.limits.sandbox_mem_mb, mem_mb),
+                                     cpu_time_s=max(conf.limits.cpu_time_s, SERVER_CPU_S))
         self.conf = dataclasses.replace(conf, limits=limits, server_argv=[])
+        argv = [*argv, "--task-cpu-s", str(conf.limits.cpu_time_s)]
         self.id = f"tau2fork-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.sandbox = create_sandbox(self.conf, self.id)
         self.argv = argv
