@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_tau2_runner.py                                # retail, 228 dialogues
     .venv/bin/python benchmarks/bench_tau2_runner.py --domain telecom --trials 2 --concurrency 32 --best 1000
+    .venv/bin/python benchmarks/bench_tau2_runner.py --sandbox disabled             # matrix_hpc's envs in-process
 
 One sim server (matrix_hpc's OpenAI-compatible simulated LLM, started here
 with a fresh key given to it in its environment) serves both systems. The
@@ -14,8 +15,14 @@ that end at ``--max-steps``, so both do the same number of LLM calls.
   a matrix_hpc dependency), talking to the sim through litellm's
   OpenAI-compatible client (``openai/sim`` with ``api_base``; the key in
   ``OPENAI_API_KEY``);
-- matrix_hpc: ``matrix-hpc run workflow=tau2`` with in-process environments,
-  at the same concurrency, then at ``--best``.
+- matrix_hpc: ``matrix-hpc run workflow=tau2`` at the same concurrency, then
+  at ``--best``, its environments placed by ``--sandbox``: ``bwrap`` (the
+  default: ``sandbox=bwrap workflow.require_sandbox=true``, so every task's
+  environment is its own process, forked by the worker's warm server inside
+  a bubblewrap sandbox; ``env_server=auto`` picks fork) or ``disabled``
+  (in-process, ``sandbox=disabled``). Each run's rows say where their
+  environment ran (``env_backend``: fork / sandbox / local), counted in the
+  output; with bwrap, sandbox dirs left behind are counted too.
 
 Tasks/s and tokens/s are over each system's first admission to last finish
 (tau2: its simulations' start and end times). Load averages are printed
@@ -97,6 +104,20 @@ def run_tau2(python: str, domain: str, num_tasks: int | None, trials: int, concu
             "runner_cpu_s": round(cpu_s, 1)}  # the runner's own CPU (one process, its threads)
 
 
+def run_matrix(data: Path, url: str, key: Any, concurrency: int, workdir: Path) -> dict[str, Any]:
+    """bench_workflows' ``matrix-hpc run`` in a fresh ``workdir``, plus where the rows' environments ran."""
+    import pyarrow.parquet as pq
+
+    from matrix_hpc.store.layout import data_files
+
+    workdir.mkdir()
+    found = bw.run_matrix("tau2", data, url, key, concurrency, workdir)
+    (out,) = workdir.glob("out-tau2-*")  # the run's output dir (bench_workflows names it)
+    backends = pq.read_table(data_files(out), columns=["env_backend"]).column("env_backend").to_pylist()
+    found["env_backend"] = {b: backends.count(b) for b in sorted(set(backends), key=str)}
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--domain", default="retail", choices=["retail", "airline", "telecom"])
@@ -105,17 +126,26 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--concurrency", type=int, default=32, help="dialogues in flight, both systems")
     parser.add_argument("--best", type=int, default=1000, help="matrix_hpc's own concurrency for the last run")
+    parser.add_argument("--sandbox", default="bwrap", choices=["bwrap", "disabled"],
+                        help="matrix_hpc's environments: bwrap = each task's forked in a bubblewrap sandbox "
+                             "(default), disabled = in-process")
     parser.add_argument("--tau2-python", default="/work/tau2venv/bin/python")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
     first = [r["task_id"] for r in task_rows(args.domain)][: args.num_tasks]  # the split's order, as tau2 cuts it
     rows = list(task_rows(args.domain, None, first, trials=args.trials))
     bw.WORKFLOW_OVERRIDES["tau2"] = [f"workflow.domain={args.domain}", f"workflow.max_steps={args.max_steps}",
-                                     f"workflow.trials={args.trials}", "sandbox=disabled"]
+                                     f"workflow.trials={args.trials}"]
     out: dict[str, Any] = {"domain": args.domain, "dialogues": len(rows), "max_steps": args.max_steps,
-                           "sim": bw.SIM, "sim_workers": bw.SIM_WORKERS, "load_before": loadavg()}
+                           "sandbox": args.sandbox, "sim": bw.SIM, "sim_workers": bw.SIM_WORKERS,
+                           "load_before": loadavg()}
+    print(f"matrix_hpc's environments: sandbox={args.sandbox}", flush=True)
     print(f"load average before: {out['load_before']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-tau2-runner-") as tmp:
+        scratch = Path(tmp) / "sandboxes"  # the sandboxes' dirs, here so that leftovers can be counted
+        bw.WORKFLOW_OVERRIDES["tau2"] += (["sandbox=disabled"] if args.sandbox == "disabled" else
+                                          ["sandbox=bwrap", "workflow.require_sandbox=true",
+                                           f"sandbox.scratch_root={scratch}"])
         data = Path(tmp) / "tasks.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         sim, url, key = bw.start_sim(Path(tmp))
@@ -123,12 +153,14 @@ def main() -> None:
             out["tau2_runner"] = run_tau2(args.tau2_python, args.domain, args.num_tasks, args.trials, args.concurrency,
                                           args.max_steps, url, key)
             print(f"tau2 runner, {args.concurrency} threads: {out['tau2_runner']}", flush=True)
-            out["matrix_hpc"] = bw.run_matrix("tau2", data, url, key, args.concurrency, Path(tmp))
+            out["matrix_hpc"] = run_matrix(data, url, key, args.concurrency, Path(tmp) / "equal")
             print(f"matrix_hpc, {args.concurrency} in flight: {out['matrix_hpc']}", flush=True)
-            out["matrix_hpc_best"] = bw.run_matrix("tau2", data, url, key, args.best, Path(tmp))
+            out["matrix_hpc_best"] = run_matrix(data, url, key, args.best, Path(tmp) / "best")
             print(f"matrix_hpc, {args.best} in flight: {out['matrix_hpc_best']}", flush=True)
         finally:
             bw.stop(sim)
+        if args.sandbox == "bwrap":
+            out["sandbox_dirs_left"] = len(list(scratch.iterdir())) if scratch.exists() else 0
     out["load_after"] = loadavg()
     base = out["tau2_runner"]
     for name in ("matrix_hpc", "matrix_hpc_best"):
