@@ -22,6 +22,7 @@ import pytest
 from matrix_hpc.services.sandbox.client import make_sandbox_pool
 from matrix_hpc.services.sandbox.contract import SandboxConf
 from matrix_hpc.services.sandbox.pool_conf import SandboxPoolConf
+from matrix_hpc.services.sandbox.scratch import make_sandbox_dir
 from matrix_hpc.workflows.tau2.sessions import EnvServerError, EnvSessions
 from matrix_hpc.workflows.tau2.tasks import load_tasks
 
@@ -124,6 +125,9 @@ def test_each_fork_is_its_own_environment_and_the_parent_ends_them_all(zygote: t
 
 
 async def _sessions_run(tmp_path: Path) -> None:
+    lock_fd, scratch_fd = make_sandbox_dir(tmp_path / "sb", "tau2fork-crashed")  # a crashed worker's, unlocked
+    os.close(lock_fd)
+    os.close(scratch_fd)
     pool = make_sandbox_pool(SandboxConf(backend="trusted_subprocess", scratch_root=str(tmp_path / "sb"),
                                          pool=SandboxPoolConf(mode="local")))
     sessions = EnvSessions("retail", pool, start_timeout_s=60, request_timeout_s=10)
@@ -132,6 +136,7 @@ async def _sessions_run(tmp_path: Path) -> None:
     try:
         envs = await asyncio.gather(*(sessions.open(f"t{i}", 1, tasks[i]) for i in range(5)))
         assert {e.backend for e in envs} == {"fork"}
+        assert not (tmp_path / "sb" / "tau2fork-crashed").exists()  # swept when the warm server started
         assert len({e.pid for e in envs}) == 5  # type: ignore[attr-defined]
         calc = [{"name": "calculate", "arguments": {"expression": "2 * 3"}}]
         assert [o.text for o in await envs[0].step(calc)] == ["6.0"]

@@ -36,18 +36,24 @@ def scratch_root_path(conf: SandboxConf) -> Path:
 
 def make_sandbox_dir(root: Path, sandbox_id: str) -> tuple[int, int]:
     """Create ``<root>/<id>/scratch`` (0700) under a checked private root; returns (lock fd, scratch fd)."""
+    # Made under a dot name, locked, then renamed into place: a sweep by another process (which skips dot
+    # names and locked dirs) can never see the dir unlocked and delete it under us.
     root_fd = open_dir(ensure_private_dir(root))
+    staging = f".new-{sandbox_id}"
     try:
         shutil.rmtree(sandbox_id, dir_fd=root_fd, ignore_errors=True)  # a leftover of a reused id
-        dir_fd = make_private_subdir(root_fd, sandbox_id)
+        shutil.rmtree(staging, dir_fd=root_fd, ignore_errors=True)
+        dir_fd = make_private_subdir(root_fd, staging)
+        try:
+            lock_fd = open_lock_file(dir_fd, ".lock")
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            scratch_fd = make_private_subdir(dir_fd, "scratch")
+            os.rename(staging, sandbox_id, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+            return lock_fd, scratch_fd
+        finally:
+            os.close(dir_fd)
     finally:
         os.close(root_fd)
-    try:
-        lock_fd = open_lock_file(dir_fd, ".lock")
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
-        return lock_fd, make_private_subdir(dir_fd, "scratch")
-    finally:
-        os.close(dir_fd)
 
 
 def remove_sandbox_dir(root: Path, sandbox_id: str) -> None:

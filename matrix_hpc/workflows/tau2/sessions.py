@@ -190,7 +190,13 @@ class WarmServer:
         return not self.broken and self.control is not None and server is not None and server.running
 
     async def start(self) -> None:
+        from matrix_hpc.services.sandbox.scratch import sweep_stale_dirs
+
         _raise_open_files_limit()
+        # the pool's hosts sweep when they start; in fork mode none may start, so a crashed worker's dir goes here
+        swept = await asyncio.to_thread(sweep_stale_dirs, self.sandbox.scratch_root)
+        if swept:
+            log.warning("removed %d sandbox dirs left by crashed processes under %s", swept, self.sandbox.scratch_root)
         await self.sandbox.start()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
