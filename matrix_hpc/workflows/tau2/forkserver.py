@@ -100,6 +100,9 @@ class ForkServer:
             code = 1
             try:
                 self.control.close()
+                devnull = os.open(os.devnull, os.O_RDWR)  # the parent's stdio pipes are not this task's to use
+                os.dup2(devnull, 0)
+                os.dup2(devnull, 1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 if self.task_cpu_s is not None:  # the task's own CPU limit (the parent's is higher: it lives long)
                     resource.setrlimit(resource.RLIMIT_CPU, (self.task_cpu_s, self.task_cpu_s))
