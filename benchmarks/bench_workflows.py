@@ -99,7 +99,8 @@ def workflow_conf(name: str) -> Any:
 # -- matrix_hpc ----------------------------------------------------------------------
 
 
-def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, workdir: Path) -> dict[str, Any]:
+def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, workdir: Path,
+               model: str = "sim") -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from matrix_hpc.store.layout import data_files
@@ -107,7 +108,7 @@ def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, work
     out = workdir / f"out-{name}-{time.time_ns()}"
     cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", f"workflow={name}", f"dataset.path={data}",
            f"output.dir={out}", "dataset.id_column=null", "llm=openai", f"llm.openai.base_url={url}",
-           "llm.openai.dialect=vllm", f"llm.openai.api_key_env={RUN_KEY_ENV}", "llm.openai.model=sim",
+           "llm.openai.dialect=vllm", f"llm.openai.api_key_env={RUN_KEY_ENV}", f"llm.openai.model={model}",
            f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
            "run.num_cpus=2", *WORKFLOW_OVERRIDES[name], *MATRIX_EXTRA]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, RUN_KEY_ENV: key.get()})
@@ -116,13 +117,18 @@ def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, work
     t = pq.read_table(data_files(out), columns=["status", "prompt_tokens", "completion_tokens", "t_admitted",
                                                  "t_finished"]).to_pydict()
     return _measure(len(t["status"]), min(t["t_admitted"]), max(t["t_finished"]),
-                    sum(t["prompt_tokens"]) + sum(t["completion_tokens"]), t["status"])
+                    sum(t["prompt_tokens"]) + sum(t["completion_tokens"]), t["status"], sum(t["completion_tokens"]))
 
 
-def _measure(n: int, t0: float, t1: float, tokens: int, statuses: list[str]) -> dict[str, Any]:
+def _measure(n: int, t0: float, t1: float, tokens: int, statuses: list[str],
+             out_tokens: int | None = None) -> dict[str, Any]:
+    """``tokens_per_s``: prompt and output tokens; ``out_tokens_per_s`` (when given): output tokens only."""
     wall = max(1e-9, t1 - t0)
-    return {"tasks": n, "wall_s": round(wall, 2), "tasks_per_s": round(n / wall, 1),
-            "tokens_per_s": round(tokens / wall), "ok": statuses.count("ok"), "failed": statuses.count("failed")}
+    found = {"tasks": n, "wall_s": round(wall, 2), "tasks_per_s": round(n / wall, 1),
+             "tokens_per_s": round(tokens / wall), "ok": statuses.count("ok"), "failed": statuses.count("failed")}
+    if out_tokens is not None:
+        found["out_tokens_per_s"] = round(out_tokens / wall)
+    return found
 
 
 # -- the single-process asyncio orchestrator ---------------------------------------------
