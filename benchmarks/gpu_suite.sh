@@ -27,7 +27,9 @@
 #   GPU_SUITE_MAX_MODEL_LEN vLLM --max-model-len (4096; smoke 2048)
 #   GPU_SUITE_SERVER_ARGS   more vLLM server flags (smoke: --enforce-eager)
 #   GPU_SUITE_STARTUP_S     how long vLLM may take to answer /health (300; smoke 600)
-#   GPU_SUITE_STEP_S        time limit of each benchmark step (150; smoke 600)
+#   GPU_SUITE_STEP_S        time limit of each benchmark step (240; smoke 600)
+#   GPU_SUITE_DEADLINE_S    the whole suite's limit: a step gets at most what is left of it, one that
+#                           would start with under 10 s left is skipped (failed) (440; smoke 1200)
 #   GPU_SUITE_WORKDIR       where the model, logs and results go (a new temporary dir)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,10 +38,10 @@ REPO=$(pwd)
 SMOKE=${GPU_SUITE_SMOKE:-0}
 if [[ $SMOKE == 1 ]]; then
   shape=tiny; d_conc="4 8"; d_rounds=2; d_in=16; d_out=16; d_len=2048; d_args="--enforce-eager"; d_start=600
-  d_step=600; d_vllm_py=$REPO/.venv-vllm/bin/python
+  d_step=600; d_deadline=1200; d_vllm_py=$REPO/.venv-vllm/bin/python
 else
   shape=llama3-8b; d_conc="64 256"; d_rounds=4; d_in=64; d_out=256; d_len=4096; d_args=""; d_start=300
-  d_step=150; d_vllm_py=$(command -v python3 || true)
+  d_step=240; d_deadline=440; d_vllm_py=$(command -v python3 || true)
 fi
 VLLM_PY=${VLLM_PY:-$d_vllm_py}
 MATRIX_PY=${MATRIX_PY:-$REPO/.venv/bin/python}
@@ -55,6 +57,7 @@ MAX_MODEL_LEN=${GPU_SUITE_MAX_MODEL_LEN:-$d_len}
 SERVER_ARGS=${GPU_SUITE_SERVER_ARGS:-$d_args}
 STARTUP_S=${GPU_SUITE_STARTUP_S:-$d_start}
 STEP_S=${GPU_SUITE_STEP_S:-$d_step}
+DEADLINE_S=${GPU_SUITE_DEADLINE_S:-$d_deadline}
 NAME=$shape-dummy
 RESULTS=$WORK/results
 BASE=http://127.0.0.1:$PORT
@@ -112,11 +115,14 @@ say "vLLM serving $NAME"
 
 step() {  # step NAME CMD...: run under the step time limit; a failure is recorded, the suite goes on
   local name=$1; shift
-  say "$name"
-  timeout "$STEP_S" "$@" > "$WORK/$name.log" 2>&1
+  local limit=$(( DEADLINE_S - (SECONDS - T0) ))
+  (( limit > STEP_S )) && limit=$STEP_S
+  if (( limit < 10 )); then FAILED+=("$name skipped"); say "$name skipped: the suite's ${DEADLINE_S} s are spent"; return; fi
+  say "$name (at most $limit s)"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   if (( rc != 0 )); then
-    FAILED+=("$name"); say "$name FAILED (exit $rc$( ((rc == 124)) && echo ": over ${STEP_S} s")); its log's end:"
+    FAILED+=("$name"); say "$name FAILED (exit $rc$( ((rc == 124)) && echo ": over $limit s")); its log's end:"
     tail -15 "$WORK/$name.log"
   fi
 }

@@ -47,7 +47,8 @@ def load_results(results: Path) -> dict[tuple[str, int], dict[str, Any]]:
     for path in sorted(results.glob("bare-c*.json")):
         data = json.loads(path.read_text())
         found["bare", int(data["max_concurrency"])] = {
-            "out_tokens_per_s": data["output_throughput"], "failed": data["num_prompts"] - data["completed"],
+            "out_tokens_per_s": data["output_throughput"],
+            "failed": data.get("failed", data["num_prompts"] - data["completed"]),
             "tasks": data["num_prompts"]}
     for path in sorted(results.glob("*.jsonl")):
         for line in path.read_text().splitlines():
