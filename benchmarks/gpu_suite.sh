@@ -132,18 +132,18 @@ for c in $CONCURRENCY; do
     --base-url "$BASE" --model "$NAME" --tokenizer "$MODEL_DIR" --dataset-name random \
     --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" --num-prompts $((ROUNDS * c)) \
     --max-concurrency "$c" --disable-tqdm --save-result --result-dir "$RESULTS" --result-filename "bare-c$c.json"
-  grep -E "Output token throughput|Successful requests" "$WORK/bare-c$c.log" | sed 's/^/    /'
+  grep -sE "Output token throughput|Successful requests" "$WORK/bare-c$c.log" | sed 's/^/    /'
 done
 # Prompts of about the random dataset's length: one word is about one token of this tokenizer.
 step pipeline "$MATRIX_PY" benchmarks/bench_llm_pipeline.py --base-url "$BASE/v1" --model "$NAME" \
   --api-key-env OPENAI_API_KEY --concurrency $CONCURRENCY --rounds "$ROUNDS" --repeats 1 --no-bare \
   --max-tokens "$OUTPUT_LEN" --prompt-words "$INPUT_LEN" --json-out "$RESULTS/pipeline.jsonl"
-grep -E "^  pipeline" "$WORK/pipeline.log" | cut -c1-160 | sed 's/^/  /'
+grep -sE "^  pipeline" "$WORK/pipeline.log" | cut -c1-160 | sed 's/^/  /'
 for c in $CONCURRENCY; do
   step "coral-c$c" "$MATRIX_PY" benchmarks/gpu_suite_steps.py coral --base-url "$BASE/v1" --model "$NAME" \
     --api-key-env OPENAI_API_KEY --concurrency "$c" --dialogues $((CORAL_ROUNDS * c)) \
     --json-out "$RESULTS/coral.jsonl"
-  tail -1 "$WORK/coral-c$c.log" | sed 's/^/    /'
+  tail -1 "$WORK/coral-c$c.log" 2>/dev/null | sed 's/^/    /'
 done
 stop_server
 trap - EXIT
