@@ -8,6 +8,7 @@ is a picklable recipe each worker calls once to build its ``ctx.sandboxes``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from matrix_hpc.services.sandbox.client import PoolBackend, SandboxPoolClient, make_sandbox_pool
@@ -49,7 +50,9 @@ def start_service(conf: SandboxConf, plan: Any = None) -> SandboxService:  # Any
     if conf.pool.deployed:
         from matrix_hpc.services.sandbox.ray_pool import RayPoolBackend, deployed_pool_conf
 
-        return SandboxService(deployed_pool_conf(conf.pool.name), RayPoolBackend, owned=False)
+        deployed = deployed_pool_conf(conf.pool.name)  # its own settings; marked attached (not in its identity)
+        deployed = dataclasses.replace(deployed, pool=dataclasses.replace(deployed.pool, deployed=True))
+        return SandboxService(deployed, RayPoolBackend, owned=False)
     pool_backend = pool_backend_class(conf.pool.mode)
     pool_backend.start_pool(conf)
     return SandboxService(conf, pool_backend)
