@@ -142,7 +142,9 @@ def test_run_counters_sim_latency_and_dashboard_against_prometheus(tmp_path: Pat
         "llm=sim", "llm.sim.ttft_s=0.3", "llm.sim.time_per_output_token_s=0", "llm.sim.tool_call_rate=0.8",
         "llm.sim.error_rate=0.1", "llm.sim.bad_request_rate=0.05", "llm.client.backoff_base_s=0.01",
         "sandbox=bwrap", f"sandbox.scratch_root={tmp_path / 'sandboxes'}", "sandbox.pool.size=2",
-        "run.progress_interval_s=0"], ready_timeout_s=240)
+        # 2 dialogues at a time: environments open throughout the run, so the sandbox histograms move between
+        # scrapes (opened all in the first second, they would hold one sample and their rates would be NaN)
+        "run.max_concurrent_tasks=2", "run.progress_interval_s=0"], ready_timeout_s=240)
     try:
         rows = read_rows(run.out)
         assert len(rows) == len(tasks) + 1

@@ -34,12 +34,14 @@ import os
 import resource
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from matrix_hpc import metrics
 from matrix_hpc.workflows.tau2.db import data_dir
 from matrix_hpc.workflows.tau2.environment import Tau2Environment
 from matrix_hpc.workflows.tau2.tools import ToolOutput
@@ -138,6 +140,13 @@ class ForkedEnv:
         self._lock = asyncio.Lock()
 
     async def request(self, payload: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            return await self._request(payload, timeout_s)
+        finally:
+            metrics.SANDBOX_CALL_S.observe(time.perf_counter() - t0, self.warm.pool_label, "server_request")
+
+    async def _request(self, payload: Mapping[str, Any], timeout_s: float | None) -> dict[str, Any]:
         async with self._lock:  # one request at a time keeps replies matched to requests
             self._next_id += 1
             self.writer.write(json.dumps({**payload, "id": self._next_id}).encode() + b"\n")
@@ -175,6 +184,8 @@ class WarmServer:
         self.conf = dataclasses.replace(conf, limits=limits, server_argv=[])
         argv = [*argv, "--task-cpu-s", str(conf.limits.cpu_time_s)]
         self.id = f"tau2fork-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.pool_label = f"{conf.pool.name}:fork"  # the sandbox metrics' pool label of forked environments
+        self.live = 0  # task processes forked and not yet released
         self.sandbox = create_sandbox(self.conf, self.id)
         self.argv = argv
         self.files = files
@@ -216,6 +227,7 @@ class WarmServer:
 
     async def fork(self, timeout_s: float) -> ForkedEnv:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        t0 = time.perf_counter()
         try:
             answer = await self._control({"op": "fork"}, fd=theirs.fileno())
         except BaseException:
@@ -223,10 +235,16 @@ class WarmServer:
             raise
         finally:
             theirs.close()
+            metrics.SANDBOX_CALL_S.observe(time.perf_counter() - t0, self.pool_label, "fork")
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=_LINE_LIMIT)
+        self.live += 1
+        metrics.SANDBOX_LEASES.inc(1, self.pool_label)
+        metrics.SANDBOX_LEASED.set(self.live, self.pool_label)
         return ForkedEnv(self, int(answer["pid"]), reader, writer, timeout_s)
 
     async def kill(self, pid: int) -> None:
+        self.live = max(0, self.live - 1)
+        metrics.SANDBOX_LEASED.set(self.live, self.pool_label)
         if self.running:
             with contextlib.suppress(EnvServerError):
                 await self._control({"op": "kill", "pid": pid})
@@ -352,9 +370,11 @@ class EnvSessions:
 
     async def _open_forked(self, task_id: str, task: Mapping[str, Any]) -> _Held:
         warm = await self._warm_server()
+        t0 = time.perf_counter()
         env = await warm.fork(self.request_timeout_s)
         try:
             await env.request({"op": "open", "task": dict(task)}, timeout_s=self.start_timeout_s)
+            metrics.SANDBOX_START_S.observe(time.perf_counter() - t0, warm.pool_label)  # fork to environment ready
         except BaseException as e:
             with contextlib.suppress(Exception):
                 await asyncio.shield(env.close())
