@@ -14,6 +14,11 @@ skip-set build over 1,000,000 committed rows.
     python benchmarks/bench_overhead.py                # all cases, 3 repeats
     python benchmarks/bench_overhead.py --quick        # smaller
     python benchmarks/bench_overhead.py --repeats 5 --no-resume --cases 2000x1000 --placements colocated
+    python benchmarks/bench_overhead.py --no-resume --cases 2000x1000 --checkouts /tmp/before,.   # before/after
+
+``--checkouts`` runs matrix_hpc's cases from each copy of the repository
+(e.g. a ``git worktree`` at the old commit), interleaved with this one's bare
+loop, so that a before/after comparison sees the same load.
 """
 
 from __future__ import annotations
@@ -59,13 +64,16 @@ def input_file(tasks: int, workdir: Path) -> Path:
     return data
 
 
-def run_case(tasks: int, concurrency: int, placement: str, workdir: Path, rep: int) -> dict[str, Any]:
-    """One run in a child process; ``placement`` is colocated, per_role or bare."""
+def run_case(tasks: int, concurrency: int, placement: str, workdir: Path, rep: int,
+             checkout: Path | None = None) -> dict[str, Any]:
+    """One run in a child process; ``placement`` is colocated, per_role or bare;
+    ``checkout``: the repository copy whose matrix_hpc runs it (default: this one)."""
     data = input_file(tasks, workdir)
-    out = workdir / f"out-{placement}-{tasks}-{concurrency}-{rep}"
-    report = workdir / f"report-{placement}-{tasks}-{concurrency}-{rep}.json"
+    tag = f"{placement}-{tasks}-{concurrency}-{rep}-{checkout.name if checkout else 'here'}"
+    out, report = workdir / f"out-{tag}", workdir / f"report-{tag}.json"
+    env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout is not None else None
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(data), str(out), str(concurrency), placement,
-                             str(report)], cwd=REPO)
+                             str(report)], cwd=checkout or REPO, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss_bytes(proc.pid))
@@ -93,17 +101,82 @@ def child(data: str, out: str, concurrency: int, placement: str, report: str) ->
     ray.init(include_dashboard=False, logging_level="WARNING")
     plan = RunPlan(OverheadConf(), DatasetConf(path=data), OutputConf(dir=out),
                    RunConf(max_concurrent_tasks=concurrency, placement=Placement(placement), progress_interval_s=0))
-    result = asyncio.run(Driver(plan).run())
+    driver = Driver(plan)
+    meter = CpuMeter(driver.stats)
+    result = asyncio.run(driver.run())
     if result.outcome != FINISHED:
         raise SystemExit(f"the run ended {result.outcome}: {result.problems}")
     s = result.stats
     wall = (s.t_end or time.time()) - (s.t_admit_start or s.t_start)
-    steps = sum(w["steps"] for w in result.worker_stats)
+    ws = result.worker_stats
+    steps = sum(w["steps"] for w in ws)
+    driver_calls = sum(b.batches_sent for b in [*driver._first_boxes.values(), *driver._sink_boxes])
     Path(report).write_text(json.dumps({
         "tasks": s.done, "wall_s": wall, "tasks_per_s": s.done / wall, "hops_per_s": steps / wall,
-        "remote_hops": sum(w["remote_hops"] for w in result.worker_stats),
+        "remote_hops": sum(w["remote_hops"] for w in ws),
+        # Ray calls carrying tasks or their ends, per task: worker -> worker, worker -> sink, worker -> driver
+        # (finished reports with ids), driver -> worker/sink (admissions)
+        "calls_per_task": {k: sum(w.get(k, 0) for w in ws) / max(1, s.done)
+                           for k in ("peer_calls", "sink_calls", "finished_reports")}
+        | {"driver_calls": driver_calls / max(1, s.done)},
+        "cpu_ms_per_task": {k: 1000 * v / max(1, s.done) for k, v in meter.spent().items()},
     }))
     ray.shutdown()
+
+
+def process_kind(p: psutil.Process, root: int) -> str:
+    """driver, worker, sink, raylet, gcs or other (Ray names its actor processes ``ray::Class``)."""
+    if p.pid == root:
+        return "driver"
+    cmd = " ".join(p.cmdline()[:2])
+    for marker, kind in (("ray::Worker", "worker"), ("ray::ShardSink", "sink"), ("raylet", "raylet"),
+                         ("gcs_server", "gcs")):
+        if marker in cmd:
+            return kind
+    return "other"
+
+
+def cpu_by_kind(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) spent so far by each kind of process in the tree."""
+    out: dict[str, float] = {}
+    top = psutil.Process(root)
+    for p in [top, *top.children(recursive=True)]:
+        try:
+            kind, t = process_kind(p, root), p.cpu_times()
+        except psutil.Error:
+            continue
+        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    return out
+
+
+class CpuMeter:
+    """The process tree's CPU between the run's first admission and its end
+    (``RunStats.t_admit_start`` / ``t_end``, polled by a thread), per kind
+    of process: less sensitive to other load than the wall time."""
+
+    POLL_S = 0.01
+
+    def __init__(self, stats: Any) -> None:
+        import threading
+
+        self.stats = stats
+        self.start: dict[str, float] = {}
+        self.end: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while self.stats.t_admit_start is None:
+            time.sleep(self.POLL_S)
+        self.start = cpu_by_kind(os.getpid())
+        while self.stats.t_end is None:  # set before the sinks close and the actors stop
+            time.sleep(self.POLL_S)
+        self.end = cpu_by_kind(os.getpid())
+
+    def spent(self) -> dict[str, float]:
+        self._thread.join(timeout=5.0)
+        spent = {k: v - self.start.get(k, 0.0) for k, v in self.end.items()}
+        return {**spent, "total": sum(spent.values())}
 
 
 class BareLoop:
@@ -148,7 +221,7 @@ class BareLoop:
         self.running: set[asyncio.Task[None]] = set()
         loops = [asyncio.ensure_future(self._consume(role)) for role in self.workflow.roles]
         loops.append(asyncio.ensure_future(self._flush_periodically()))
-        t0, admitted = time.time(), 0
+        t0, cpu0, admitted = time.time(), time.process_time(), 0
         first = self.workflow.first_role
         for item in iter_input(self.dataset):
             await self.slots.acquire()
@@ -157,10 +230,11 @@ class BareLoop:
         while self.rows < admitted:
             self.wrote.clear()
             await self.wrote.wait()
-        wall = time.time() - t0
+        wall, cpu_ms = time.time() - t0, 1000 * (time.process_time() - cpu0)
         for loop in loops:
             loop.cancel()
-        return {"tasks": self.rows, "wall_s": wall, "tasks_per_s": self.rows / wall, "hops_per_s": self.steps / wall}
+        return {"tasks": self.rows, "wall_s": wall, "tasks_per_s": self.rows / wall, "hops_per_s": self.steps / wall,
+                "cpu_ms_per_task": {"total": cpu_ms / max(1, self.rows)}}
 
     async def _consume(self, role: str) -> None:
         queue = self.queues[role]
@@ -255,23 +329,42 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def bench_cases(cases: list[tuple[int, ...]], placements: list[str], repeats: int, workdir: Path) -> None:
-    """Every placement and the bare loop, interleaved per repeat (so a load
-    change hits all alike); medians, and matrix_hpc's ratio to the bare loop."""
-    print(f"{'case':<10} {'tasks':>6} {'conc':>6} {'tasks/s (median)':>17} {'all runs':>24} {'hops/s':>9} "
-          f"{'peak GB':>8} {'vs bare':>8}")
+def bench_cases(cases: list[tuple[int, ...]], placements: list[str], repeats: int, workdir: Path,
+                checkouts: list[Path | None]) -> None:
+    """Every placement (of every checkout) and the bare loop, interleaved per
+    repeat (so a load change hits all alike); medians, and matrix_hpc's ratio
+    to the bare loop. Each run's load average is printed beside it."""
     for tasks, conc in cases:
-        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in [*placements, BARE]}
+        keys = [(p, c) for c in checkouts for p in placements] + [(BARE, None)]
+        runs: dict[tuple[str, Path | None], list[dict[str, Any]]] = {k: [] for k in keys}
         for rep in range(repeats):
-            for p in runs:
-                runs[p].append(run_case(tasks, conc, p, workdir, rep))
-        bare = statistics.median(r["tasks_per_s"] for r in runs[BARE])
-        for p, rs in runs.items():
+            for p, c in keys:
+                before = load_average()
+                r = run_case(tasks, conc, p, workdir, rep, c)
+                runs[(p, c)].append(r)
+                print(f"  {case_label(p, c)} {tasks}@{conc} #{rep + 1}: {r['tasks_per_s']:.0f} tasks/s, "
+                      f"CPU ms/task {fmt_per_task(r.get('cpu_ms_per_task', {}))}, "
+                      f"Ray calls/task {fmt_per_task(r.get('calls_per_task', {}))} "
+                      f"(load average before {before}, after {load_average()})", flush=True)
+        bare = statistics.median(r["tasks_per_s"] for r in runs[(BARE, None)])
+        print(f"{'case':<10} {'tasks':>6} {'conc':>6} {'tasks/s (median)':>17} {'all runs':>24} {'hops/s':>9} "
+              f"{'peak GB':>8} {'vs bare':>8} {'CPU ms/task':>12}")
+        for (p, c), rs in runs.items():
             rate = statistics.median(r["tasks_per_s"] for r in rs)
             each = "/".join(f"{r['tasks_per_s']:.0f}" for r in rs)
+            cpu = statistics.median(r.get("cpu_ms_per_task", {}).get("total", float("nan")) for r in rs)
             print(f"{p:<10} {rs[0]['tasks']:>6} {conc:>6} {rate:>17.0f} {each:>24} "
                   f"{statistics.median(r['hops_per_s'] for r in rs):>9.0f} "
-                  f"{max(r['peak_tree_rss_gb'] for r in rs):>8.2f} {rate / bare:>7.2f}x", flush=True)
+                  f"{max(r['peak_tree_rss_gb'] for r in rs):>8.2f} {rate / bare:>7.2f}x {cpu:>12.2f}"
+                  f"{'' if c is None else f'  [{c}]'}", flush=True)
+
+
+def fmt_per_task(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in values.items()) or "-"
+
+
+def case_label(placement: str, checkout: Path | None) -> str:
+    return placement if checkout is None else f"{placement} [{checkout}]"
 
 
 def main() -> None:
@@ -283,6 +376,7 @@ def main() -> None:
     ap.add_argument("--placements", default="colocated,per_role", help="comma-separated matrix_hpc placements")
     ap.add_argument("--no-resume", action="store_true", help="skip the resume skip-set benchmark")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--checkouts", default="", help="comma-separated repository copies to compare (default: this one)")
     args = ap.parse_args()
     if args.child:
         data, out, conc, placement, report = args.child
@@ -292,7 +386,8 @@ def main() -> None:
     cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")] if not args.quick else [(1000, 500)]
     print(f"cores: {os.cpu_count()}  workdir: {workdir}  repeats: {args.repeats}")
     print(f"load average before: {load_average()}")
-    bench_cases(cases, args.placements.split(","), max(3, args.repeats), workdir)
+    checkouts: list[Path | None] = [Path(c).resolve() for c in args.checkouts.split(",") if c] or [None]
+    bench_cases(cases, args.placements.split(","), max(3, args.repeats), workdir, checkouts)
     if not args.no_resume:
         rows = 1_000_000 if not args.quick else 100_000
         r = bench_resume(workdir, rows)

@@ -32,7 +32,7 @@ from typing import Any
 from matrix_hpc import metrics, startup
 from matrix_hpc.background import supervise
 from matrix_hpc.runtime.conf import RunConf
-from matrix_hpc.runtime.message import FAILED, TaskState
+from matrix_hpc.runtime.message import FAILED, TaskState, pack_tasks
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey
 from matrix_hpc.runtime.placement import Group, plan_groups, spread_nodes
@@ -60,7 +60,12 @@ MAX_DISPATCHES = 20
 #: if more): rows wait up to output.flush_interval_s for their commit, and a
 #: small concurrency must not stall on that.
 MIN_UNCOMMITTED = 1024
-TAIL_FLUSH_EVERY_S = 0.25  # nothing runs, rows wait for a commit: ask the sinks this often
+#: Nothing runs and rows wait for their commit (the run's tail): the workers
+#: send their rows to the sinks and the sinks commit at once (no row waits for
+#: output.flush_interval_s); again after TAIL_FLUSH_FIRST_GAP_S, and so on at
+#: doubling gaps up to TAIL_FLUSH_EVERY_S, until every row is acknowledged.
+TAIL_FLUSH_FIRST_GAP_S = 0.02
+TAIL_FLUSH_EVERY_S = 0.25
 
 
 @dataclass
@@ -268,7 +273,8 @@ class Driver:
 
     def _outbox(self, send: Callable[[list[Any]], Any], name: str) -> Outbox:
         return Outbox(send, self.plan.run.batch_size, self.plan.run.batch_delay_ms / 1000,
-                      on_failed=lambda batch, _e: self._on_lost_sends([t.id for t in batch]), name=name)
+                      on_failed=lambda batch, _e: self._on_lost_sends([t.id for t in batch]), name=name,
+                      encode=pack_tasks)
 
     def _start_background(self) -> list[asyncio.Task[None]]:
         """The driver's loops, each supervised: an unexpected exception is
@@ -499,13 +505,16 @@ class Driver:
     async def _wait_in_flight(self) -> None:
         assert self._credit_event is not None
         deadline: float | None = None
-        tail_flush_at = 0.0
+        tail_flush_at, tail_gap_s = 0.0, TAIL_FLUSH_FIRST_GAP_S
         while self.inflight and not self._aborting:
             self._flush_boxes()
-            if not self.running and time.monotonic() >= tail_flush_at:  # the rest waits for commits: ask for them
-                tail_flush_at = time.monotonic() + TAIL_FLUSH_EVERY_S
+            if self.running:
+                tail_flush_at, tail_gap_s = 0.0, TAIL_FLUSH_FIRST_GAP_S
+            elif time.monotonic() >= tail_flush_at:  # the rest waits for commits: ask for them
+                tail_flush_at = time.monotonic() + tail_gap_s
+                tail_gap_s = min(TAIL_FLUSH_EVERY_S, 2 * tail_gap_s)
                 try:
-                    await asyncio.wait_for(self._flush_sinks(), 5.0)  # a restarting sink: its watch takes over
+                    await asyncio.wait_for(self._commit_tail(), 5.0)  # a restarting peer: its watch takes over
                 except TimeoutError:
                     pass
                 continue
@@ -515,8 +524,9 @@ class Driver:
                     log.warning("drain timeout: %d tasks abandoned (they run again on resume)", len(self.inflight))
                     return
             self._credit_event.clear()
+            wait_s = 0.5 if self.running else min(0.5, max(0.0, tail_flush_at - time.monotonic()))
             try:
-                await asyncio.wait_for(self._credit_event.wait(), 0.5)
+                await asyncio.wait_for(self._credit_event.wait(), wait_s)
             except TimeoutError:
                 pass
 
@@ -543,6 +553,14 @@ class Driver:
                 self._admit(item)
             self._flush_boxes()
             await self._wait_in_flight()
+
+    async def _commit_tail(self) -> None:
+        """Rows still in the workers go to their sinks, then the sinks commit:
+        a worker's ended tasks can be reported before their rows reach the
+        sink (another Ray caller), and such a row would wait for the next flush."""
+        await asyncio.gather(*[w.drain_sinks.remote() for hs in self.handles.values() for w in hs],
+                             return_exceptions=True)  # a dead worker: its tasks are re-admitted by the watch
+        await self._flush_sinks()
 
     async def _flush_sinks(self) -> None:
         results = await asyncio.gather(*[s.flush.remote() for s in self.sinks], return_exceptions=True)

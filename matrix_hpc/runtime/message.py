@@ -3,10 +3,19 @@
 It is deliberately small and flat (slots, builtin containers) because it is
 pickled on every hop between processes. Large bodies could be put in Ray's
 object store by the sender; here the history holds plain strings.
+
+The history travels *sealed*: messages that were already pickled on an
+earlier hop are kept as those bytes and only unpickled when a step reads
+``history``; a hop whose step only appends (``add_message``) or does not look
+at the history passes them on as one bytes object (a copy) instead of
+unpickling and pickling every message again. Measured on the overhead
+workload placed per role, the history was ~45% of the workers' CPU.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import time
 from typing import Any
 
@@ -28,7 +37,7 @@ class TaskState:
     """
 
     __slots__ = (
-        "id", "input", "role", "history", "data", "result", "attempt", "attempts",
+        "id", "input", "role", "_history", "_sealed", "_sealed_len", "data", "result", "attempt", "attempts",
         "status", "error_type", "error", "reason", "t_admitted", "t_finished", "hops", "sample", "seed",
     )
 
@@ -37,7 +46,9 @@ class TaskState:
         self.id = task_id
         self.input = input_row
         self.role = role
-        self.history: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []  # the messages after the sealed ones (all, once read)
+        self._sealed = b""  # the first _sealed_len messages: pickled lists, one after another, not read here yet
+        self._sealed_len = 0
         self.data: dict[str, Any] = {}
         self.result: dict[str, Any] = {}
         self.attempt = attempt  # admission attempt (re-admission after a lost worker)
@@ -52,13 +63,59 @@ class TaskState:
         self.sample = sample
         self.seed = seed
 
-    # Explicit pickling keeps the payload a plain tuple (smaller, faster).
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The messages so far: a plain list that a step may read and change."""
+        if self._sealed_len:
+            self._unseal()
+        return self._history
+
+    @history.setter
+    def history(self, messages: list[dict[str, Any]]) -> None:
+        self._history, self._sealed, self._sealed_len = messages, b"", 0
+
+    @property
+    def history_len(self) -> int:
+        """``len(history)`` without unpickling sealed messages."""
+        return self._sealed_len + len(self._history)
+
+    def truncate_history(self, n: int) -> None:
+        """Keep the first ``n`` messages (drops what a failed step added)."""
+        if n >= self._sealed_len:
+            del self._history[n - self._sealed_len:]
+        else:
+            del self.history[n:]
+
+    def _unseal(self) -> None:
+        earlier: list[dict[str, Any]] = []
+        buf = io.BytesIO(self._sealed)
+        while buf.tell() < len(self._sealed):
+            earlier.extend(pickle.load(buf))
+        earlier.extend(self._history)
+        self._history, self._sealed, self._sealed_len = earlier, b"", 0
+
+    # Explicit pickling keeps the payload a plain tuple (smaller, faster), the
+    # history sealed (see the module's docstring). Attributes are listed, not
+    # looped over, and __reduce__ names the rebuilding function (the default
+    # protocol probes the class for several hooks first): this runs for every
+    # task on every hop between processes (measured: 2.1 against 3.5 us a task).
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restore, (self.__getstate__(),)
+
     def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        sealed, sealed_len = self._sealed, self._sealed_len
+        if self._history:
+            sealed += pickle.dumps(self._history, protocol=pickle.HIGHEST_PROTOCOL)
+            sealed_len += len(self._history)
+        return (self.id, self.input, self.role, sealed, sealed_len, self.data, self.result, self.attempt,
+                self.attempts, self.status, self.error_type, self.error, self.reason, self.t_admitted,
+                self.t_finished, self.hops, self.sample, self.seed)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state, strict=True):
-            setattr(self, name, value)
+        (self.id, self.input, self.role, self._sealed, self._sealed_len, self.data, self.result, self.attempt,
+         self.attempts, self.status, self.error_type, self.error, self.reason, self.t_admitted,
+         self.t_finished, self.hops, self.sample, self.seed) = state
+        self._history = []
 
     def add_message(
         self,
@@ -72,7 +129,7 @@ class TaskState:
     ) -> None:
         """Append one message to the history (usage when known)."""
         now = time.time()
-        self.history.append({
+        self._history.append({  # not self.history: appending needs no sealed message read
             "agent": agent, "role": role, "content": content,
             "t_start": t_start if t_start is not None else now, "t_end": now,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -88,3 +145,28 @@ class TaskState:
 
     def __repr__(self) -> str:
         return f"TaskState(id={self.id!r}, role={self.role!r}, status={self.status!r})"
+
+
+def _restore(state: tuple[Any, ...]) -> TaskState:
+    task = TaskState.__new__(TaskState)
+    task.__setstate__(state)
+    return task
+
+
+def pack_tasks(tasks: list[TaskState]) -> bytes | list[TaskState]:
+    """A batch of tasks as the argument of one Ray call: pickled here by the
+    C pickler, which Ray then copies as plain bytes. Ray's own serializer
+    (cloudpickle) calls back into Python for every task (its reducer hook and
+    dispatch table); packed batches cost the overhead workload's per-role
+    workers ~20% less CPU per hop. A batch holding something only cloudpickle
+    can pickle (a lambda in ``task.data``) goes as the list, to Ray's serializer."""
+    try:
+        return pickle.dumps(tasks, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # PicklingError, TypeError, AttributeError: whatever the C pickler refuses
+        return tasks
+
+
+def unpack_tasks(batch: bytes | list[TaskState]) -> list[TaskState]:
+    """The tasks of a batch made by :func:`pack_tasks` (or the list itself)."""
+    tasks: list[TaskState] = pickle.loads(batch) if isinstance(batch, bytes) else batch
+    return tasks

@@ -27,9 +27,11 @@ OnFailed = Callable[[list[Any], BaseException], None]
 
 
 class Outbox:
-    def __init__(self, send: Callable[[list[Any]], Any], batch_size: int, delay_s: float,
-                 on_failed: OnFailed | None = None, name: str = "peer") -> None:
+    def __init__(self, send: Callable[[Any], Any], batch_size: int, delay_s: float,
+                 on_failed: OnFailed | None = None, name: str = "peer",
+                 encode: Callable[[list[Any]], Any] | None = None) -> None:
         self._send = send
+        self._encode = encode  # what ``send`` gets of a batch (e.g. the batch pickled); None: the list itself
         self._batch_size = batch_size
         self._delay_s = delay_s
         self._on_failed = on_failed
@@ -60,7 +62,7 @@ class Outbox:
         self.messages_sent += len(batch)
         self.batches_sent += 1
         try:
-            ref = self._send(batch)
+            ref = self._send(batch if self._encode is None else self._encode(batch))
         except Exception as e:  # e.g. the handle cannot submit: same as a failed send
             self._failed(batch, e)
             return

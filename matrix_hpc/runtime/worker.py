@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matrix_hpc import metrics
-from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState
+from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState, pack_tasks, unpack_tasks
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow, WorkflowConf, build_workflow
 from matrix_hpc.store.layout import shard_of, sink_of
@@ -100,7 +100,7 @@ async def run_step(workflow: Workflow, agent: Callable[[TaskState, AgentContext]
     ``policy.max_attempts``; ``Filtered`` ends the task as filtered; an error
     whose ``retryable`` is false, or the last attempt's, fails it naming the role."""
     for attempt in range(1, policy.max_attempts + 1):
-        n_history, data, result = len(task.history), dict(task.data), dict(task.result)
+        n_history, data, result = task.history_len, dict(task.data), dict(task.result)
         try:
             await agent(task, ctx)
             task.hops += 1
@@ -112,7 +112,7 @@ async def run_step(workflow: Workflow, agent: Callable[[TaskState, AgentContext]
             return None
         except Exception as e:
             on_error(e)
-            del task.history[n_history:]  # a failed step leaves no trace but the error
+            task.truncate_history(n_history)  # a failed step leaves no trace but the error
             task.data, task.result = data, result
             if attempt >= policy.max_attempts or not getattr(e, "retryable", True):
                 task.finish(FAILED, error_type=type(e).__name__, error=f"{role}: {e}"[:4000])
@@ -140,6 +140,7 @@ class Worker:
         self._finished: list[str] = []  # ids of tasks that ended here (handed to their sink), not yet reported
         self._finished_ready: asyncio.Event | None = None  # created in the actor's event loop
         self._finished_reported_at = 0.0
+        self._finished_reports = 0  # answers of finished() that carried ids (Ray calls back to the driver)
         self.steps = 0
         self.local_hops = 0
         self.remote_hops = 0
@@ -164,7 +165,7 @@ class Worker:
 
     def _outbox(self, send: Callable[[list[Any]], Any], name: str, delay_s: float | None = None) -> Outbox:
         delay_s = self.spec.batch_delay_s if delay_s is None else delay_s
-        return Outbox(send, self.spec.batch_size, delay_s, on_failed=self._note_lost, name=name)
+        return Outbox(send, self.spec.batch_size, delay_s, on_failed=self._note_lost, name=name, encode=pack_tasks)
 
     def _note_lost(self, batch: list[TaskState], error: BaseException) -> None:
         """Tasks of a batch that no peer took: the driver collects their ids
@@ -179,11 +180,12 @@ class Worker:
 
         return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
 
-    async def deliver(self, tasks: list[TaskState]) -> None:
+    async def deliver(self, batch: bytes | list[TaskState]) -> None:
+        """Start the tasks of a batch (see :func:`pack_tasks`)."""
         if self.router is None:  # restarted and not yet reconnected: the sender's failed send re-admits these
             raise NotConnected(f"worker {self.spec.group}/{self.spec.index} (incarnation {self.incarnation}) "
-                               f"restarted and is not connected yet; {len(tasks)} task(s) refused")
-        for task in tasks:
+                               "restarted and is not connected yet; its tasks are refused")
+        for task in unpack_tasks(batch):
             t = asyncio.ensure_future(self._drive(task))
             self._running.add(t)
             t.add_done_callback(self._running.discard)
@@ -269,14 +271,24 @@ class Worker:
         if self._finished and wait_s > 0:
             await asyncio.sleep(wait_s)
         ids, self._finished = self._finished, []
+        self._finished_reports += bool(ids)
         self._finished_ready.clear()
         self._finished_reported_at = time.monotonic()
         return ids
 
+    async def drain_sinks(self, timeout_s: float = 2.0) -> None:
+        """Send the rows waiting here for their sinks and wait (at most
+        ``timeout_s``) until the sinks hold them: the run's tail flushes the
+        sinks after this, so that no row waits for a later commit."""
+        await asyncio.gather(*[box.drain(timeout_s) for box in self._sinks])
+
     async def stats(self) -> dict[str, Any]:
         metrics.flush_batched()  # the driver asks last, before stopping the workers
+        peers, sinks = list(self._peers.values()), self._sinks
         return {"group": self.spec.group, "index": self.spec.index, "running": len(self._running),
                 "steps": self.steps, "local_hops": self.local_hops, "remote_hops": self.remote_hops,
+                "peer_calls": sum(b.batches_sent for b in peers), "sink_calls": sum(b.batches_sent for b in sinks),
+                "sink_messages": sum(b.messages_sent for b in sinks), "finished_reports": self._finished_reports,
                 "incarnation": self.incarnation}
 
     async def ping(self) -> str:

@@ -25,6 +25,7 @@ import errno
 import itertools
 import logging
 import os
+import pickle
 import time
 import uuid
 from dataclasses import dataclass
@@ -179,8 +180,11 @@ class ShardSink:
                 "commit_failures": self.commit_failures, "last_error": self.last_error,
                 "rows_written": self.rows_written, "rows_unencodable": self.rows_unencodable}
 
-    async def write(self, tasks: list[TaskLike]) -> None:
+    async def write(self, batch: bytes | list[TaskLike]) -> None:
+        """Buffer finished tasks: a list, or a list pickled by the sender (the
+        runtime's ``pack_tasks``: cheaper for Ray to carry than the list)."""
         self._ensure_loop_state()
+        tasks: list[TaskLike] = pickle.loads(batch) if isinstance(batch, bytes) else batch
         for task in tasks:
             if task.id not in self._buffered_ids and not self._committed.maybe_contains(task.id):
                 self._buffered_ids.add(task.id)  # the common case, without a coroutine per task

@@ -40,12 +40,72 @@ def test_router_is_stable_per_task_and_spreads_tasks() -> None:
     assert used == {0, 1, 2, 3}
 
 
+def _public_state(t: TaskState) -> dict[str, Any]:
+    """Every slot's value, the history as the list a step sees."""
+    state = {name: getattr(t, name) for name in TaskState.__slots__ if not name.startswith("_")}
+    return {**state, "history": list(t.history)}
+
+
 def test_task_state_round_trips_through_pickle() -> None:
-    t = TaskState("x", {"q": 1}, "teacher")
+    t = TaskState("x", {"q": 1}, "teacher", attempt=2, sample=3, seed=44)
     t.add_message("teacher", "hi", prompt_tokens=1)
     t.data["k"] = [1]
+    t.result["r"] = "R"
+    t.attempts, t.hops = 5, 6
+    t.finish("failed", error_type="E", error="boom", reason="why")
     u = pickle.loads(pickle.dumps(t))
-    assert (u.id, u.input, u.role, u.history, u.data) == (t.id, t.input, t.role, t.history, t.data)
+    assert _public_state(u) == _public_state(t)  # a slot missing from the pickled state would differ here
+    assert len(TaskState.__slots__) == 19, "a new slot must travel: add it to __getstate__ and __setstate__"
+
+
+def test_history_travels_sealed_and_reads_back_in_order_after_many_hops() -> None:
+    t = TaskState("x", {"q": 1}, "teacher")
+    for hop in range(5):
+        t.add_message("teacher", f"turn {hop}")
+        t.add_message("student", f"reply {hop}")
+        t = pickle.loads(pickle.dumps(t))  # a hop between processes
+        assert t.history_len == 2 * (hop + 1)
+        assert t._sealed_len == 2 * (hop + 1) and not t._history  # not unpickled by the hop itself
+    assert [m["content"] for m in t.history] == [f"{w} {h}" for h in range(5) for w in ("turn", "reply")]
+    t.history[0]["content"] = "changed"  # a step that edits the history: the edit travels
+    t.add_message("teacher", "last")
+    u = pickle.loads(pickle.dumps(t))
+    assert u.history[0]["content"] == "changed" and u.history[-1]["content"] == "last" and u.history_len == 11
+
+
+def test_a_failed_step_is_undone_in_the_sealed_history_too() -> None:
+    from matrix_hpc.runtime.worker import StepPolicy, run_step
+    from matrix_hpc.runtime.workflow import AgentContext, Workflow
+
+    t = TaskState("x", {}, "a")
+    t.add_message("a", "kept")
+    t = pickle.loads(pickle.dumps(t))
+    tries = []
+
+    async def flaky(task: TaskState, ctx: AgentContext) -> None:
+        task.add_message("a", f"try {len(tries)}")
+        tries.append(1)
+        if len(tries) < 3:
+            raise RuntimeError("transient")
+
+    class One(Workflow):
+        roles = ("a",)
+
+    nxt = asyncio.run(run_step(One.__new__(One), flaky, "a", t, AgentContext(0), StepPolicy(3, 0.0, 0.0)))
+    assert nxt is None  # the last role: the task ends
+    assert [m["content"] for m in t.history] == ["kept", "try 2"]
+
+
+def test_packed_batches_unpack_to_equal_tasks_and_fall_back_for_what_only_cloudpickle_handles() -> None:
+    from matrix_hpc.runtime.message import pack_tasks, unpack_tasks
+
+    tasks = [TaskState(f"t{i}", {"q": i}, "a") for i in range(3)]
+    tasks[1].add_message("a", "hello")
+    packed = pack_tasks(tasks)
+    assert isinstance(packed, bytes)
+    assert [_public_state(t) for t in unpack_tasks(packed)] == [_public_state(t) for t in tasks]
+    tasks[2].data["f"] = lambda: 1  # the C pickler refuses a lambda: the list goes as is, to Ray's cloudpickle
+    assert unpack_tasks(pack_tasks(tasks)) is tasks
 
 
 def test_outbox_sends_full_batches_at_once_and_partial_ones_after_the_delay() -> None:
