@@ -66,6 +66,7 @@ MIN_UNCOMMITTED = 1024
 #: doubling gaps up to TAIL_FLUSH_EVERY_S, until every row is acknowledged.
 TAIL_FLUSH_FIRST_GAP_S = 0.02
 TAIL_FLUSH_EVERY_S = 0.25
+TAIL_DRAIN_TIMEOUT_S = 1.0  # longest wait for the workers' rows before the sinks commit anyway
 
 
 @dataclass
@@ -558,8 +559,12 @@ class Driver:
         """Rows still in the workers go to their sinks, then the sinks commit:
         a worker's ended tasks can be reported before their rows reach the
         sink (another Ray caller), and such a row would wait for the next flush."""
-        await asyncio.gather(*[w.drain_sinks.remote() for hs in self.handles.values() for w in hs],
-                             return_exceptions=True)  # a dead worker: its tasks are re-admitted by the watch
+        drains = asyncio.gather(*[w.drain_sinks.remote() for hs in self.handles.values() for w in hs],
+                                return_exceptions=True)  # a dead worker: its tasks are re-admitted by the watch
+        try:
+            await asyncio.wait_for(drains, TAIL_DRAIN_TIMEOUT_S)
+        except TimeoutError:  # a restarting worker answers late: the others' rows are committed meanwhile
+            pass
         await self._flush_sinks()
 
     async def _flush_sinks(self) -> None:

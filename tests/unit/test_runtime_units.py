@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import time
 from typing import Any
 
 import pytest
@@ -357,3 +358,59 @@ def test_admission_counts_running_tasks_and_caps_the_uncommitted_ones(tmp_path: 
         return seen
 
     assert asyncio.run(scenario()) == [(2, 2, 2), (3, 2, 3), (3, 1, 3), (4, 2, 3)]
+
+
+class _Remote:
+    """Stands in for a Ray actor method: ``.remote()`` returns an awaitable."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return asyncio.ensure_future(self.fn(*args))
+
+
+def test_the_tail_commits_rows_still_in_a_worker_at_once_and_a_silent_worker_holds_it_back_briefly(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing runs, one row is still in a worker on its way to its sink:
+    the driver has the workers drain to the sinks, then the sinks commit
+    (not a flush that misses the row and a later one, 250-500 ms apart). A
+    worker that does not answer its drain delays the commit by at most
+    TAIL_DRAIN_TIMEOUT_S."""
+    from matrix_hpc.runtime import driver as driver_mod
+
+    monkeypatch.setattr(driver_mod, "TAIL_DRAIN_TIMEOUT_S", 0.2)
+    d = _driver_with_tasks(tmp_path, 1)
+    events: list[str] = []
+    in_worker, in_sink = ["t0"], []
+
+    async def drain() -> None:
+        events.append("drain")
+        in_sink.extend(in_worker)
+        in_worker.clear()
+
+    async def never() -> None:
+        await asyncio.sleep(3600)
+
+    async def flush() -> None:
+        events.append(f"flush {list(in_sink)}")
+        for task_id in in_sink:
+            d._on_ack(task_id, "ok", None, None, 0)
+        in_sink.clear()
+
+    worker = type("W", (), {"drain_sinks": _Remote(drain)})()
+    silent = type("W", (), {"drain_sinks": _Remote(never)})()
+    sink = type("S", (), {"flush": _Remote(flush)})()
+    d.handles = {"all": [worker, silent]}
+    d.sinks = [sink]
+
+    async def scenario() -> float:
+        d._credit_event = asyncio.Event()
+        d._loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        await asyncio.wait_for(d._wait_in_flight(), 5.0)
+        return time.monotonic() - t0
+
+    took_s = asyncio.run(scenario())
+    assert not d.inflight and events[:2] == ["drain", "flush ['t0']"]
+    assert 0.2 <= took_s < 1.0, took_s  # the silent worker's drain timeout, then the commit at once
