@@ -223,12 +223,16 @@ def test_scaling_and_a_killed_replica_during_a_run_lose_nothing(tmp_path: Path, 
     finally:
         if run.poll() is None:
             kill_tree(run)
-    assert_each_id_once(out, [r["id"] for r in rows])
-    statuses = Counter(r["status"] for r in read_rows(out))
-    assert statuses == {"ok": len(rows)}, statuses
+    assert_every_row_once_and_ok(out, rows)
     (kept,) = status(cluster)["live"]["replica_list"]  # live-0, killed, is back in a new process
     assert kept["id"] == "live-0" and kept["state"] == "running" and kept["pid"] != victim["pid"], kept
     assert serve(cluster, "down", "llm.name=live").returncode == 0
+
+
+def assert_every_row_once_and_ok(out: Path, rows: list[dict[str, Any]]) -> None:
+    assert_each_id_once(out, [r["id"] for r in rows])
+    statuses = Counter(r["status"] for r in read_rows(out))
+    assert statuses == {"ok": len(rows)}, statuses
 
 
 def test_a_killed_registry_comes_back_with_every_replica_and_the_service_keeps_working(
@@ -262,8 +266,7 @@ def test_a_killed_registry_comes_back_with_every_replica_and_the_service_keeps_w
     finally:
         if run.poll() is None:
             kill_tree(run)
-    assert_each_id_once(out, [r["id"] for r in rows])
-    assert Counter(r["status"] for r in read_rows(out)) == {"ok": len(rows)}
+    assert_every_row_once_and_ok(out, rows)
     after = status(cluster)["phoenix"]
     assert after["registry"]["pid"] != before["registry"]["pid"] and after["registry"]["restored"] >= 1
     by_id = {r["id"]: r for r in after["replica_list"]}

@@ -385,7 +385,7 @@ class EnvSessions:
                     with contextlib.suppress(Exception):
                         await self._warm.stop()
                     self._warm = None
-                argv = [sys.executable, "-m", "matrix_hpc.workflows.tau2.forkserver", *self.server_argv()[3:]]
+                argv = [sys.executable, "-m", "matrix_hpc.workflows.tau2.forkserver", *self.server_args()]
                 warm = WarmServer(self.sandboxes.conf, argv, self.server_files(), self.start_timeout_s,
                                   self.max_children, self.fork_mem_mb)
                 try:
@@ -437,7 +437,11 @@ class EnvSessions:
         return _Held(env, lease)
 
     def server_argv(self) -> list[str]:
-        return [sys.executable, "-m", "matrix_hpc.workflows.tau2.server", "--domain", self.domain,
+        return [sys.executable, "-m", "matrix_hpc.workflows.tau2.server", *self.server_args()]
+
+    def server_args(self) -> list[str]:
+        """What the server and the fork server are told: the domain, and where its data is inside."""
+        return ["--domain", self.domain,
                 "--data-dir", self.data_dir_inside or "data"]  # relative: the server starts in scratch (every backend)
 
     def server_files(self) -> dict[str, bytes]:
