@@ -245,7 +245,12 @@ def main() -> None:
     from matrix_hpc.services.llm.endpoints import StaticEndpoints, normalize_base_url
     from matrix_hpc.services.llm.service import LLMClientFactory
 
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    try:  # Ray as a run starts it (nothing scrapes it: no metrics, lean); an older checkout: plain
+        from matrix_hpc.cluster.local_ray import start_local_ray
+
+        start_local_ray(None)
+    except ImportError:
+        ray.init(include_dashboard=False, logging_level="WARNING")
     workdir = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     stop = lambda: None  # noqa: E731
     if args.base_url:

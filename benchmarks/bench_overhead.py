@@ -98,7 +98,12 @@ def child(data: str, out: str, concurrency: int, placement: str, report: str) ->
     from matrix_hpc.store.input import DatasetConf
     from matrix_hpc.workflows.overhead import OverheadConf
 
-    ray.init(include_dashboard=False, logging_level="WARNING")
+    try:  # Ray as a run starts it (nothing scrapes it: no metrics, lean); an older checkout: plain
+        from matrix_hpc.cluster.local_ray import start_local_ray
+
+        start_local_ray(None)
+    except ImportError:
+        ray.init(include_dashboard=False, logging_level="WARNING")
     plan = RunPlan(OverheadConf(), DatasetConf(path=data), OutputConf(dir=out),
                    RunConf(max_concurrent_tasks=concurrency, placement=Placement(placement), progress_interval_s=0))
     driver = Driver(plan)

@@ -171,8 +171,9 @@ def local_ray() -> Iterator[Any]:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, namespace="matrix_hpc", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+        from matrix_hpc.cluster.local_ray import start_local_ray
+
+        start_local_ray(2, namespace="matrix_hpc", log_to_driver=False)  # as a run starts its own
     try:
         yield ray
     finally:

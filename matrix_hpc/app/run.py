@@ -4,11 +4,9 @@ driver, commit, summarise. The run loop reads like its description."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from matrix_hpc import startup
 from matrix_hpc.app.monitoring import check_monitoring, start_run_monitor
-from matrix_hpc.cluster.auth import private_local_token
-from matrix_hpc.cluster.monitoring import loopback_local_ray
+from matrix_hpc.cluster.local_ray import start_local_ray
 from matrix_hpc.config.secrets import redact, redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
 from matrix_hpc.runtime.identity import GROWABLE_IDENTITY_KEYS, resume_identity
@@ -121,35 +118,10 @@ def init_ray(cfg: DictConfig) -> bool:
     if address:
         ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
         return True
-    private_local_token()  # Ray would write its default token file world-readable
-    system_config: dict[str, Any] = {}
-    if cfg.get("monitoring", False):  # Ray sends its processes' metrics to its agent every 10 s by default
-        system_config["metrics_report_interval_ms"] = int(cfg.prometheus.ray_export_interval_s * 1000)
-    else:  # nothing scrapes this Ray: no unauthenticated exporter, no metrics reports from every process
-        system_config["enable_metrics_collection"] = False
-    with loopback_local_ray(), _inherited_pythonpath():  # metrics endpoint on 127.0.0.1, not on every interface
-        ray.init(num_cpus=cfg.run.num_cpus, include_dashboard=False, namespace="matrix_hpc",
-                 logging_level=logging.WARNING, log_to_driver=True, _system_config=system_config)
+    monitored = bool(cfg.get("monitoring", False))
+    start_local_ray(cfg.run.num_cpus, namespace="matrix_hpc", log_to_driver=True,
+                    metrics_interval_s=cfg.prometheus.ray_export_interval_s if monitored else None)
     return True
-
-
-@contextlib.contextmanager
-def _inherited_pythonpath() -> Iterator[None]:
-    """The driver's ``sys.path`` as ``PYTHONPATH`` while ``ray.init`` starts the local Ray: its
-    raylet, and the workers it starts, inherit it (they import matrix_hpc, and a test's
-    workflows, from where the driver does). A ``runtime_env`` with the same variable costs
-    start-up: Ray's prestarted workers do not match it, so every actor waited for a fresh
-    worker process (measured: docs/performance.md, "Start-up"). Restored afterwards: the
-    driver's own children (vLLM under its own interpreter) must not get it."""
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = before
 
 
 def _cluster_address(cfg: DictConfig) -> str | None:

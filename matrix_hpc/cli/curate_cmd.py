@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +125,7 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return True
-    from matrix_hpc.cluster.auth import private_local_token
+    from matrix_hpc.cluster.local_ray import start_local_ray
 
-    private_local_token()  # Ray would write its default token file world-readable
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}})
+    start_local_ray(num_cpus, log_to_driver=False)
     return True

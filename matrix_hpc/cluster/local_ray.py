@@ -1,0 +1,108 @@
+"""The one way a process starts a Ray of its own on this machine (a run, `curate
+decontaminate`, the tests' shared Ray): private token, loopback address, this
+checkout on the workers' path, and only the Ray processes a run uses.
+
+Multi-node clusters are started by ``ray start`` (cluster/ray_node.py) and do
+not pass here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from matrix_hpc.cluster.auth import private_local_token
+from matrix_hpc.cluster.monitoring import loopback_local_ray
+
+log = logging.getLogger(__name__)
+
+
+def start_local_ray(num_cpus: int | None, *, namespace: str | None = None, log_to_driver: bool = True,
+                    metrics_interval_s: float | None = None) -> None:
+    """``ray.init`` of a fresh local Ray. ``metrics_interval_s``: this Ray is scraped
+    (``monitoring=true``), its processes report metrics at that interval; None:
+    nothing scrapes it, so Ray collects no metrics and starts lean (see ``lean_ray_start``)."""
+    import ray
+
+    private_local_token()  # Ray would write its default token file world-readable
+    system_config: dict[str, Any] = {}
+    if metrics_interval_s is not None:  # Ray sends its processes' metrics to its agent every 10 s by default
+        system_config["metrics_report_interval_ms"] = int(metrics_interval_s * 1000)
+    else:  # nothing scrapes this Ray: no unauthenticated exporter, no metrics reports from every process
+        system_config["enable_metrics_collection"] = False
+    lean = lean_ray_start() if metrics_interval_s is None else contextlib.nullcontext()
+    with loopback_local_ray(), inherited_pythonpath(), lean:  # metrics endpoint on 127.0.0.1, not on every interface
+        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace,
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver, _system_config=system_config)
+
+
+@contextlib.contextmanager
+def inherited_pythonpath() -> Iterator[None]:
+    """The driver's ``sys.path`` as ``PYTHONPATH`` while ``ray.init`` starts the local Ray: its
+    raylet, and the workers it starts, inherit it (they import matrix_hpc, and a test's
+    workflows, from where the driver does). A ``runtime_env`` with the same variable costs
+    start-up: Ray's prestarted workers do not match it, so every actor waited for a fresh
+    worker process (measured: docs/performance.md, "Start-up"). Restored afterwards: the
+    driver's own children (vLLM under its own interpreter) must not get it."""
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(sys.path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+@contextlib.contextmanager
+def lean_ray_start() -> Iterator[None]:
+    """Around the ``ray.init`` of a local Ray that nothing monitors: two of the
+    processes Ray 2.60 starts are skipped or slimmed, because ``ray.init`` waits for
+    them and a run uses neither.
+
+    - The dashboard head. With ``include_dashboard=False`` Ray still starts one, with
+      only its usage-stats module, and ``ray.init`` polls until it has published a
+      URL (about 1.4 s on two quiet cores). Without it Ray reports no usage stats.
+    - The raylet's dashboard agent runs in its minimal mode, the mode Ray itself
+      uses when installed without ``[default]``: the raylet waits for the agent to
+      register, and the full agent first imports every dashboard module (metrics
+      export, which this Ray has switched off; the job and log APIs, which nothing
+      here calls).
+
+    Measured (docs/performance.md, "Start-up"): ``ray.init`` 4.1-5.5 s before, 2.9-3.1 s
+    after, at load 1.0-1.7. Ray has no option for either (``include_dashboard=False``
+    and ``enable_metrics_collection=False`` leave both), so two of its private
+    functions are replaced for the call only. Ray is pinned below 2.61 in
+    pyproject.toml; if either is not where this expects it, nothing is replaced and
+    Ray starts as it would (logged)."""
+    try:
+        import ray._private.services as services  # private: see above
+        import ray._private.utils as utils
+    except ImportError:  # pragma: no cover - the pinned Ray has both
+        yield
+        return
+    api_server = getattr(services, "start_api_server", None)
+    dependency_error = getattr(utils, "get_dashboard_dependency_error", None)
+    if api_server is None or dependency_error is None:
+        log.info("Ray's start is not slimmed: this Ray has no start_api_server or get_dashboard_dependency_error")
+        yield
+        return
+
+    def no_api_server(*args: Any, **kwargs: Any) -> tuple[str, None]:
+        return "", None  # (dashboard URL, process): the URL Ray reports when its dashboard is off, no process
+
+    def minimal_agent() -> ImportError:
+        return ImportError("matrix_hpc: the dashboard agent's minimal mode (a local Ray nothing monitors)")
+
+    services.start_api_server = no_api_server
+    utils.get_dashboard_dependency_error = minimal_agent
+    try:
+        yield
+    finally:
+        services.start_api_server = api_server
+        utils.get_dashboard_dependency_error = dependency_error
