@@ -652,10 +652,15 @@ def _spread_options(count: int) -> list[dict[str, Any]]:
 
 
 def _actor_class(cls: type) -> Any:  # Any: a Ray ActorClass
-    """Async actors that Ray restarts when they die (the driver reconnects and re-admits)."""
+    """Async actors that Ray restarts when they die (the driver reconnects and re-admits).
+    Without Ray's task events: Ray records each call's status changes, in caller and
+    callee, and ships them to the GCS every second for its dashboard and state API
+    (``ray list tasks``); the runtime's calls (admissions, rows, long polls) are
+    many and small, and the run reports its own counts (docs/monitoring.md)."""
     import ray
 
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1}
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1,
+                               "enable_task_events": False}
     return ray.remote(**options)(cls)
 
 
