@@ -27,6 +27,7 @@ from typing import Any
 
 from matrix_hpc.cluster.auth import check_token, create_token, node_env, use_cluster_token
 from matrix_hpc.cluster.errors import ClusterError
+from matrix_hpc.cluster.local_ray import RUNTIME_SYSTEM_CONFIG
 from matrix_hpc.cluster.state import ClusterState, HeadInfo, write_json_atomic
 from matrix_hpc.procs import die_with_parent_hook, free_port, kill_by_marker, kill_tree, tail_text, terminate
 
@@ -135,6 +136,7 @@ class RayNode:
             cmd += ["--object-store-memory", str(int(self.spec.object_store_gb * 2**30))]
         if head_address is None:
             cmd += ["--head", "--port", str(gcs_port), "--node-ip-address", node_ip()]
+            cmd += ["--system-config", json.dumps(RUNTIME_SYSTEM_CONFIG)]  # the GCS hands it to every node and driver
             cmd += _client_server_port()
             cmd += ["--include-dashboard", "true" if self.spec.include_dashboard else "false"]
             if dashboard_port:
@@ -167,10 +169,10 @@ class RayNode:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # earlier attempts' output
+        env = node_env(self.state.token_file) | _metrics_env(self.spec.export_metrics)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(head_address, gcs_port, dash_port), stdout=log,
-                                         stderr=subprocess.STDOUT,
-                                         env=node_env(self.state.token_file) | _metrics_env(self.spec.export_metrics),
+                                         stderr=subprocess.STDOUT, env=env,
                                          preexec_fn=ignore_preempt_signals)
         self._wait_ready(timeout_s, offset)
         self._write_node_file()

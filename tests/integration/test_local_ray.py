@@ -1,7 +1,8 @@
 """The local Ray a run starts for itself (matrix_hpc/cluster/local_ray.py): with
 nothing monitoring it, no dashboard head runs and the raylet's dashboard agent is
 the minimal one, actors still run, and Ray's functions are restored after the
-start; with monitoring on, Ray starts as it always does. Checked on the
+start; with monitoring on, Ray starts as it always does. Either way a 1 MB actor
+argument travels in the call, not through the object store. Checked on the
 processes themselves, in a fresh interpreter (a test process's Ray would hide it)."""
 
 from __future__ import annotations
@@ -15,6 +16,23 @@ import pytest
 from tests.integration.runs import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray"), pytest.mark.timeout(300)]
+
+#: Three 1 MB actor arguments, then the object store's line of ``memory_summary``: with
+#: matrix_hpc's ``max_direct_call_object_size`` they travel in the calls (0 objects),
+#: with Ray's default (100 KiB) each goes through the store (cluster/local_ray.py).
+INLINE_PROBE = r"""
+import ray
+from ray._private.internal_api import memory_summary
+
+@ray.remote(num_cpus=0)
+class Sizer:
+    def n(self, b):
+        return len(b)
+
+sizer = Sizer.remote()
+assert sum(ray.get([sizer.n.remote(b"x" * 1_000_000) for _ in range(3)], timeout=60)) == 3_000_000
+PLASMA = next(x for x in memory_summary(stats_only=True).splitlines() if x.startswith("Plasma memory usage"))
+"""
 
 PROBE = r"""
 import json, os, sys
@@ -37,12 +55,13 @@ for case, interval in (("lean", None), ("monitored", 5.0)):
         def pid(self):
             return os.getpid()
 
-    out[case] = {"processes": sorted(node.all_processes), "agents": agents, "agent_running": any("DashboardAgent" in t for t in titles),
+    exec(INLINE_PROBE)
+    out[case] = {"processes": sorted(node.all_processes), "agents": agents, "plasma": PLASMA, "agent_running": any("DashboardAgent" in t for t in titles),
                  "actor_pid": ray.get(Echo.remote().pid.remote(), timeout=60),
                  "restored": (services.start_api_server, utils.get_dashboard_dependency_error) == before}
     ray.shutdown()
 print("PROBE " + json.dumps(out))
-"""
+""".replace("exec(INLINE_PROBE)", INLINE_PROBE.replace("\n", "\n    "))
 
 
 def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_monitored() -> None:
@@ -55,7 +74,9 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     assert {"gcs_server", "raylet", "log_monitor"} <= set(lean["processes"]), lean["processes"]
     assert len(lean["agents"]) == 1 and "--minimal" in lean["agents"][0].split(), lean["agents"]
     assert lean["agent_running"] and lean["actor_pid"] > 0 and lean["restored"]
+    assert lean["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), lean["plasma"]  # 1 MB args inline
     # monitored: Ray as it starts by default (the full agent exports the metrics Prometheus scrapes)
     assert "dashboard" in monitored["processes"], monitored["processes"]
     assert len(monitored["agents"]) == 1 and "--minimal" not in monitored["agents"][0].split(), monitored["agents"]
     assert monitored["actor_pid"] > 0 and monitored["restored"]
+    assert monitored["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), monitored["plasma"]

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_main, cluster_status
+from matrix_hpc.cluster.auth import node_env
 from matrix_hpc.cluster.state import ClusterState
 from matrix_hpc.procs import find_by_marker
 from tests.integration.runs import REPO
+from tests.integration.test_local_ray import INLINE_PROBE
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,11 @@ def test_local_cluster_up_status_down(tmp_path: Path, capsys: pytest.CaptureFixt
         assert "'sandbox_host': 2.0" in printed and status.head.address in printed
         markers = [n["tmp_dir"] for n in ClusterState(conf.cluster_dir).nodes()]
         assert len(markers) == 2 and all(find_by_marker(m) for m in markers)
+        # the head's --system-config reaches a driver that joins: 1 MB actor arguments travel in the calls
+        client = f"import ray; ray.init(address={status.head.address!r})\n{INLINE_PROBE}\nprint('PLASMA', PLASMA)"
+        joined = subprocess.run([sys.executable, "-c", client], cwd=REPO, capture_output=True, text=True, timeout=180,
+                                env=node_env(ClusterState(conf.cluster_dir).token_file))
+        assert "PLASMA Plasma memory usage 0 MiB, 0 objects" in joined.stdout, (joined.stdout, joined.stderr[-2000:])
     finally:
         cluster_down(conf)
     assert not [p for m in markers for p in find_by_marker(m)], "Ray processes left after down"
