@@ -143,6 +143,7 @@ async def test_replicas_refuse_requests_without_the_service_key(service: LLMServ
 
 def test_a_second_run_asking_for_the_same_service_is_refused(service: LLMService) -> None:
     """Another Ray job (another run's driver) must not share or take over this run's registry."""
+    import os
     import subprocess
     import sys
 
@@ -155,7 +156,10 @@ def test_a_second_run_asking_for_the_same_service_is_refused(service: LLMService
             "except RegistryConflictError as e:\n"
             "    print('REFUSED', e)\n")
     address = ray.get_runtime_context().gcs_address
+    # The test's Ray is started as a run's (cluster/local_ray.py): bound to 127.0.0.1, which a second driver
+    # on this host reaches as a local node only with Ray's switch for that (monitoring.loopback_local_ray).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.run([sys.executable, "-c", code, address, ref.name, ref.digest], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, env=env)
     assert "REFUSED" in proc.stdout, proc.stderr[-2000:]
     assert f"LLM service {ref.name!r}" in proc.stdout and "set another llm.service name" in proc.stdout
