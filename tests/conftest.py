@@ -173,7 +173,9 @@ def local_ray() -> Iterator[Any]:
     if started:
         from matrix_hpc.cluster.local_ray import start_local_ray
 
-        start_local_ray(2, namespace="matrix_hpc", log_to_driver=False)  # as a run starts its own
+        # as a run with monitoring=true starts its own (Ray's default 10 s export): some tests read the
+        # run's metrics through this Ray (test_workflows_vllm's run Prometheus)
+        start_local_ray(2, namespace="matrix_hpc", log_to_driver=False, metrics_interval_s=10.0)
     try:
         yield ray
     finally:
