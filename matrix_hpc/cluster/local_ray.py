@@ -92,12 +92,9 @@ def lean_ray_start() -> Iterator[None]:
     functions are replaced for the call only. Ray is pinned below 2.61 in
     pyproject.toml; if either is not where this expects it, nothing is replaced and
     Ray starts as it would (logged)."""
-    try:
-        import ray._private.services as services  # private: see above
-        import ray._private.utils as utils
-    except ImportError:  # pragma: no cover - the pinned Ray has both
-        yield
-        return
+    import ray._private.services as services  # private: see above
+    import ray._private.utils as utils
+
     api_server = getattr(services, "start_api_server", None)
     dependency_error = getattr(utils, "get_dashboard_dependency_error", None)
     if api_server is None or dependency_error is None:
