@@ -73,9 +73,9 @@ def inherited_pythonpath() -> Iterator[None]:
 
 @contextlib.contextmanager
 def lean_ray_start() -> Iterator[None]:
-    """Around the ``ray.init`` of a local Ray that nothing monitors: two of the
+    """Around the ``ray.init`` of a local Ray that nothing monitors: three of the
     processes Ray 2.60 starts are skipped or slimmed, because ``ray.init`` waits for
-    them and a run uses neither.
+    them or they compete with it for CPU, and a run uses none of them.
 
     - The dashboard head. With ``include_dashboard=False`` Ray still starts one, with
       only its usage-stats module, and ``ray.init`` polls until it has published a
@@ -85,20 +85,28 @@ def lean_ray_start() -> Iterator[None]:
       register, and the full agent first imports every dashboard module (metrics
       export, which this Ray has switched off; the job and log APIs, which nothing
       here calls).
+    - The autoscaler's monitor (``monitor.py``, what ``ray start --no-monitor``
+      leaves out): a one-node Ray started for one process has nothing to scale,
+      and the monitor's start took 0.7 s of CPU on the two cores Ray's own start
+      competes for, then 5 ms of CPU every second. ``ray status`` has no report
+      for such a Ray.
 
     Measured (docs/performance.md, "Start-up"): ``ray.init`` 4.1-5.5 s before, 2.9-3.1 s
     after, at load 1.0-1.7. Ray has no option for either (``include_dashboard=False``
     and ``enable_metrics_collection=False`` leave both), so two of its private
-    functions are replaced for the call only. Ray is pinned below 2.61 in
+    functions and one method are replaced for the call only. Ray is pinned below 2.61 in
     pyproject.toml; if either is not where this expects it, nothing is replaced and
     Ray starts as it would (logged)."""
-    import ray._private.services as services  # private: see above
+    import ray._private.node as node  # private: see above
+    import ray._private.services as services
     import ray._private.utils as utils
 
     api_server = getattr(services, "start_api_server", None)
     dependency_error = getattr(utils, "get_dashboard_dependency_error", None)
-    if api_server is None or dependency_error is None:
-        log.info("Ray's start is not slimmed: this Ray has no start_api_server or get_dashboard_dependency_error")
+    start_monitor = getattr(node.Node, "start_monitor", None)
+    if api_server is None or dependency_error is None or start_monitor is None:
+        log.info("Ray's start is not slimmed: this Ray has no start_api_server, get_dashboard_dependency_error "
+                 "or Node.start_monitor")
         yield
         return
 
@@ -108,10 +116,15 @@ def lean_ray_start() -> Iterator[None]:
     def minimal_agent() -> ImportError:
         return ImportError("matrix_hpc: the dashboard agent's minimal mode (a local Ray nothing monitors)")
 
+    def no_monitor(self: Any) -> None:
+        return None  # as RayParams(no_monitor=True), which ray.init does not pass through
+
     services.start_api_server = no_api_server
     utils.get_dashboard_dependency_error = minimal_agent
+    node.Node.start_monitor = no_monitor  # type: ignore[method-assign]
     try:
         yield
     finally:
         services.start_api_server = api_server
         utils.get_dashboard_dependency_error = dependency_error
+        node.Node.start_monitor = start_monitor  # type: ignore[method-assign]

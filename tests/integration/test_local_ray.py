@@ -1,6 +1,6 @@
 """The local Ray a run starts for itself (matrix_hpc/cluster/local_ray.py): with
-nothing monitoring it, no dashboard head runs and the raylet's dashboard agent is
-the minimal one, actors still run, and Ray's functions are restored after the
+nothing monitoring it, no dashboard head or autoscaler monitor runs and the
+raylet's dashboard agent is the minimal one, actors still run, and Ray's functions are restored after the
 start; with monitoring on, Ray starts as it always does. Either way a 1 MB actor
 argument travels in the call, not through the object store. Checked on the
 processes themselves, in a fresh interpreter (a test process's Ray would hide it)."""
@@ -37,10 +37,10 @@ PLASMA = next(x for x in memory_summary(stats_only=True).splitlines() if x.start
 PROBE = r"""
 import json, os, sys
 import psutil, ray
-import ray._private.services as services, ray._private.utils as utils
+import ray._private.node as ray_node, ray._private.services as services, ray._private.utils as utils
 from matrix_hpc.cluster.local_ray import start_local_ray
 
-before = (services.start_api_server, utils.get_dashboard_dependency_error)
+before = (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor)
 out = {}
 for case, interval in (("lean", None), ("monitored", 5.0)):
     start_local_ray(2, namespace="probe", log_to_driver=False, metrics_interval_s=interval)
@@ -58,7 +58,7 @@ for case, interval in (("lean", None), ("monitored", 5.0)):
     exec(INLINE_PROBE)
     out[case] = {"processes": sorted(node.all_processes), "agents": agents, "plasma": PLASMA, "agent_running": any("DashboardAgent" in t for t in titles),
                  "actor_pid": ray.get(Echo.remote().pid.remote(), timeout=60),
-                 "restored": (services.start_api_server, utils.get_dashboard_dependency_error) == before}
+                 "restored": (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor) == before}
     ray.shutdown()
 print("PROBE " + json.dumps(out))
 """.replace("exec(INLINE_PROBE)", INLINE_PROBE.replace("\n", "\n    "))
@@ -71,12 +71,13 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     out = json.loads(line[len("PROBE "):])
     lean, monitored = out["lean"], out["monitored"]
     assert "dashboard" not in lean["processes"], lean["processes"]
+    assert "monitor" not in lean["processes"], lean["processes"]  # the autoscaler's: nothing to scale
     assert {"gcs_server", "raylet", "log_monitor"} <= set(lean["processes"]), lean["processes"]
     assert len(lean["agents"]) == 1 and "--minimal" in lean["agents"][0].split(), lean["agents"]
     assert lean["agent_running"] and lean["actor_pid"] > 0 and lean["restored"]
     assert lean["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), lean["plasma"]  # 1 MB args inline
     # monitored: Ray as it starts by default (the full agent exports the metrics Prometheus scrapes)
-    assert "dashboard" in monitored["processes"], monitored["processes"]
+    assert {"dashboard", "monitor"} <= set(monitored["processes"]), monitored["processes"]
     assert len(monitored["agents"]) == 1 and "--minimal" not in monitored["agents"][0].split(), monitored["agents"]
     assert monitored["actor_pid"] > 0 and monitored["restored"]
     assert monitored["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), monitored["plasma"]
