@@ -196,7 +196,7 @@ class BareLoop:
     """
 
     def __init__(self, data: str, out: str, concurrency: int, flush_interval_s: float = 0.2,
-                 num_shards: int = 4, num_sinks: int = 2, max_buffered_rows: int = 20000) -> None:
+                 num_shards: int = 4, num_sinks: int | None = None, max_buffered_rows: int = 20000) -> None:
         from matrix_hpc.runtime.workflow import AgentContext, build_workflow
         from matrix_hpc.store.input import DatasetConf
         from matrix_hpc.store.rows import output_schema
@@ -210,6 +210,12 @@ class BareLoop:
         self.concurrency = concurrency
         self.num_shards = num_shards
         self.flush_interval_s = flush_interval_s
+        if num_sinks is None:  # as a run on this machine chooses it
+            try:
+                from matrix_hpc.store.conf import OutputConf, resolved_num_sinks
+                num_sinks = resolved_num_sinks(OutputConf(dir=out, num_shards=num_shards), os.cpu_count() or 1)
+            except ImportError:  # a checkout from before output.num_sinks=null (--checkouts)
+                num_sinks = 2
         self.flush_rows = max(64, min(max_buffered_rows, concurrency // (2 * num_sinks)))  # as the driver sets it
         self.steps = 0
         self.rows = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import DictConfig
@@ -22,11 +24,23 @@ def run_command(overrides: list[str]) -> int:
     overrides = select_registered_workflow(overrides, str(conf_dir()))
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     try:
-        if not multirun:  # a sweep's values (a=1,2) are not one config: Hydra checks each point itself
-            compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
-    except ConfigError as e:
+        checked = None if multirun else compose(overrides, str(conf_dir()))  # clear errors before Hydra's own
+    except ConfigError as e:  # (a sweep's values, a=1,2, are not one config: Hydra checks each point itself)
         return fail(str(e))
     startup.phase("config_check")
+    if checked is not None and not any(a.startswith("-") for a in overrides):  # not --cfg, --info, --help...
+        from matrix_hpc.app.ray_start import start_ray_early
+
+        start_ray_early(checked)  # Ray's start overlaps Hydra's compose and the run's checks
+    try:
+        return _hydra_run(overrides, multirun)
+    finally:
+        from matrix_hpc.cluster.local_ray import abandon_early_start
+
+        abandon_early_start()  # the run stopped before it took the Ray begun above (a bad input path...)
+
+
+def _hydra_run(overrides: list[str], multirun: bool) -> int:
     import hydra
 
     if multirun:  # compose() registered the schemas otherwise (a second registration costs ~0.3 s)
@@ -35,11 +49,34 @@ def run_command(overrides: list[str]) -> int:
         register_configs()
     hydra_main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_hydra_task)
     argv, sys.argv = sys.argv, ["matrix-hpc-run", *overrides]
+    plain_run = not multirun and not any(o.startswith(("-", "hydra.mode", "+hydra.mode")) for o in overrides)
     try:
-        hydra_main()
+        with _known_run_mode() if plain_run else contextlib.nullcontext():
+            hydra_main()
     finally:
         sys.argv = argv
     return _result.get("code", 0)
+
+
+@contextlib.contextmanager
+def _known_run_mode() -> Iterator[None]:
+    """Hydra composes the whole config once only to read ``hydra.mode`` (``Hydra.get_mode``)
+    before it composes it again for the run: 0.2-0.3 s of a run's start (docs/performance.md,
+    "Start-up"). Without -m, flags or a ``hydra.mode`` override, and with conf/ setting no
+    mode, that read gives None, which Hydra takes as a single run: returned here without
+    the compose. Private to Hydra, so pinned below 1.4 (pyproject.toml); a Hydra without
+    the method composes as before."""
+    from hydra._internal.hydra import Hydra
+
+    get_mode = getattr(Hydra, "get_mode", None)
+    if get_mode is None:
+        yield
+        return
+    Hydra.get_mode = lambda self, config_name, overrides: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.get_mode = get_mode  # type: ignore[method-assign]
 
 
 def _hydra_task(cfg: DictConfig) -> Any:

@@ -41,7 +41,7 @@ from matrix_hpc.runtime.samples import expand_samples
 from matrix_hpc.runtime.verify import MissingIds, missing_input
 from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
-from matrix_hpc.store.conf import OutputConf
+from matrix_hpc.store.conf import OutputConf, resolved_num_sinks
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
 from matrix_hpc.store.layout import META_DIR, sink_of
 from matrix_hpc.store.resume import scan_output
@@ -216,15 +216,20 @@ class Driver:
                 await asyncio.sleep(2.0 * attempt)
 
     async def _create_actors(self, attempt: int) -> None:
+        import ray
+
         run, out = self.plan.run, self.plan.output
         schema = output_schema(self.workflow.result_columns())
+        num_sinks = resolved_num_sinks(out, ray.cluster_resources().get("CPU", 0))
         # Rows wait in sink buffers until committed (in flight meanwhile): commit before half the concurrency does.
-        flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * out.num_sinks)))
+        flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files,
                                 workflow=self.plan.workflow.name)
         sink_cls = _actor_class(ShardSink)
-        self.sinks = [sink_cls.remote(settings, schema, i) for i in range(out.num_sinks)]
+        self.sinks = [sink_cls.remote(settings, schema, i) for i in range(num_sinks)]
+        log.info("%d sink(s) write the %d shards%s", num_sinks, out.num_shards,
+                 "" if out.num_sinks is not None else " (output.num_sinks=null: chosen for this Ray's CPUs)")
         self._created += self.sinks
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
         handles = await self._start_workers(groups, attempt)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class OutputConf:
     dir: str = "???"  # output directory (created; rerun the same command to resume)
     num_shards: int = 4  # shards by hash of task id (shard=NNNNN directories)
-    num_sinks: int = 2  # sink actors writing the shards (each owns num_shards / num_sinks)
+    num_sinks: int | None = None  # sink actors writing the shards (each owns num_shards / num_sinks); None: auto
     flush_interval_s: float = 1.0  # how often buffered rows are committed (each commit: a file per shard)
     max_buffered_rows: int = 20000  # commit early at this many rows (or half the concurrency per sink)
     compact_min_files: int = 64  # merge a shard's small files once it has this many
@@ -18,10 +18,29 @@ class OutputConf:
     commit_retry_max_s: float = 30.0  # a failed commit is retried after 0.4 s, doubling up to this
 
     def __post_init__(self) -> None:
-        if self.num_sinks > self.num_shards:
+        if self.num_sinks is not None and self.num_sinks < 1:
+            raise ValueError(f"output.num_sinks={self.num_sinks}: must be >= 1 (or null: chosen by the run)")
+        if self.num_sinks is not None and self.num_sinks > self.num_shards:
             raise ValueError(f"output.num_sinks={self.num_sinks} > output.num_shards={self.num_shards}: "
                              "a sink owns whole shards; lower num_sinks or raise num_shards")
         if self.keep not in ("all", "ok"):
             raise ValueError(f"output.keep={self.keep!r}; valid choices: all, ok")
         if self.commit_retry_max_s <= 0:
             raise ValueError(f"output.commit_retry_max_s={self.commit_retry_max_s}: must be > 0 (seconds)")
+
+
+#: Ray clusters with at most this many CPUs get one sink by default (``output.num_sinks=null``).
+SMALL_CLUSTER_CPUS = 4
+
+
+def resolved_num_sinks(conf: OutputConf, cluster_cpus: float) -> int:
+    """The run's number of sink actors: ``output.num_sinks`` when set; otherwise one on a
+    Ray of at most ``SMALL_CLUSTER_CPUS`` CPUs, two elsewhere (never more than the shards).
+
+    On a small machine a second sink is one more process competing with the workers and
+    the engines for the same cores, for Parquet encoding that one sink keeps up with: on
+    2 cores, one sink took 0.45 s off the start (its actor waited for a third worker
+    process) and commits twice as many rows per file (docs/performance.md, "Sinks")."""
+    if conf.num_sinks is not None:
+        return conf.num_sinks
+    return min(conf.num_shards, 1 if cluster_cpus <= SMALL_CLUSTER_CPUS else 2)

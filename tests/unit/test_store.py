@@ -202,3 +202,16 @@ def test_output_reads_as_one_dataset_with_pyarrow_and_duckdb(tmp_path: Path) -> 
     assert sorted(table.column("id").to_pylist()) == sorted(f"t{i}" for i in range(20))
     n = duckdb.sql(f"select count(distinct id) from read_parquet('{tmp_path}/shard=*/*.parquet')").fetchall()
     assert n == [(20,)]
+
+
+def test_the_number_of_sinks_is_one_on_a_small_machine_two_elsewhere_unless_set() -> None:
+    from matrix_hpc.store.conf import OutputConf, resolved_num_sinks
+
+    assert OutputConf(dir="x").num_sinks is None  # chosen by the run
+    assert [resolved_num_sinks(OutputConf(dir="x"), cpus) for cpus in (1, 2, 4, 5, 64)] == [1, 1, 1, 2, 2]
+    assert resolved_num_sinks(OutputConf(dir="x", num_shards=1), 64) == 1  # a sink owns whole shards
+    assert resolved_num_sinks(OutputConf(dir="x", num_sinks=3), 2) == 3  # set: taken as it is
+    with pytest.raises(ValueError, match=r"output.num_sinks=0: must be >= 1"):
+        OutputConf(dir="x", num_sinks=0)
+    with pytest.raises(ValueError, match=r"output.num_sinks=5 > output.num_shards=4"):
+        OutputConf(dir="x", num_sinks=5)
