@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from matrix_hpc import startup
 from matrix_hpc.app.monitoring import check_monitoring, start_run_monitor
-from matrix_hpc.app.ray_start import init_ray
-from matrix_hpc.cluster.local_ray import end_claimed_start
+from matrix_hpc.cluster.local_ray import start_local_ray
 from matrix_hpc.config.secrets import redact, redacted_yaml
 from matrix_hpc.runtime.driver import Driver, RunPlan, RunResult, install_signal_handlers, new_run_id
 from matrix_hpc.runtime.identity import GROWABLE_IDENTITY_KEYS, resume_identity
@@ -96,7 +96,6 @@ def _run_with_ray(cfg: DictConfig, plan: RunPlan, run_id: str, driver_hook: Any)
             import ray
 
             ray.shutdown()
-            end_claimed_start()
 
 
 async def _run_driver(driver: Driver) -> RunResult:
@@ -105,6 +104,40 @@ async def _run_driver(driver: Driver) -> RunResult:
     except (RuntimeError, ValueError):  # not the main thread (e.g. inside a test harness)
         pass
     return await driver.run()
+
+
+def init_ray(cfg: DictConfig) -> bool:
+    """Connect to the cluster's Ray, or start a local one. True if we started it."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    # Before `import ray`: joining a matrix cluster sets Ray's auth mode in the
+    # environment, and Ray reads it once, at import.
+    address = _cluster_address(cfg)
+    import ray
+
+    if address:
+        ray.init(address=address, namespace="matrix_hpc", log_to_driver=True)
+        return True
+    monitored = bool(cfg.get("monitoring", False))
+    start_local_ray(cfg.run.num_cpus, namespace="matrix_hpc", log_to_driver=True,
+                    metrics_interval_s=cfg.prometheus.ray_export_interval_s if monitored else None)
+    return True
+
+
+def _cluster_address(cfg: DictConfig) -> str | None:
+    """The Ray address of a running matrix cluster, if the cluster config names one."""
+    if os.environ.get("MATRIX_RAY_ADDRESS"):
+        return os.environ["MATRIX_RAY_ADDRESS"]
+    from matrix_hpc.cluster import ClusterError, ray_address_for  # None unless `cluster up` started a head
+
+    conf = OmegaConf.to_object(cfg.cluster)
+    try:
+        return ray_address_for(conf)  # type: ignore[no-any-return]
+    except ClusterError as e:
+        if getattr(conf, "backend", "local") != "local":
+            raise
+        log.warning("%s; starting a local Ray instead", e)  # a stale local cluster must not stop a run
+        return None
 
 
 def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:

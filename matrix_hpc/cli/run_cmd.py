@@ -24,23 +24,11 @@ def run_command(overrides: list[str]) -> int:
     overrides = select_registered_workflow(overrides, str(conf_dir()))
     multirun = any(a in ("-m", "--multirun") for a in overrides)
     try:
-        checked = None if multirun else compose(overrides, str(conf_dir()))  # clear errors before Hydra's own
-    except ConfigError as e:  # (a sweep's values, a=1,2, are not one config: Hydra checks each point itself)
+        if not multirun:  # a sweep's values (a=1,2) are not one config: Hydra checks each point itself
+            compose(overrides, str(conf_dir()))  # clear errors before Hydra's own machinery
+    except ConfigError as e:
         return fail(str(e))
     startup.phase("config_check")
-    if checked is not None and not any(a.startswith("-") for a in overrides):  # not --cfg, --info, --help...
-        from matrix_hpc.app.ray_start import start_ray_early
-
-        start_ray_early(checked)  # Ray's start overlaps Hydra's compose and the run's checks
-    try:
-        return _hydra_run(overrides, multirun)
-    finally:
-        from matrix_hpc.cluster.local_ray import abandon_early_start
-
-        abandon_early_start()  # the run stopped before it took the Ray begun above (a bad input path...)
-
-
-def _hydra_run(overrides: list[str], multirun: bool) -> int:
     import hydra
 
     if multirun:  # compose() registered the schemas otherwise (a second registration costs ~0.3 s)

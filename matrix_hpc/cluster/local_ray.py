@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,114 +50,6 @@ def start_local_ray(num_cpus: int | None, *, namespace: str | None = None, log_t
     with loopback_local_ray(), inherited_pythonpath(), lean:  # metrics endpoint on 127.0.0.1, not on every interface
         ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace,
                  logging_level=logging.WARNING, log_to_driver=log_to_driver, _system_config=system_config)
-
-
-class _EarlyStart:
-    """One ``start_local_ray`` in a thread of its own (see ``start_local_ray_early``). The
-    thread lives until ``release``: Ray ties the daemons it starts (GCS, raylet, log
-    monitor) to the thread that started them (``PR_SET_PDEATHSIG`` fires when that
-    thread ends, not the process), so it waits until Ray is shut down. A daemon thread:
-    at exit, Ray's own ``atexit`` shutdown still runs while it waits."""
-
-    def __init__(self, kwargs: dict[str, Any]) -> None:
-        self.kwargs = kwargs
-        self.error: BaseException | None = None
-        self.started = threading.Event()
-        self.released = threading.Event()
-        self.thread = threading.Thread(target=self._start, name="matrix-ray-start", daemon=True)
-
-    def _start(self) -> None:
-        quiet = _DropRayThreadWarning()
-        ray_worker_log = logging.getLogger("ray._private.worker")
-        ray_worker_log.addFilter(quiet)
-        try:
-            start_local_ray(**self.kwargs)
-        except BaseException as e:  # re-raised in the thread that claims this start
-            self.error = e
-        finally:
-            ray_worker_log.removeFilter(quiet)
-            self.started.set()
-        self.released.wait()
-
-    def shut_down(self) -> None:
-        """``ray.shutdown`` of what this start began (if it began it), then the thread ends."""
-        self.started.wait()
-        if self.error is None:
-            import ray
-
-            ray.shutdown()
-        self.released.set()
-
-
-class _DropRayThreadWarning(logging.Filter):
-    """``ray.init`` off the main thread warns that it set no SIGTERM handler: the main
-    thread has set the same one (``start_local_ray_early``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "SIGTERM handler is not set" not in record.getMessage()
-
-
-_early: _EarlyStart | None = None  # begun, not yet claimed
-_claimed: _EarlyStart | None = None  # claimed: its thread waits for ``end_claimed_start``
-
-
-def start_local_ray_early(num_cpus: int | None, *, namespace: str | None = None, log_to_driver: bool = True,
-                          metrics_interval_s: float | None = None) -> None:
-    """Begin ``start_local_ray`` in a thread, so that a run's own start-up work (Hydra's
-    compose, the input and resume checks) goes on while Ray's processes start: Ray's start
-    is mostly waiting for its daemons (3.4 s on two cores, docs/performance.md, "Start-up").
-    ``claim_early_start`` with the same arguments takes it over (``end_claimed_start``
-    after ``ray.shutdown``); ``abandon_early_start`` shuts it down if nothing did. Call
-    from the main thread: it sets the SIGTERM handler ``ray.init`` sets there (exit, so
-    that ``finally`` blocks stop what started)."""
-    global _early
-    if _early is not None or _claimed is not None:
-        raise RuntimeError("a local Ray is already starting in this process")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init sets it
-    _early = _EarlyStart({"num_cpus": num_cpus, "namespace": namespace, "log_to_driver": log_to_driver,
-                          "metrics_interval_s": metrics_interval_s})
-    _early.thread.start()
-
-
-def claim_early_start(num_cpus: int | None, *, namespace: str | None = None, log_to_driver: bool = True,
-                      metrics_interval_s: float | None = None) -> bool:
-    """True if ``start_local_ray_early`` began a Ray with these arguments: waits until it
-    is up and raises what its start raised. One begun with other arguments is shut down
-    (False)."""
-    global _early, _claimed
-    early, _early = _early, None
-    if early is None:
-        return False
-    early.started.wait()
-    wanted = {"num_cpus": num_cpus, "namespace": namespace, "log_to_driver": log_to_driver,
-              "metrics_interval_s": metrics_interval_s}
-    if early.kwargs != wanted or early.error is not None:
-        if early.error is None:
-            log.info("the Ray started early had other settings (%s, not %s); starting another", early.kwargs, wanted)
-        early.shut_down()
-        if early.error is not None and early.kwargs == wanted:
-            raise early.error
-        return False
-    _claimed = early
-    return True
-
-
-def end_claimed_start() -> None:
-    """After ``ray.shutdown`` of a claimed early start: its thread may end."""
-    global _claimed
-    claimed, _claimed = _claimed, None
-    if claimed is not None:
-        claimed.released.set()
-
-
-def abandon_early_start() -> None:
-    """Shut down a Ray that ``start_local_ray_early`` began and nothing claimed (the run
-    stopped before it needed Ray: a bad input path, a locked output)."""
-    global _early
-    early, _early = _early, None
-    if early is not None:
-        early.shut_down()
 
 
 @contextlib.contextmanager

@@ -88,25 +88,6 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     assert monitored["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), monitored["plasma"]
 
 
-def _ray_daemons_of(run: subprocess.Popen[bytes], timeout_s: float) -> set[int]:
-    """PIDs of the GCS server and raylet among the run's processes, watched until it exits."""
-    from tests.integration.runs import kill_tree
-
-    seen: set[int] = set()
-    deadline = time.monotonic() + timeout_s
-    while run.poll() is None:
-        if time.monotonic() > deadline:
-            kill_tree(run)
-            raise AssertionError("the run did not exit")
-        try:
-            seen |= {p.pid for p in psutil.Process(run.pid).children(recursive=True)
-                     if p.name() in ("gcs_server", "raylet")}
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    return seen
-
-
 def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,27 +98,9 @@ def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
     raise AssertionError(f"Ray's daemons {alive} outlived the run")
 
 
-def test_a_run_refused_after_its_ray_began_leaves_no_ray_behind(tmp_path: Path) -> None:
-    """`matrix-hpc run` begins its local Ray once the config and the input are checked,
-    while Hydra composes (cluster/local_ray.py, start_local_ray_early): a run refused
-    after that (its output is locked by another run) shuts that Ray down before it exits."""
-    from matrix_hpc.store.lock import OutputLock
-    from tests.integration.runs import write_jsonl
-
-    data = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "question": "?"} for i in range(10)])
-    out, err = tmp_path / "out", tmp_path / "run.log"
-    out.mkdir()
-    with OutputLock(out, "another-run"):  # held by this process: the run's own lockf fails
-        run = start_cli(f"dataset.path={data}", f"output.dir={out}", stderr=err)
-        daemons = _ray_daemons_of(run, timeout_s=120)
-    log = err.read_text()
-    assert run.returncode == 1 and "another-run" in log, log[-3000:]  # EXIT_LOCKED, naming the holder
-    assert daemons, "no Ray began before the output was found locked: nothing here was tested"
-    _assert_gone(daemons)
-
-
-def test_sigterm_while_the_early_ray_starts_leaves_no_ray_behind(tmp_path: Path) -> None:
-    """SIGTERM while that Ray starts: the run exits and takes Ray's daemons with it."""
+def test_sigterm_while_the_local_ray_starts_leaves_no_ray_behind(tmp_path: Path) -> None:
+    """SIGTERM to `matrix-hpc run` while its local Ray starts (before the driver's own
+    handlers): the run exits and takes Ray's daemons with it."""
     from tests.integration.runs import kill_tree, write_jsonl
 
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "question": "?"} for i in range(50)])
