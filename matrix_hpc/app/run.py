@@ -165,14 +165,18 @@ def start_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
 def _attach_role_services(cfg: DictConfig, plan: RunPlan) -> list[Any]:
     """Deployed services named per role (``workflow.teacher_llm.service=NAME``, docs/serve.md): attached
     now, so a name that is not deployed fails the run before its first task."""
+    from matrix_hpc.workflows.llm_steps import role_service_key, role_services
+
+    names = role_services(plan.workflow)
+    if not names:  # the LLM service modules cost 0.2 s to import: only when a role names a service
+        return []
     from matrix_hpc.services.llm.config import LLMConf
     from matrix_hpc.services.llm.service import start_llm_service
     from matrix_hpc.store.layout import META_DIR
-    from matrix_hpc.workflows.llm_steps import role_service_key, role_services
 
     llm = cfg.get("llm")
     attached = []
-    for name in role_services(plan.workflow):
+    for name in names:
         conf = LLMConf(backend="deployed", name=name)
         if llm is not None and "client" in llm:  # the run's client settings (timeouts, retries) apply to it too
             conf.client = OmegaConf.to_object(llm.client)  # type: ignore[assignment]
