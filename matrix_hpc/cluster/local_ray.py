@@ -92,11 +92,12 @@ def lean_ray_start() -> Iterator[None]:
       for such a Ray.
 
     Measured (docs/performance.md, "Start-up"): ``ray.init`` 4.1-5.5 s before, 2.9-3.1 s
-    after, at load 1.0-1.7. Ray has no option for either (``include_dashboard=False``
-    and ``enable_metrics_collection=False`` leave both), so two of its private
-    functions and one method are replaced for the call only. Ray is pinned below 2.61 in
-    pyproject.toml; if either is not where this expects it, nothing is replaced and
-    Ray starts as it would (logged)."""
+    after, at load 1.0-1.7. ``ray.init`` has no option for any of the three
+    (``include_dashboard=False`` and ``enable_metrics_collection=False`` leave the first
+    two; ``no_monitor`` is only ``ray start``'s), so two of its private functions and one
+    method are replaced for the call only. Ray is pinned below 2.61 in pyproject.toml; if
+    any is not where this expects it, nothing is replaced and Ray starts as it would
+    (logged)."""
     import ray._private.node as node  # private: see above
     import ray._private.services as services
     import ray._private.utils as utils

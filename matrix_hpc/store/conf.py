@@ -40,7 +40,8 @@ def resolved_num_sinks(conf: OutputConf, cluster_cpus: float) -> int:
     On a small machine a second sink is one more process competing with the workers and
     the engines for the same cores, for Parquet encoding that one sink keeps up with: on
     2 cores, one sink took 0.45 s off the start (its actor waited for a third worker
-    process) and commits twice as many rows per file (docs/performance.md, "Sinks")."""
+    process) and commits twice as many rows per file (docs/performance.md, "Sinks on a
+    small machine")."""
     if conf.num_sinks is not None:
         return conf.num_sinks
     return min(conf.num_shards, 1 if cluster_cpus <= SMALL_CLUSTER_CPUS else 2)

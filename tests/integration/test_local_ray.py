@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.runs import REPO, start_cli
+from tests.integration.runs import REPO, kill_tree, start_cli, write_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray"), pytest.mark.timeout(300)]
 
@@ -88,27 +88,15 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     assert monitored["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), monitored["plasma"]
 
 
-def _assert_gone(pids: set[int], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"Ray's daemons {alive} outlived the run")
-
-
 def test_sigterm_while_the_local_ray_starts_leaves_no_ray_behind(tmp_path: Path) -> None:
     """SIGTERM to `matrix-hpc run` while its local Ray starts (before the driver's own
     handlers): the run exits and takes Ray's daemons with it."""
-    from tests.integration.runs import kill_tree, write_jsonl
-
     data = write_jsonl(tmp_path / "in.jsonl", [{"id": f"q{i}", "question": "?"} for i in range(50)])
     run = start_cli(f"dataset.path={data}", f"output.dir={tmp_path / 'out'}")
-    daemons: set[int] = set()
+    daemons: list[psutil.Process] = []
     deadline = time.monotonic() + 60
     while not daemons and run.poll() is None and time.monotonic() < deadline:
-        daemons = {p.pid for p in psutil.Process(run.pid).children(recursive=True) if p.name() == "gcs_server"}
+        daemons = [p for p in psutil.Process(run.pid).children(recursive=True) if p.name() == "gcs_server"]
         time.sleep(0.02)
     assert daemons, "no Ray daemon seen while the run started"
     os.kill(run.pid, signal.SIGTERM)
@@ -118,4 +106,5 @@ def test_sigterm_while_the_local_ray_starts_leaves_no_ray_behind(tmp_path: Path)
         if run.poll() is None:
             kill_tree(run)
     assert run.returncode != 0
-    _assert_gone(daemons)
+    _, alive = psutil.wait_procs(daemons, timeout=30)
+    assert not alive, f"Ray's daemons outlived the run: {alive}"
