@@ -218,19 +218,23 @@ class ShardSink:
         """Commit everything buffered, then acknowledge it. A failed commit
         keeps its rows buffered and schedules a retry (it does not raise)."""
         self._ensure_loop_state()
-        assert self._flush_lock is not None and self._acks_ready is not None
+        assert self._flush_lock is not None
         async with self._flush_lock:  # one commit at a time keeps file names and acks in order
-            if not self._buffers:
-                return
-            batch = {shard: list(tasks) for shard, tasks in self._buffers.items()}
-            t0, bytes0 = time.perf_counter(), self.bytes_written
-            acks, failure = await asyncio.to_thread(self._commit, batch)
-            self._record_commit(time.perf_counter() - t0, len(acks), self.bytes_written - bytes0, failure)
-            self._forget_committed({a[0] for a in acks})
-            self._acks.extend(acks)
-            if acks:
-                self._acks_ready.set()
-            self._note_outcome(failure)
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        assert self._acks_ready is not None
+        if not self._buffers:
+            return
+        batch = {shard: list(tasks) for shard, tasks in self._buffers.items()}
+        t0, bytes0 = time.perf_counter(), self.bytes_written
+        acks, failure = await asyncio.to_thread(self._commit, batch)
+        self._record_commit(time.perf_counter() - t0, len(acks), self.bytes_written - bytes0, failure)
+        self._forget_committed({a[0] for a in acks})
+        self._acks.extend(acks)
+        if acks:
+            self._acks_ready.set()
+        self._note_outcome(failure)
 
     @staticmethod
     def _record_commit(seconds: float, rows: int, nbytes: int, failure: CommitFailed | None) -> None:
@@ -355,18 +359,29 @@ class ShardSink:
         return acks
 
     async def close(self) -> dict[str, Any]:
-        await self.flush()
-        if self._buffers:
-            log.error("sink %d: closing with %d rows not committed (%s); rerun the same command to write them",
-                      self.index, len(self._buffered_ids), self.last_error)
-        for directory in list(self._small_files):
-            try:
-                await asyncio.to_thread(self._compact, directory)
-            except Exception:
-                log.exception("sink %d: final compaction of %s failed; its files stay as they are", self.index,
-                              directory)
-        if self._flusher is not None:
-            self._flusher.cancel()
+        """Commit what is buffered, stop the flusher and merge this incarnation's small files.
+
+        All of it under the flush lock. The driver closes the sinks while the workers
+        still live, so a re-admitted task's second copy can arrive now; its check
+        against the files (:meth:`_is_committed`) takes the same lock, and so never
+        lists the small files that the compaction is about to delete (CI 2026-11-30:
+        such a copy counted as new and was written twice). The flusher is cancelled
+        while we hold the lock, so never in the middle of a commit of its own."""
+        self._ensure_loop_state()
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            await self._flush_locked()
+            if self._flusher is not None:
+                self._flusher.cancel()
+            if self._buffers:
+                log.error("sink %d: closing with %d rows not committed (%s); rerun the same command to write them",
+                          self.index, len(self._buffered_ids), self.last_error)
+            for directory in list(self._small_files):
+                try:
+                    await asyncio.to_thread(self._compact, directory)
+                except Exception:
+                    log.exception("sink %d: final compaction of %s failed; its files stay as they are", self.index,
+                                  directory)
         return {"rows": self.rows_written, "files": self.files_written, "files_compacted": self.files_compacted,
                 "duplicates_dropped": self.duplicates_dropped, "rows_unencodable": self.rows_unencodable,
                 "rows_not_committed": len(self._buffered_ids), "incarnation": self._incarnation, "t": time.time()}

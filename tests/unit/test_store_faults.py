@@ -161,6 +161,49 @@ def test_a_re_admitted_copy_is_written_when_only_its_hash_collides(tmp_path: Pat
     assert _ids_on_disk(tmp_path) == ["t1", "t2"]
 
 
+def test_a_late_copy_arriving_during_the_final_compaction_is_not_written_again(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI, 2026-11-30: the driver closes the sinks while the workers still live, so a re-admitted
+    task's second copy can reach a sink during close(). Its check against the files listed the
+    small files, the final compaction merged and deleted them before they were read, the copy
+    counted as new and the flusher wrote it again (an id twice). Here the compaction is made to
+    run exactly between that listing and that read, if the sink lets it."""
+    import threading
+
+    from matrix_hpc.store import sink as sink_module
+
+    reading, compacted = threading.Event(), threading.Event()
+    real_read_ids, real_compact = sink_module._read_ids, sink_module.compact_files
+
+    def read_ids(path: Path):  # the check has listed the files and reads the first one
+        reading.set()
+        compacted.wait(2.0)
+        return real_read_ids(path)
+
+    def compact(*args: object, **kwargs: object) -> Path:
+        reading.wait(2.0)  # a sink that checks while it compacts lets the check list first
+        try:
+            return real_compact(*args, **kwargs)
+        finally:
+            compacted.set()
+
+    sink = ShardSink(_settings(tmp_path, num_shards=1), output_schema(), 0)
+    for i in range(4):
+        asyncio.run(_write_and_flush(sink, [_task(i)]))  # four small files
+    monkeypatch.setattr(sink_module, "_read_ids", read_ids)
+    monkeypatch.setattr(sink_module, "compact_files", compact)
+
+    async def close_while_a_copy_arrives() -> list:
+        await asyncio.gather(sink.close(), sink.write([_task(1)]))
+        await sink.flush()  # what the periodic flusher would do next
+        return await sink.wait_commits(0.05)
+
+    acks = asyncio.run(close_while_a_copy_arrives())
+    assert compacted.is_set() and sink.files_compacted == 4
+    assert _ids_on_disk(tmp_path) == ["t0", "t1", "t2", "t3"]
+    assert [(a[0], a[1]) for a in acks] == [("t1", DUPLICATE)]
+
+
 # -- names -----------------------------------------------------------------------
 def test_part_names_parse_strictly_and_a_user_corrupt_file_is_not_a_compaction(tmp_path: Path) -> None:
     assert parse_part_name("part-20261129-152000-abc123-001-0a1b2c3d-c000042.parquet").compacted  # type: ignore[union-attr]
