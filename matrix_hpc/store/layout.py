@@ -175,14 +175,15 @@ def compacted_sources(merged: Path) -> list[str]:
     return [str(n) for n in json.loads(meta.get(COMPACTED_FROM, b"[]"))]
 
 
-def repair_compactions(out_dir: Path) -> list[Path]:
+def repair_compactions(out_dir: Path, files: list[Path] | None = None) -> list[Path]:
     """Delete sources that a finished compaction had not deleted yet (crash).
 
+    ``files``: only these (a restarted sink's own files); default: all of ``out_dir``.
     Returns the deleted paths. A compacted file that cannot be read is left
     for the caller's quarantine; its sources then stay (they hold the rows).
     """
     removed: list[Path] = []
-    for merged in data_files(out_dir):
+    for merged in data_files(out_dir) if files is None else files:
         try:
             names = compacted_sources(merged)
         except (OSError, pa.ArrowException):

@@ -44,6 +44,7 @@ from matrix_hpc.store.layout import (
     parse_part_name,
     part_file_name,
     read_columns,
+    repair_compactions,
     shard_dir,
     shard_of,
     write_table_atomic,
@@ -137,7 +138,15 @@ class ShardSink:
     def _hashes_committed_by_this_run(self) -> Any:
         import numpy as np
 
-        parts = [hash_ids(ids) for ids in (_read_ids(f) for f in self._my_files()) if ids is not None]
+        files = self._my_files()
+        # A killed incarnation may have published a compaction and not yet deleted its
+        # sources: their rows are on disk twice until deleted. Only dead incarnations of
+        # this index wrote these files, so nothing else is compacting them now.
+        if repair_compactions(self.out_dir, files):
+            log.warning("sink %d (incarnation %s): finished a compaction a killed incarnation had left "
+                        "(deleted its merged sources)", self.index, self._incarnation)
+            files = self._my_files()
+        parts = [hash_ids(ids) for ids in (_read_ids(f) for f in files) if ids is not None]
         if parts:
             log.info("sink %d (incarnation %s): %d ids of run %s already committed in its shards",
                      self.index, self._incarnation, sum(len(p) for p in parts), self.s.run_id)

@@ -204,6 +204,33 @@ def test_a_late_copy_arriving_during_the_final_compaction_is_not_written_again(t
     assert [(a[0], a[1]) for a in acks] == [("t1", DUPLICATE)]
 
 
+def test_a_sink_restarted_after_a_kill_mid_compaction_deletes_the_merged_sources(tmp_path: Path) -> None:
+    """Killed between publishing a compaction and deleting its sources, a sink leaves those rows
+    on disk twice; its next incarnation finishes the deletion, not just the next run."""
+    import shutil
+
+    from matrix_hpc.store.verify import summarize_output
+
+    first = ShardSink(_settings(tmp_path, num_shards=1, compact_min_files=64), output_schema(), 0)
+    for i in range(4):
+        asyncio.run(_write_and_flush(first, [_task(i)]))
+    small = data_files(tmp_path)
+    backup = tmp_path.parent / f"{tmp_path.name}-backup"
+    backup.mkdir()
+    for f in small:
+        shutil.copy(f, backup / f.name)
+    asyncio.run(first.close())  # compacts the four
+    for f in small[:3]:  # as if killed after publishing the merged file, before deleting these
+        shutil.copy(backup / f.name, f)
+    assert summarize_output(tmp_path).duplicate_ids == 3
+
+    restarted = ShardSink(_settings(tmp_path, num_shards=1), output_schema(), 0)
+    assert summarize_output(tmp_path).duplicate_ids == 0
+    assert _ids_on_disk(tmp_path) == ["t0", "t1", "t2", "t3"]
+    acks = asyncio.run(_write_and_flush(restarted, [_task(2), _task(4)]))
+    assert sorted((a[0], a[1]) for a in acks) == [("t2", DUPLICATE), ("t4", OK)]
+
+
 # -- names -----------------------------------------------------------------------
 def test_part_names_parse_strictly_and_a_user_corrupt_file_is_not_a_compaction(tmp_path: Path) -> None:
     assert parse_part_name("part-20261129-152000-abc123-001-0a1b2c3d-c000042.parquet").compacted  # type: ignore[union-attr]
