@@ -26,20 +26,59 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
 
     from matrix_hpc.config.schema import register_configs
 
-    register_configs()
-    GlobalHydra.instance().clear()
     plain = [o for o in split_flags(overrides)[1] if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     plain = select_registered_workflow(plain, conf_dir)
-    try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=plain)
-            _check_mandatory(cfg)
-            OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ cross-field checks
-            return cfg
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(explain(e, conf_dir)) from e
-    finally:
+    # First with only the selected workflow's schema (the others' imports cost a run's start
+    # 0.15 s); should that fail, with every schema, so that any error is the full config's.
+    selected = selected_workflow(plain, conf_dir)
+    for only in ([selected, None] if selected else [None]):
+        register_configs(only)
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=plain)
+                _check_mandatory(cfg)
+                OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ cross-field checks
+                return cfg
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            if only is None:
+                raise ConfigError(explain(e, conf_dir)) from e
+        finally:
+            GlobalHydra.instance().clear()
+    raise AssertionError("unreachable: the last attempt registers every schema")
+
+
+def selected_workflow(overrides: list[str], conf_dir: str) -> str | None:
+    """The workflow these overrides select (the last ``workflow=`` one, else the
+    default in config.yaml), by the ``<name>_schema`` its yaml extends; None when
+    that cannot be told from the files (a guess only narrows what is registered
+    first: :func:`compose` retries with everything)."""
+    from pathlib import Path
+
+    import yaml
+
+    def defaults_of(path: Path) -> list[Any]:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return []
+        return list(loaded.get("defaults") or []) if isinstance(loaded, dict) else []
+
+    choice = None
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "workflow":
+            choice = value
+    if choice is None:
+        choice = next((d["workflow"] for d in defaults_of(Path(conf_dir) / "config.yaml")
+                       if isinstance(d, dict) and "workflow" in d), None)
+    if not isinstance(choice, str) or not choice:
+        return None
+    if choice.endswith("_schema"):
+        return choice.removesuffix("_schema")
+    schemas = [d for d in defaults_of(Path(conf_dir) / "workflow" / f"{choice}.yaml")
+               if isinstance(d, str) and d.endswith("_schema")]
+    return schemas[0].removesuffix("_schema") if len(schemas) == 1 else None
 
 
 #: Hydra's own command-line flags that take a value.

@@ -47,8 +47,9 @@ class MatrixConf:
     prometheus: PrometheusConf = field(default_factory=PrometheusConf)  # its settings
 
 
-def register_configs() -> None:
-    """Register every schema in Hydra's ConfigStore (idempotent)."""
+def register_configs(workflow: str | None = None) -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent). With
+    ``workflow`` (a built-in workflow's name), of the workflows only its schema."""
     from hydra.core.config_store import ConfigStore
 
     from matrix_hpc.runtime.workflow import workflow_conf_classes
@@ -61,7 +62,7 @@ def register_configs() -> None:
     cs.store(group="llm", name="none_schema", node=NoneConf)
     cs.store(group="sandbox", name="disabled_schema", node=DisabledConf)
     cs.store(group="cluster", name="local_schema", node=LocalClusterConf)
-    for name, conf_cls in workflow_conf_classes().items():
+    for name, conf_cls in workflow_conf_classes(workflow).items():
         cs.store(group="workflow", name=f"{name}_schema", node=conf_cls)
     for group, name, node in _component_schemas():
         cs.store(group=group, name=name, node=node)

@@ -45,3 +45,46 @@ def test_a_worker_building_its_workflow_imports_no_other_workflow() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == "Generate"
     assert not any("tau2" in m or "coral" in m or "overhead" in m for m in out[1:]), out
+
+
+def _composed(overrides: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Compose in a fresh interpreter: the workflow it resolved, then the workflow modules it imported."""
+    code = (
+        "import sys\n"
+        "from matrix_hpc.cli.config_check import ConfigError, compose\n"
+        "from matrix_hpc.cli.main import conf_dir\n"
+        "try:\n"
+        f"    print(compose({overrides!r}, str(conf_dir())).workflow.name)\n"
+        "except ConfigError as e:\n"
+        "    print('ConfigError:', str(e).replace(chr(10), ' '))\n"
+        "print(*sorted(m for m in sys.modules if m.startswith('matrix_hpc.workflows.')))\n"
+    )
+    import os
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, **(env or {})})
+    return r.stdout.splitlines()
+
+
+def test_the_config_check_imports_only_the_selected_workflow() -> None:
+    name, modules = _composed(["workflow=generate", "dataset.path=x.jsonl", "output.dir=out"])
+    assert name == "generate"
+    assert not any("tau2" in m or "coral" in m or "overhead" in m for m in modules.split()), modules
+    name, modules = _composed(["dataset.path=x.jsonl", "output.dir=out"])  # the default in config.yaml
+    assert name == "overhead" and "tau2" not in modules and "generate" not in modules
+
+
+def test_a_config_error_is_still_explained_with_every_workflow_registered() -> None:
+    first, modules = _composed(["workflow=generate", "workflow.no_such_key=1", "dataset.path=x", "output.dir=o"])
+    assert first.startswith("ConfigError:") and "no_such_key" in first, first
+    assert "matrix_hpc.workflows.tau2.workflow" in modules.split()  # the retry registered everything
+    first, _ = _composed(["workflow=coarl", "dataset.path=x", "output.dir=o"])
+    assert first.startswith("ConfigError:") and "coral" in first, first  # the valid choices are named
+
+
+def test_each_builtin_workflow_module_registers_the_name_it_is_listed_under() -> None:
+    from matrix_hpc.runtime import workflow
+
+    for name, module in workflow.BUILTIN_WORKFLOWS.items():
+        assert list(workflow.workflow_conf_classes(name)) == [name]
+        assert workflow.workflow_conf_classes(name)[name].__module__ == module
