@@ -84,7 +84,9 @@ def lean_ray_start() -> Iterator[None]:
       uses when installed without ``[default]``: the raylet waits for the agent to
       register, and the full agent first imports every dashboard module (metrics
       export, which this Ray has switched off; the job and log APIs, which nothing
-      here calls).
+      here calls). Even the minimal agent imports them all to pick its own, and
+      the raylet waits for that too: the agent runs through ``cluster/ray_agent.py``,
+      Ray's agent with no modules (``ray.init`` 3.46 to 3.07 s, median of 8).
     - The autoscaler's monitor (``monitor.py``, what ``ray start --no-monitor``
       leaves out): a one-node Ray started for one process has nothing to scale,
       and the monitor's start took 0.7 s of CPU on the two cores Ray's own start
@@ -94,20 +96,24 @@ def lean_ray_start() -> Iterator[None]:
     Measured (docs/performance.md, "Start-up"): ``ray.init`` 4.1-5.5 s before, 2.9-3.1 s
     after, at load 1.0-1.7. ``ray.init`` has no option for any of the three
     (``include_dashboard=False`` and ``enable_metrics_collection=False`` leave the first
-    two; ``no_monitor`` is only ``ray start``'s), so two of its private functions and one
-    method are replaced for the call only. Ray is pinned below 2.61 in pyproject.toml; if
-    any is not where this expects it, nothing is replaced and Ray starts as it would
-    (logged)."""
+    two; ``no_monitor`` is only ``ray start``'s), so three of its private functions (the
+    third builds the agent's command) and one method are replaced for the call only. Ray is
+    pinned below 2.61 in pyproject.toml; if any is not where this expects it, nothing is
+    replaced and Ray starts as it would (logged)."""
     import ray._private.node as node  # private: see above
+    import ray._private.ray_constants as ray_constants
     import ray._private.services as services
     import ray._private.utils as utils
 
     api_server = getattr(services, "start_api_server", None)
     dependency_error = getattr(utils, "get_dashboard_dependency_error", None)
     start_monitor = getattr(node.Node, "start_monitor", None)
-    if api_server is None or dependency_error is None or start_monitor is None:
-        log.info("Ray's start is not slimmed: this Ray has no start_api_server, get_dashboard_dependency_error "
-                 "or Node.start_monitor")
+    python_command = getattr(services, "_build_python_executable_command_memory_profileable", None)
+    agent_type = getattr(ray_constants, "PROCESS_TYPE_DASHBOARD_AGENT", None)
+    if api_server is None or dependency_error is None or start_monitor is None or python_command is None \
+            or agent_type is None:
+        log.info("Ray's start is not slimmed: this Ray has no start_api_server, get_dashboard_dependency_error, "
+                 "Node.start_monitor or _build_python_executable_command_memory_profileable")
         yield
         return
 
@@ -120,12 +126,20 @@ def lean_ray_start() -> Iterator[None]:
     def no_monitor(self: Any) -> None:
         return None  # as RayParams(no_monitor=True), which ray.init does not pass through
 
+    def agent_without_modules(process_type: str, session_dir: str, *args: Any, **kwargs: Any) -> list[str]:
+        command: list[str] = python_command(process_type, session_dir, *args, **kwargs)
+        if process_type == agent_type:  # the agent's script path follows: ray_agent runs it
+            command = [*command, "-m", "matrix_hpc.cluster.ray_agent"]
+        return command
+
     services.start_api_server = no_api_server
     utils.get_dashboard_dependency_error = minimal_agent
     node.Node.start_monitor = no_monitor  # type: ignore[method-assign]
+    services._build_python_executable_command_memory_profileable = agent_without_modules  # type: ignore[assignment]
     try:
         yield
     finally:
         services.start_api_server = api_server
         utils.get_dashboard_dependency_error = dependency_error
         node.Node.start_monitor = start_monitor  # type: ignore[method-assign]
+        services._build_python_executable_command_memory_profileable = python_command

@@ -1,6 +1,6 @@
 """The local Ray a run starts for itself (matrix_hpc/cluster/local_ray.py): with
 nothing monitoring it, no dashboard head or autoscaler monitor runs and the
-raylet's dashboard agent is the minimal one, actors still run, and Ray's functions are restored after the
+raylet's dashboard agent is the minimal one without modules, actors still run, and Ray's functions are restored after the
 start; with monitoring on, Ray starts as it always does. Either way a 1 MB actor
 argument travels in the call, not through the object store. Checked on the
 processes themselves, in a fresh interpreter (a test process's Ray would hide it)."""
@@ -45,7 +45,11 @@ import psutil, ray
 import ray._private.node as ray_node, ray._private.services as services, ray._private.utils as utils
 from matrix_hpc.cluster.local_ray import start_local_ray
 
-before = (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor)
+def replaced():
+    return (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor,
+            services._build_python_executable_command_memory_profileable)
+
+before = replaced()
 out = {}
 for case, interval in (("lean", None), ("monitored", 5.0)):
     start_local_ray(2, namespace="probe", log_to_driver=False, metrics_interval_s=interval)
@@ -61,9 +65,11 @@ for case, interval in (("lean", None), ("monitored", 5.0)):
             return os.getpid()
 
     exec(INLINE_PROBE)
-    out[case] = {"processes": sorted(node.all_processes), "agents": agents, "plasma": PLASMA, "agent_running": any("DashboardAgent" in t for t in titles),
+    agent_log = open(os.path.join(node.get_logs_dir_path(), "dashboard_agent.log")).read()
+    loaded = [int(x.split("Loaded ")[1].split()[0]) for x in agent_log.splitlines() if "Loaded " in x and " modules" in x]
+    out[case] = {"modules_loaded": loaded, "processes": sorted(node.all_processes), "agents": agents, "plasma": PLASMA, "agent_running": any("DashboardAgent" in t for t in titles),
                  "actor_pid": ray.get(Echo.remote().pid.remote(), timeout=60),
-                 "restored": (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor) == before}
+                 "restored": replaced() == before}
     ray.shutdown()
 print("PROBE " + json.dumps(out))
 """.replace("exec(INLINE_PROBE)", INLINE_PROBE.replace("\n", "\n    "))
@@ -79,11 +85,15 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     assert "monitor" not in lean["processes"], lean["processes"]  # the autoscaler's: nothing to scale
     assert {"gcs_server", "raylet", "log_monitor"} <= set(lean["processes"]), lean["processes"]
     assert len(lean["agents"]) == 1 and "--minimal" in lean["agents"][0].split(), lean["agents"]
+    assert "-m matrix_hpc.cluster.ray_agent " in lean["agents"][0], lean["agents"]  # Ray's agent, no modules
+    assert lean["modules_loaded"] == [0], lean["modules_loaded"]
     assert lean["agent_running"] and lean["actor_pid"] > 0 and lean["restored"]
     assert lean["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), lean["plasma"]  # 1 MB args inline
     # monitored: Ray as it starts by default (the full agent exports the metrics Prometheus scrapes)
     assert {"dashboard", "monitor"} <= set(monitored["processes"]), monitored["processes"]
     assert len(monitored["agents"]) == 1 and "--minimal" not in monitored["agents"][0].split(), monitored["agents"]
+    assert "matrix_hpc.cluster.ray_agent" not in monitored["agents"][0], monitored["agents"]
+    assert len(monitored["modules_loaded"]) == 1 and monitored["modules_loaded"][0] > 0, monitored["modules_loaded"]
     assert monitored["actor_pid"] > 0 and monitored["restored"]
     assert monitored["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), monitored["plasma"]
 
