@@ -28,11 +28,9 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
 
     plain = [o for o in split_flags(overrides)[1] if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     plain = select_registered_workflow(plain, conf_dir)
-    # First with only the selected workflow's schema (the others' imports cost a run's start
-    # 0.15 s); should that fail, with every schema, so that any error is the full config's.
-    selected = selected_workflow(plain, conf_dir)
-    for only in ([selected, None] if selected else [None]):
-        register_configs(only)
+    errors = (HydraException, OmegaConfBaseException, ValueError)
+
+    def checked() -> DictConfig:
         GlobalHydra.instance().clear()
         try:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -40,12 +38,23 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
                 _check_mandatory(cfg)
                 OmegaConf.to_object(cfg)  # runs the schemas' __post_init__ cross-field checks
                 return cfg
-        except (HydraException, OmegaConfBaseException, ValueError) as e:
-            if only is None:
-                raise ConfigError(explain(e, conf_dir)) from e
         finally:
             GlobalHydra.instance().clear()
-    raise AssertionError("unreachable: the last attempt registers every schema")
+
+    # First with only the selected workflow's schema (the others' imports cost a run's start
+    # 0.15 s); should that fail, with every schema, so that any error is the full config's.
+    selected = selected_workflow(plain, conf_dir)
+    if selected is not None:
+        register_configs(selected)
+        try:
+            return checked()
+        except errors:
+            pass
+    register_configs()
+    try:
+        return checked()
+    except errors as e:
+        raise ConfigError(explain(e, conf_dir)) from e
 
 
 def selected_workflow(overrides: list[str], conf_dir: str) -> str | None:

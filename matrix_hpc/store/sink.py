@@ -142,10 +142,12 @@ class ShardSink:
         # A killed incarnation may have published a compaction and not yet deleted its
         # sources: their rows are on disk twice until deleted. Only dead incarnations of
         # this index wrote these files, so nothing else is compacting them now.
-        if repair_compactions(self.out_dir, files):
+        removed = repair_compactions(self.out_dir, files)
+        if removed:
             log.warning("sink %d (incarnation %s): finished a compaction a killed incarnation had left "
                         "(deleted its merged sources)", self.index, self._incarnation)
-            files = self._my_files()
+            gone = set(removed)
+            files = [f for f in files if f not in gone]
         parts = [hash_ids(ids) for ids in (_read_ids(f) for f in files) if ids is not None]
         if parts:
             log.info("sink %d (incarnation %s): %d ids of run %s already committed in its shards",
