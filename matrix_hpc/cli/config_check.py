@@ -54,7 +54,7 @@ def compose(overrides: list[str], conf_dir: str) -> DictConfig:
     try:
         return checked()
     except errors as e:
-        raise ConfigError(explain(e, conf_dir)) from e
+        raise ConfigError(explain(e, conf_dir, plain)) from e
 
 
 def selected_workflow(overrides: list[str], conf_dir: str) -> str | None:
@@ -135,7 +135,9 @@ def _check_mandatory(cfg: DictConfig) -> None:
                                     f"e.g. {missing[0]}=...")
 
 
-def explain(error: BaseException, conf_dir: str) -> str:
+def explain(error: BaseException, conf_dir: str, overrides: list[str] | None = None) -> str:
+    """A one-line message for a config error. ``overrides``: the command line's, whose
+    group choices (``workflow=generate``) decide which keys are listed as valid."""
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 5:
         chain.append(chain[-1].__cause__)
@@ -146,7 +148,8 @@ def explain(error: BaseException, conf_dir: str) -> str:
         key = full.group(1) if full else m.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         where = f" in {parent!r}" if parent else ""
-        return f"unknown config key '{key}'; valid keys{where}: {', '.join(_valid_keys(parent, conf_dir))}"
+        valid = _valid_keys(parent, conf_dir, overrides or [])
+        return f"unknown config key '{key}'; valid keys{where}: {', '.join(valid)}"
     m = re.search(r"Could not find '([^']+)'", text)
     if m:
         group = m.group(1).split("/")[0]
@@ -159,7 +162,8 @@ def explain(error: BaseException, conf_dir: str) -> str:
     return str(chain[-1]).split("\n    full_key")[0].strip()
 
 
-def _valid_keys(parent: str, conf_dir: str) -> list[str]:
+def _valid_keys(parent: str, conf_dir: str, overrides: list[str]) -> list[str]:
+    groups = [o for o in overrides if "=" in o and "." not in o.partition("=")[0]]  # the choices, not the values
     try:
         from hydra import compose as hydra_compose
         from hydra import initialize_config_dir
@@ -167,7 +171,7 @@ def _valid_keys(parent: str, conf_dir: str) -> list[str]:
 
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            node: Any = hydra_compose(config_name="config")
+            node: Any = hydra_compose(config_name="config", overrides=groups)
         for part in filter(None, parent.split(".")):
             node = node[part]
         return sorted(str(k) for k in node.keys())

@@ -77,6 +77,7 @@ def test_the_config_check_imports_only_the_selected_workflow() -> None:
 def test_a_config_error_is_still_explained_with_every_workflow_registered() -> None:
     first, modules = _composed(["workflow=generate", "workflow.no_such_key=1", "dataset.path=x", "output.dir=o"])
     assert first.startswith("ConfigError:") and "no_such_key" in first, first
+    assert "max_tokens" in first and "agree_prob" not in first, first  # generate's keys, not the default's
     assert "matrix_hpc.workflows.tau2.workflow" in modules.split()  # the retry registered everything
     first, _ = _composed(["workflow=coarl", "dataset.path=x", "output.dir=o"])
     assert first.startswith("ConfigError:") and "coral" in first, first  # the valid choices are named
