@@ -27,6 +27,7 @@ from matrix_hpc.cluster import LocalClusterConf, cluster_down, cluster_status, c
 from tests.integration.runs import (
     REPO,
     assert_each_id_once,
+    committed_rows,
     kill_tree,
     log_of,
     read_rows,
@@ -194,14 +195,16 @@ def test_scaling_and_a_killed_replica_during_a_run_lose_nothing(tmp_path: Path, 
     those of the killed one retried on the other), the killed replica restarted."""
     up = serve(cluster, "up", "llm=sim", "llm.name=live", "llm.sim.num_replicas=1", "llm.sim.ttft_s=0.05")
     assert up.returncode == 0, log_of(up)[-3000:]
-    rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}"} for i in range(120)]
+    # 400 rows: the run must outlast two `serve up`s and a kill (in a CI run of 2026-11-30, 120 rows
+    # were all committed 10 s after the run started)
+    rows = [{**ROWS[i % len(ROWS)], "id": f"r{i}"} for i in range(400)]
     data, out, log = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", tmp_path / "run.log"
     run = start_cli("workflow=coral", f"dataset.path={data}", f"output.dir={out}", "workflow.max_turns=2",
                     "run.max_concurrent_tasks=8", "llm=deployed", "llm.name=live", "cluster=local",
                     f"cluster.dir={cluster.dir}", f"cluster.name={cluster.name}", stderr=log)
     try:
-        def committed() -> int:
-            return len(read_rows(out)) if out.exists() else 0
+        def committed() -> int:  # retried when the sink's compaction deletes a file while it is read
+            return committed_rows(out) if out.exists() else 0
 
         def wait_rows(n: int) -> None:
             deadline = time.monotonic() + 120
