@@ -39,9 +39,9 @@ from matrix_hpc.runtime.placement import Group, plan_groups, spread_nodes
 from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, ProgressPrinter, RunStats
 from matrix_hpc.runtime.samples import expand_samples
 from matrix_hpc.runtime.verify import MissingIds, missing_input
-from matrix_hpc.runtime.worker import Router, StepPolicy, Worker, WorkerSpec
+from matrix_hpc.runtime.worker import HostedSink, Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
-from matrix_hpc.store.conf import OutputConf, resolved_num_sinks
+from matrix_hpc.store.conf import OutputConf, resolved_num_sinks, sinks_in_workers
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
 from matrix_hpc.store.layout import META_DIR, sink_of
 from matrix_hpc.store.resume import scan_output
@@ -220,25 +220,35 @@ class Driver:
 
         run, out = self.plan.run, self.plan.output
         schema = output_schema(self.workflow.result_columns())
-        num_sinks = resolved_num_sinks(out, ray.cluster_resources().get("CPU", 0))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        num_sinks = resolved_num_sinks(out, cpus)
         # Rows wait in sink buffers until committed (in flight meanwhile): commit before half the concurrency does.
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files,
                                 workflow=self.plan.workflow.name)
-        sink_cls = _actor_class(ShardSink)
-        self.sinks = [sink_cls.remote(settings, schema, i) for i in range(num_sinks)]
-        log.info("%d sink(s) write the %d shards%s", num_sinks, out.num_shards,
-                 "" if out.num_sinks is not None else " (output.num_sinks=null: chosen for this Ray's CPUs)")
-        self._created += self.sinks
         groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
-        handles = await self._start_workers(groups, attempt)
+        hosted = sinks_in_workers(out, cpus, num_sinks, sum(g.instances for g in groups))
+        where = " inside the worker process(es)" if hosted else ""
+        why = [] if out.num_sinks is not None else ["output.num_sinks=null: chosen for this Ray's CPUs"]
+        why += [f"output.sink_host={out.sink_host}"] if out.sink_host == "auto" and hosted else []
+        log.info("%d sink(s) write the %d shards%s%s", num_sinks, out.num_shards, where,
+                 f" ({'; '.join(why)})" if why else "")
+        sink_actors: list[Any] = []
+        if not hosted:
+            sink_cls = _actor_class(ShardSink)
+            sink_actors = [sink_cls.remote(settings, schema, i) for i in range(num_sinks)]
+            self._created += sink_actors
+        hosted_specs = [(settings, schema, i) for i in range(num_sinks)] if hosted else []
+        handles = await self._start_workers(groups, attempt, hosted_specs)
+        workers = [h for hs in handles.values() for h in hs]
+        self.sinks = [HostedSink(workers[i]) for i in range(num_sinks)] if hosted else sink_actors
         router = Router({r: g.name for g in groups for r in g.roles}, {g.name: g.instances for g in groups})
         keys = [(g, i) for g, hs in handles.items() for i in range(len(hs))]
         incarnations = await asyncio.gather(*[handles[g][i].connect.remote(router, handles, self.sinks)
                                               for g, i in keys])
         sink_incarnations = await asyncio.gather(*[s.incarnation_id.remote() for s in self.sinks])
-        self._actors = [h for hs in handles.values() for h in hs] + self.sinks
+        self._actors = workers + sink_actors
         self.router, self.handles = router, handles
         events = PeerEvents(self._on_lost_sends, self._on_worker_restarted, self._on_sink_restarted,
                             self._on_sink_stalled)
@@ -249,8 +259,10 @@ class Driver:
         self._first_boxes = {(g, i): self._outbox(h.deliver.remote, f"worker {g}/{i}")
                              for g, hs in handles.items() for i, h in enumerate(hs)}
 
-    async def _start_workers(self, groups: list[Group], attempt: int = 1) -> dict[str, list[Any]]:
-        """Worker actors, started and their places logged. ``run.spread_workers``
+    async def _start_workers(self, groups: list[Group], attempt: int = 1,
+                             hosted_sinks: list[tuple[Any, Any, int]] | None = None) -> dict[str, list[Any]]:
+        """Worker actors, started and their places logged; the ``k``-th of them hosts
+        ``hosted_sinks[k]`` (if any: output.sink_host). ``run.spread_workers``
         puts them round robin on the cluster's alive nodes (a node lost
         later falls back to another); without it Ray
         packs these CPU-less actors onto the driver's node."""
@@ -258,14 +270,15 @@ class Driver:
         worker_cls = _actor_class(Worker)
         policy = StepPolicy(run.max_attempts, run.backoff_base_s, run.backoff_max_s)
         slots = [(g, i) for g in groups for i in range(g.instances)]
+        hosted = hosted_sinks or []
         places_opts = _spread_options(len(slots)) if run.spread_workers else [{}] * len(slots)
         workers = [
             worker_cls.options(name=f"matrix-{self.run_id}-{g.name}-{i}" + (f"-r{attempt}" if attempt > 1 else ""),
                                **opts)
             .remote(WorkerSpec(g.name, i, g.roles, self.plan.workflow, run.seed, policy, run.batch_size,
                                run.batch_delay_ms / 1000, self.plan.output.num_shards, self.plan.services,
-                               run_id=self.run_id))
-            for (g, i), opts in zip(slots, places_opts, strict=True)
+                               run_id=self.run_id, sink=hosted[k] if k < len(hosted) else None))
+            for k, ((g, i), opts) in enumerate(zip(slots, places_opts, strict=True))
         ]
         self._created += workers
         places = await asyncio.gather(*[w.where.remote() for w in workers])

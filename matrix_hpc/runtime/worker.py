@@ -14,13 +14,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matrix_hpc import metrics
 from matrix_hpc.runtime.message import FAILED, FILTERED, OK, TaskState, pack_tasks, unpack_tasks
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.workflow import AgentContext, Filtered, Workflow, WorkflowConf, build_workflow
 from matrix_hpc.store.layout import shard_of, sink_of
+
+if TYPE_CHECKING:
+    from matrix_hpc.store.sink import ShardSink
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ class WorkerSpec:
     num_shards: int
     services: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> factory, called once here
     run_id: str = ""  # the metrics' run label (matrix_hpc.metrics)
+    sink: tuple[Any, Any, int] | None = None  # (SinkSettings, schema, index): the sink hosted here (output.sink_host)
 
 
 def _tune_gc() -> None:
@@ -144,6 +148,11 @@ class Worker:
         self.steps = 0
         self.local_hops = 0
         self.remote_hops = 0
+        self.sink: ShardSink | None = None
+        if spec.sink is not None:
+            from matrix_hpc.store.sink import ShardSink  # only a hosting worker needs it (pyarrow.compute)
+
+            self.sink = ShardSink(*spec.sink)
 
     async def connect(self, router: Router, peers: dict[str, list[Any]], sinks: list[Any]) -> str:
         """Learn the peers' handles (Ray actors) and build per-process services.
@@ -155,17 +164,25 @@ class Worker:
             for i, h in enumerate(handles):
                 if (group, i) != me:
                     self._peers[(group, i)] = self._outbox(h.deliver.remote, f"worker {group}/{i}")
-        self._sinks = [self._outbox(s.write.remote, f"sink {n}", max(self.spec.batch_delay_s, SINK_BATCH_DELAY_S))
-                       for n, s in enumerate(sinks)]
+        self._sinks = [self._sink_outbox(n, s) for n, s in enumerate(sinks)]
         for name, factory in self.spec.services.items():
             if name not in self.ctx.services:
                 self.ctx.services[name] = factory()
         _tune_gc()
         return self.incarnation
 
-    def _outbox(self, send: Callable[[list[Any]], Any], name: str, delay_s: float | None = None) -> Outbox:
+    def _outbox(self, send: Callable[[list[Any]], Any], name: str, delay_s: float | None = None,
+                encode: Callable[[list[Any]], Any] | None = pack_tasks) -> Outbox:
         delay_s = self.spec.batch_delay_s if delay_s is None else delay_s
-        return Outbox(send, self.spec.batch_size, delay_s, on_failed=self._note_lost, name=name, encode=pack_tasks)
+        return Outbox(send, self.spec.batch_size, delay_s, on_failed=self._note_lost, name=name, encode=encode)
+
+    def _sink_outbox(self, n: int, handle: Any) -> Outbox:
+        """Rows for sink ``n``: handed over in this process when it is hosted here
+        (no pickling, no Ray call), otherwise sent to it in batches."""
+        delay_s = max(self.spec.batch_delay_s, SINK_BATCH_DELAY_S)
+        if self.sink is not None and self.sink.index == n:
+            return self._outbox(self.sink.write, f"sink {n} (in this process)", delay_s, encode=None)
+        return self._outbox(handle.write.remote, f"sink {n}", delay_s)
 
     def _note_lost(self, batch: list[TaskState], error: BaseException) -> None:
         """Tasks of a batch that no peer took: the driver collects their ids
@@ -299,6 +316,30 @@ class Worker:
         lost, self._lost = self._lost, []
         return self.incarnation, lost
 
+    # -- the sink hosted here (output.sink_host; the driver reaches it through HostedSink) --
+    def _hosted(self) -> ShardSink:
+        if self.sink is None:
+            raise RuntimeError(f"worker {self.spec.group}/{self.spec.index} hosts no sink")
+        return self.sink
+
+    async def sink_write(self, batch: bytes | list[Any]) -> None:
+        await self._hosted().write(batch)
+
+    async def sink_wait_commits(self, timeout_s: float = 1.0) -> list[Any]:
+        return await self._hosted().wait_commits(timeout_s)
+
+    async def sink_flush(self) -> None:
+        await self._hosted().flush()
+
+    async def sink_close(self) -> dict[str, Any]:
+        return await self._hosted().close()
+
+    async def sink_health(self) -> dict[str, Any]:
+        return await self._hosted().health()
+
+    async def sink_incarnation_id(self) -> str:
+        return await self._hosted().incarnation_id()
+
     async def close(self) -> None:
         for t in list(self._running):
             t.cancel()
@@ -308,3 +349,36 @@ class Worker:
                 res = close()
                 if asyncio.iscoroutine(res):
                     await res
+
+
+@dataclass(frozen=True)
+class HostedSink:
+    """The driver's (and other workers') handle on a sink that runs inside a
+    worker actor (``output.sink_host``): the sink actor's methods, by the names
+    a separate sink actor has, mapped onto the hosting worker's ``sink_*``."""
+
+    host: Any  # the worker's Ray actor handle
+
+    @property
+    def write(self) -> Any:
+        return self.host.sink_write
+
+    @property
+    def wait_commits(self) -> Any:
+        return self.host.sink_wait_commits
+
+    @property
+    def flush(self) -> Any:
+        return self.host.sink_flush
+
+    @property
+    def close(self) -> Any:
+        return self.host.sink_close
+
+    @property
+    def health(self) -> Any:
+        return self.host.sink_health
+
+    @property
+    def incarnation_id(self) -> Any:
+        return self.host.sink_incarnation_id

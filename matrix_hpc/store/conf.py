@@ -16,6 +16,7 @@ class OutputConf:
     compression: str = "zstd"  # Parquet compression codec
     keep: str = "all"  # all | ok: with ok, filtered/failed rows go to _rejected/ (still counted)
     commit_retry_max_s: float = 30.0  # a failed commit is retried after 0.4 s, doubling up to this
+    sink_host: str = "auto"  # actors: each sink its own process | workers: sink n inside worker n | auto
 
     def __post_init__(self) -> None:
         if self.num_sinks is not None and self.num_sinks < 1:
@@ -27,7 +28,11 @@ class OutputConf:
             raise ValueError(f"output.keep={self.keep!r}; valid choices: all, ok")
         if self.commit_retry_max_s <= 0:
             raise ValueError(f"output.commit_retry_max_s={self.commit_retry_max_s}: must be > 0 (seconds)")
+        if self.sink_host not in SINK_HOSTS:
+            raise ValueError(f"output.sink_host={self.sink_host!r}; valid choices: {', '.join(SINK_HOSTS)}")
 
+
+SINK_HOSTS = ("auto", "actors", "workers")
 
 #: Ray clusters with at most this many CPUs get one sink by default (``output.num_sinks=null``).
 SMALL_CLUSTER_CPUS = 4
@@ -45,3 +50,25 @@ def resolved_num_sinks(conf: OutputConf, cluster_cpus: float) -> int:
     if conf.num_sinks is not None:
         return conf.num_sinks
     return min(conf.num_shards, 1 if cluster_cpus <= SMALL_CLUSTER_CPUS else 2)
+
+
+def sinks_in_workers(conf: OutputConf, cluster_cpus: float, num_sinks: int, num_workers: int) -> bool:
+    """Whether sink ``n`` runs inside worker process ``n`` (``output.sink_host``) instead of
+    in a process of its own. ``auto``: inside, on a Ray of at most ``SMALL_CLUSTER_CPUS``
+    CPUs with one worker process and one sink (the local default on a small machine).
+
+    Every Ray process costs CPU even when idle (Ray 2.60 wakes each actor's main thread
+    every 10 ms to check for signals: about 1% of a core per process here), and every
+    row sent from a worker to a sink process is pickled, carried and unpickled. Hosted in
+    the worker, the rows reach their sink by reference and one process fewer starts
+    (docs/performance.md, "One process fewer"). The sink's commit protocol, restart
+    recovery and acknowledgements are the same either way; a killed worker takes its
+    sink with it, and the driver re-admits what either held."""
+    if conf.sink_host == "workers":
+        if num_sinks > num_workers:
+            raise ValueError(f"output.sink_host=workers needs a worker process per sink: {num_sinks} sinks, "
+                             f"{num_workers} worker(s); lower output.num_sinks or use output.sink_host=actors")
+        return True
+    if conf.sink_host == "actors":
+        return False
+    return cluster_cpus <= SMALL_CLUSTER_CPUS and num_sinks == 1 and num_workers == 1

@@ -101,12 +101,25 @@ def _kill_one_actor_at_moments(tmp_path: Path, actor_class: str, seed: int, n: i
     return stderr
 
 
-@pytest.mark.parametrize("num_sinks", [1, 2])  # 1: the default on a machine of <= 4 CPUs; 2: one of two dies
+@pytest.mark.parametrize("num_sinks", [1, 2])  # 1: one sink process for the whole run; 2: one of two dies
 def test_a_killed_sink_is_noticed_at_once_and_loses_nothing(tmp_path: Path, num_sinks: int) -> None:
     t0 = time.time()
     # 2,400 rows: admission no longer waits for commits, so a run of 1,500 could end before its third kill
-    _kill_one_actor_at_moments(tmp_path, "ShardSink", 11, 2400, f"output.num_sinks={num_sinks}")
+    stderr = _kill_one_actor_at_moments(tmp_path, "ShardSink", 11, 2400, f"output.num_sinks={num_sinks}",
+                                        "output.sink_host=actors")
     assert time.time() - t0 < 200  # re-admitted at once, not after run.task_timeout_s (1 h)
+    assert f"{num_sinks} sink(s) write the 4 shards" in stderr and "inside the worker" not in stderr
+
+
+def test_a_killed_worker_hosting_the_sink_loses_nothing(tmp_path: Path) -> None:
+    """The default on a machine of <= 4 CPUs: one worker process, its sink inside it
+    (output.sink_host=auto). A kill takes both: the rows buffered for the next commit,
+    the tasks running, and the sink's acknowledgements still to collect."""
+    t0 = time.time()
+    stderr = _kill_one_actor_at_moments(tmp_path, "Worker", 14, 2400, "output.num_sinks=1", "run.num_workers=1")
+    assert time.time() - t0 < 200
+    assert "1 sink(s) write the 4 shards inside the worker process(es)" in stderr
+    assert "sink 0 restarted (incarnation" in stderr  # the driver saw the hosted sink's restart too
 
 
 @pytest.mark.parametrize("placement", ["colocated", "per_role"])
