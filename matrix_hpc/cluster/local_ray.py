@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +41,13 @@ RUNTIME_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 4 * 2**2
 #: exit after a second (``idle_worker_killing_time_threshold_ms``) and a later actor starts
 #: a fresh one. Measured idle, one actor on 2 CPUs: 51 against 37 ms of CPU a second for
 #: the whole Ray (docs/performance.md, "One process fewer").
-LOCAL_SYSTEM_CONFIG: dict[str, int] = {"num_workers_soft_limit": 0}
+#: ``raylet_client_connect_timeout_milliseconds``: a connection to a local socket of Ray's
+#: (the raylet's to its object store, a worker's to its raylet) that finds the socket not
+#: yet listening sleeps this long before its next try; by default 1 s, 10 tries. The
+#: raylet starts its object store in a thread and connects to it at once, so about one
+#: start in three waited a whole second there. 50 ms and 200 tries give up at the same 10 s.
+LOCAL_SYSTEM_CONFIG: dict[str, int] = {"num_workers_soft_limit": 0, "raylet_client_connect_timeout_milliseconds": 50,
+                                       "raylet_client_num_connect_attempts": 200}
 
 #: Ray's log monitor (which forwards the workers' output to the driver) lists the log
 #: directory every 0.1 s while it has under ``RAY_LOG_MONITOR_MANY_FILES_THRESHOLD``
@@ -103,6 +110,15 @@ def inherited_pythonpath() -> Iterator[None]:
             os.environ["PYTHONPATH"] = before
 
 
+#: ``ray.init`` waits for its raylet to register with the GCS through a call that, when
+#: the raylet is not there yet, sleeps a whole second before asking again (Ray 2.60's
+#: ``GlobalStateAccessor::GetNode``). The raylet registers once its agents are up,
+#: about a second after it starts, so ``ray.init`` took either ~2.3 or ~3.3 s here, at
+#: random. Asked every ``NODE_REGISTER_POLL_S`` first, Ray's call finds it at once.
+NODE_REGISTER_POLL_S = 0.02
+NODE_REGISTER_WAIT_S = 30.0
+
+
 @contextlib.contextmanager
 def lean_ray_start() -> Iterator[None]:
     """Around the ``ray.init`` of a local Ray that nothing monitors: three of the
@@ -135,6 +151,7 @@ def lean_ray_start() -> Iterator[None]:
     import ray._private.node as node  # private: see above
     import ray._private.ray_constants as ray_constants
     import ray._private.services as services
+    import ray._private.state as state
     import ray._private.utils as utils
 
     api_server = getattr(services, "start_api_server", None)
@@ -142,10 +159,13 @@ def lean_ray_start() -> Iterator[None]:
     start_monitor = getattr(node.Node, "start_monitor", None)
     python_command = getattr(services, "_build_python_executable_command_memory_profileable", None)
     agent_type = getattr(ray_constants, "PROCESS_TYPE_DASHBOARD_AGENT", None)
+    get_node = getattr(services, "get_node", None)
+    gcs_options = getattr(services, "_get_gcs_client_options", None)
     if api_server is None or dependency_error is None or start_monitor is None or python_command is None \
-            or agent_type is None:
+            or agent_type is None or get_node is None or gcs_options is None:
         log.info("Ray's start is not slimmed: this Ray has no start_api_server, get_dashboard_dependency_error, "
-                 "Node.start_monitor or _build_python_executable_command_memory_profileable")
+                 "Node.start_monitor, _build_python_executable_command_memory_profileable, get_node or "
+                 "_get_gcs_client_options")
         yield
         return
 
@@ -164,7 +184,18 @@ def lean_ray_start() -> Iterator[None]:
             command = [*command, "-m", "matrix_hpc.cluster.ray_agent"]
         return command
 
+    def get_node_once_registered(gcs_address: str, node_id: str) -> Any:
+        global_state = state.GlobalState()
+        global_state._initialize_global_state(gcs_options(gcs_address))
+        deadline = time.monotonic() + NODE_REGISTER_WAIT_S
+        while time.monotonic() < deadline:  # then Ray's own wait, and its error, as before
+            if any(n.get("NodeID") == node_id and n.get("Alive") for n in global_state.node_table()):
+                break
+            time.sleep(NODE_REGISTER_POLL_S)
+        return get_node(gcs_address, node_id)
+
     services.start_api_server = no_api_server
+    services.get_node = get_node_once_registered
     utils.get_dashboard_dependency_error = minimal_agent
     node.Node.start_monitor = no_monitor  # type: ignore[method-assign]
     services._build_python_executable_command_memory_profileable = agent_without_modules  # type: ignore[assignment]
@@ -172,6 +203,7 @@ def lean_ray_start() -> Iterator[None]:
         yield
     finally:
         services.start_api_server = api_server
+        services.get_node = get_node
         utils.get_dashboard_dependency_error = dependency_error
         node.Node.start_monitor = start_monitor  # type: ignore[method-assign]
         services._build_python_executable_command_memory_profileable = python_command

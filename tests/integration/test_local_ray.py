@@ -1,7 +1,7 @@
 """The local Ray a run starts for itself (matrix_hpc/cluster/local_ray.py): with
 nothing monitoring it, no dashboard head or autoscaler monitor runs and the
 raylet's dashboard agent is the minimal one without modules, actors still run, and Ray's functions are restored after the
-start; with monitoring on, Ray starts as it always does. Either way a 1 MB actor
+start; no idle worker process stays in Ray's pool and the log monitor lists its directory once a second; with monitoring on, Ray starts as it always does. Either way a 1 MB actor
 argument travels in the call, not through the object store. Checked on the
 processes themselves, in a fresh interpreter (a test process's Ray would hide it)."""
 
@@ -40,14 +40,14 @@ PLASMA = next(x for x in memory_summary(stats_only=True).splitlines() if x.start
 """
 
 PROBE = r"""
-import json, os, sys
+import json, os, sys, time
 import psutil, ray
 import ray._private.node as ray_node, ray._private.services as services, ray._private.utils as utils
 from matrix_hpc.cluster.local_ray import start_local_ray
 
 def replaced():
     return (services.start_api_server, utils.get_dashboard_dependency_error, ray_node.Node.start_monitor,
-            services._build_python_executable_command_memory_profileable)
+            services._build_python_executable_command_memory_profileable, services.get_node)
 
 before = replaced()
 out = {}
@@ -65,11 +65,19 @@ for case, interval in (("lean", None), ("monitored", 5.0)):
             return os.getpid()
 
     exec(INLINE_PROBE)
+    config = ray._private.state.state.get_system_config()
+    log_monitor = psutil.Process(node.all_processes["log_monitor"][0].process.pid).environ()
+    deadline = time.monotonic() + 20  # Ray's prestarted workers that no actor took: gone after ~1 s idle
+    while time.monotonic() < deadline and any(p.name() == "ray::IDLE" for p in raylet.children()):
+        time.sleep(0.2)
+    idle = sum(p.name() == "ray::IDLE" for p in raylet.children())
     agent_log = open(os.path.join(node.get_logs_dir_path(), "dashboard_agent.log")).read()
     loaded = [int(x.split("Loaded ")[1].split()[0]) for x in agent_log.splitlines() if "Loaded " in x and " modules" in x]
     out[case] = {"modules_loaded": loaded, "processes": sorted(node.all_processes), "agents": agents, "plasma": PLASMA, "agent_running": any("DashboardAgent" in t for t in titles),
                  "actor_pid": ray.get(Echo.remote().pid.remote(), timeout=60),
-                 "restored": replaced() == before}
+                 "restored": replaced() == before, "idle_workers": idle,
+                 "connect_ms": config.get("raylet_client_connect_timeout_milliseconds"),
+                 "log_monitor_threshold": log_monitor.get("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD")}
     ray.shutdown()
 print("PROBE " + json.dumps(out))
 """.replace("exec(INLINE_PROBE)", INLINE_PROBE.replace("\n", "\n    "))
@@ -89,6 +97,8 @@ def test_local_ray_skips_the_dashboard_head_and_runs_the_minimal_agent_unless_mo
     assert lean["modules_loaded"] == [0], lean["modules_loaded"]
     assert lean["agent_running"] and lean["actor_pid"] > 0 and lean["restored"]
     assert lean["plasma"].startswith("Plasma memory usage 0 MiB, 0 objects"), lean["plasma"]  # 1 MB args inline
+    # no idle pooled worker process left, 50 ms between socket connection tries, the log monitor's listing slowed
+    assert lean["idle_workers"] == 0 and lean["connect_ms"] == 50 and lean["log_monitor_threshold"] == "0", lean
     # monitored: Ray as it starts by default (the full agent exports the metrics Prometheus scrapes)
     assert {"dashboard", "monitor"} <= set(monitored["processes"]), monitored["processes"]
     assert len(monitored["agents"]) == 1 and "--minimal" not in monitored["agents"][0].split(), monitored["agents"]
