@@ -12,9 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from matrix_hpc.store.conf import SMALL_CLUSTER_CPUS
 from tests.integration.fault_workflows import EVOLVING_RELEASE_ENV
 from tests.integration.fault_workflows import MODULE as FAULT_WORKFLOWS
-from tests.integration.runs import kill_tree, read_rows, run_cli, start_cli, wait_for_rows, without_timing, write_jsonl
+from tests.integration.runs import (
+    kill_tree,
+    log_of,
+    read_rows,
+    run_cli,
+    start_cli,
+    wait_for_rows,
+    without_timing,
+    write_jsonl,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("ray")]
 
@@ -24,16 +34,25 @@ def _rows(n: int) -> list[dict]:
 
 
 def test_both_placements_write_identical_rows(tmp_path: Path) -> None:
+    """Colocated, this small machine's one sink runs inside the one worker (output.sink_host=auto);
+    per role, in a sink actor; and with the sinks inside worker processes across roles
+    (output.sink_host=workers) a row ending on one role's worker reaches the sink hosted by
+    another through that worker."""
     data = write_jsonl(tmp_path / "in.jsonl", _rows(300))
     outs = {}
-    for placement in ("colocated", "per_role"):
-        out = tmp_path / placement
-        r = run_cli(f"dataset.path={data}", f"output.dir={out}", f"run.placement={placement}",
-                    "run.seed=7", "run.max_concurrent_tasks=64")
+    cases = {"colocated": ["run.placement=colocated"], "per_role": ["run.placement=per_role"],
+             "sinks_in_workers": ["run.placement=per_role", "output.sink_host=workers", "output.num_sinks=2"]}
+    for case, overrides in cases.items():
+        out = tmp_path / case
+        r = run_cli(f"dataset.path={data}", f"output.dir={out}", *overrides, "run.seed=7",
+                    "run.max_concurrent_tasks=64")
         assert r.returncode == 0, r.stderr[-3000:]
-        outs[placement] = sorted((without_timing(x) for x in read_rows(out)), key=lambda x: x["id"])
+        hosted = "sink(s) write the 4 shards inside the worker process(es)" in log_of(r)
+        small = (os.cpu_count() or 1) <= SMALL_CLUSTER_CPUS  # auto: inside the one worker (colocated) on such a Ray
+        assert hosted == (case == "sinks_in_workers" or (case == "colocated" and small)), log_of(r)[-3000:]
+        outs[case] = sorted((without_timing(x) for x in read_rows(out)), key=lambda x: x["id"])
     assert len(outs["colocated"]) == 300
-    assert outs["colocated"] == outs["per_role"]
+    assert outs["colocated"] == outs["per_role"] == outs["sinks_in_workers"]
     turns = Counter(len(r["messages"]) for r in outs["colocated"])
     assert len(turns) > 1  # dialogues of different lengths: the comparison is not trivial
 

@@ -215,3 +215,19 @@ def test_the_number_of_sinks_is_one_on_a_small_machine_two_elsewhere_unless_set(
         OutputConf(dir="x", num_sinks=0)
     with pytest.raises(ValueError, match=r"output.num_sinks=5 > output.num_shards=4"):
         OutputConf(dir="x", num_sinks=5)
+
+
+def test_the_sink_runs_inside_the_worker_on_a_small_machine_with_one_worker_unless_set() -> None:
+    from matrix_hpc.store.conf import OutputConf, sinks_in_workers
+
+    auto = OutputConf(dir="x")
+    assert auto.sink_host == "auto"
+    # (cluster CPUs, sinks, worker processes): only the small machine's one worker and one sink share a process
+    cases = [(2, 1, 1), (4, 1, 1), (5, 1, 1), (2, 1, 2), (2, 2, 2), (64, 2, 8)]
+    assert [sinks_in_workers(auto, *c) for c in cases] == [True, True, False, False, False, False]
+    assert not sinks_in_workers(OutputConf(dir="x", sink_host="actors"), 2, 1, 1)
+    assert sinks_in_workers(OutputConf(dir="x", sink_host="workers"), 64, 2, 8)
+    with pytest.raises(ValueError, match=r"sink_host=workers needs a worker process per sink: 3 sinks, 2 worker"):
+        sinks_in_workers(OutputConf(dir="x", sink_host="workers"), 64, 3, 2)
+    with pytest.raises(ValueError, match=r"output.sink_host='worker'; valid choices: auto, actors, workers"):
+        OutputConf(dir="x", sink_host="worker")
