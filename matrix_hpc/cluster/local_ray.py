@@ -145,9 +145,11 @@ def lean_ray_start() -> Iterator[None]:
     after, at load 1.0-1.7. ``ray.init`` has no option for any of the three
     (``include_dashboard=False`` and ``enable_metrics_collection=False`` leave the first
     two; ``no_monitor`` is only ``ray start``'s), so three of its private functions (the
-    third builds the agent's command) and one method are replaced for the call only. Ray is
-    pinned below 2.61 in pyproject.toml; if any is not where this expects it, nothing is
-    replaced and Ray starts as it would (logged)."""
+    third builds the agent's command) and one method are replaced for the call only. A
+    fourth function, ``services.get_node``, first polls the node table (see
+    ``NODE_REGISTER_POLL_S``): ``ray.init`` no longer waits a whole second for its raylet.
+    Ray is pinned below 2.61 in pyproject.toml; if any is not where this expects it,
+    nothing is replaced and Ray starts as it would (logged)."""
     import ray._private.node as node  # private: see above
     import ray._private.ray_constants as ray_constants
     import ray._private.services as services
