@@ -90,6 +90,7 @@ def run_from_config(cfg: DictConfig) -> int:
     from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
     from matrix_hpc.services.llm.deploy import ServeError
     from matrix_hpc.services.sandbox.ray_pool import PoolNotDeployed
+    from matrix_hpc.store.conf import SinkPlacementError
     from matrix_hpc.store.input import InputPathError
     from matrix_hpc.store.lock import OutputLocked
     from matrix_hpc.store.resume import ResumeRefused
@@ -100,7 +101,7 @@ def run_from_config(cfg: DictConfig) -> int:
         return submitted
     try:
         result = execute(cfg)
-    except (ResumeRefused, InputPathError, MonitoringError, ServeError, PoolNotDeployed) as e:
+    except (ResumeRefused, InputPathError, MonitoringError, ServeError, PoolNotDeployed, SinkPlacementError) as e:
         return fail(str(e))
     except OutputLocked as e:  # its message names the holder and what to do
         fail(str(e))

@@ -41,7 +41,7 @@ from matrix_hpc.runtime.samples import expand_samples
 from matrix_hpc.runtime.verify import MissingIds, missing_input
 from matrix_hpc.runtime.worker import HostedSink, Router, StepPolicy, Worker, WorkerSpec
 from matrix_hpc.runtime.workflow import WorkflowConf, build_workflow
-from matrix_hpc.store.conf import OutputConf, resolved_num_sinks, sinks_in_workers
+from matrix_hpc.store.conf import OutputConf, SinkPlacementError, resolved_num_sinks, sinks_in_workers
 from matrix_hpc.store.input import DatasetConf, InputItem, count_input_rows, iter_input
 from matrix_hpc.store.layout import META_DIR, sink_of
 from matrix_hpc.store.resume import scan_output
@@ -208,6 +208,9 @@ class Driver:
             try:
                 await self._create_actors(attempt)
                 return
+            except SinkPlacementError:  # the configuration, not a lost node: no retry
+                self._kill(self._created)
+                raise
             except Exception as e:
                 if attempt == tries:
                     raise
@@ -221,14 +224,17 @@ class Driver:
         run, out = self.plan.run, self.plan.output
         schema = output_schema(self.workflow.result_columns())
         cpus = ray.cluster_resources().get("CPU", 0)
+        groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
+        num_workers = sum(g.instances for g in groups)
         num_sinks = resolved_num_sinks(out, cpus)
+        if out.sink_host == "workers" and out.num_sinks is None:  # chosen by the run: at most one per worker
+            num_sinks = min(num_sinks, num_workers)
         # Rows wait in sink buffers until committed (in flight meanwhile): commit before half the concurrency does.
         flush_rows = max(64, min(out.max_buffered_rows, run.max_concurrent_tasks // (2 * num_sinks)))
         settings = SinkSettings(str(self.out_dir), out.num_shards, self.run_id, out.flush_interval_s,
                                 flush_rows, out.compression, out.keep, out.compact_min_files,
                                 workflow=self.plan.workflow.name)
-        groups = plan_groups(self.workflow.roles, run.placement, run.num_workers, run.role_workers)
-        hosted = sinks_in_workers(out, cpus, num_sinks, sum(g.instances for g in groups))
+        hosted = sinks_in_workers(out, cpus, num_sinks, num_workers)
         where = " inside the worker process(es)" if hosted else ""
         why = [] if out.num_sinks is not None else ["output.num_sinks=null: chosen for this Ray's CPUs"]
         why += [f"output.sink_host={out.sink_host}"] if out.sink_host == "auto" and hosted else []

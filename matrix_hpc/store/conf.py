@@ -34,6 +34,11 @@ class OutputConf:
 
 SINK_HOSTS = ("auto", "actors", "workers")
 
+
+class SinkPlacementError(ValueError):
+    """The output settings ask for a placement the run's workers cannot give (reported
+    before any actor starts, as a configuration error)."""
+
 #: Ray clusters with at most this many CPUs get one sink by default (``output.num_sinks=null``).
 SMALL_CLUSTER_CPUS = 4
 
@@ -66,7 +71,7 @@ def sinks_in_workers(conf: OutputConf, cluster_cpus: float, num_sinks: int, num_
     sink with it, and the driver re-admits what either held."""
     if conf.sink_host == "workers":
         if num_sinks > num_workers:
-            raise ValueError(f"output.sink_host=workers needs a worker process per sink: {num_sinks} sinks, "
+            raise SinkPlacementError(f"output.sink_host=workers needs a worker process per sink: {num_sinks} sinks, "
                              f"{num_workers} worker(s); lower output.num_sinks or use output.sink_host=actors")
         return True
     if conf.sink_host == "actors":

@@ -158,3 +158,13 @@ def test_unknown_keys_and_bad_values_are_refused_naming_them(tmp_path: Path) -> 
     assert r.returncode == 2 and "expected one of [colocated, per_role]" in r.stderr
     r = run_cli("dataset.path=x", f"output.dir={tmp_path}", "workflow=nope")
     assert r.returncode == 2 and "valid choices for workflow" in r.stderr and "overhead" in r.stderr
+
+
+def test_more_sinks_than_workers_to_host_them_is_refused_naming_the_settings(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    r = run_cli(f"dataset.path={data}", f"output.dir={tmp_path / 'out'}", "output.sink_host=workers",
+                "output.num_sinks=2", "run.num_workers=1")
+    assert r.returncode == 2, log_of(r)[-3000:]
+    assert "output.sink_host=workers needs a worker process per sink: 2 sinks, 1 worker(s)" in r.stderr
+    assert "Traceback" not in log_of(r)
+    assert not list((tmp_path / "out").glob("shard=*"))  # refused before any row
