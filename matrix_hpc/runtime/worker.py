@@ -351,6 +351,11 @@ class Worker:
                     await res
 
 
+def _on_host(method: str) -> Any:  # Any: a property
+    """The hosting worker's ``sink_<method>`` (a Ray actor method), read as ``<method>``."""
+    return property(lambda self: getattr(self.host, f"sink_{method}"))
+
+
 @dataclass(frozen=True)
 class HostedSink:
     """The driver's (and other workers') handle on a sink that runs inside a
@@ -359,26 +364,9 @@ class HostedSink:
 
     host: Any  # the worker's Ray actor handle
 
-    @property
-    def write(self) -> Any:
-        return self.host.sink_write
-
-    @property
-    def wait_commits(self) -> Any:
-        return self.host.sink_wait_commits
-
-    @property
-    def flush(self) -> Any:
-        return self.host.sink_flush
-
-    @property
-    def close(self) -> Any:
-        return self.host.sink_close
-
-    @property
-    def health(self) -> Any:
-        return self.host.sink_health
-
-    @property
-    def incarnation_id(self) -> Any:
-        return self.host.sink_incarnation_id
+    write = _on_host("write")
+    wait_commits = _on_host("wait_commits")
+    flush = _on_host("flush")
+    close = _on_host("close")
+    health = _on_host("health")
+    incarnation_id = _on_host("incarnation_id")
