@@ -39,16 +39,27 @@ def plan_from_config(cfg: DictConfig) -> RunPlan:
     )
 
 
+def check_placement(plan: RunPlan) -> None:
+    """``run.role_workers`` names only roles of the workflow (PlacementError), before anything starts."""
+    from matrix_hpc.runtime.placement import plan_groups
+    from matrix_hpc.runtime.workflow import build_workflow
+
+    run = plan.run
+    plan_groups(build_workflow(plan.workflow).roles, run.placement, run.num_workers, run.role_workers)
+
+
 def execute(cfg: DictConfig, driver_hook: Any = None) -> RunResult:
     """Run the job described by ``cfg``. ``driver_hook(driver)`` is called
     once the driver exists (e.g. to wire a preemption handler).
 
-    Before Ray starts: the input path is checked, the output directory is
-    locked for this run (a second run on it is refused) and the resume
-    check compares the workflow and dataset with what the output holds.
+    Before Ray starts: the input path and the placement are checked, the
+    output directory is locked for this run (a second run on it is refused)
+    and the resume check compares the workflow and dataset with what the
+    output holds.
     """
     plan = plan_from_config(cfg)
     check_input(plan.dataset)
+    check_placement(plan)
     check_monitoring(cfg)
     startup.phase("input_check")
     run_id = new_run_id()

@@ -87,6 +87,7 @@ def run_from_config(cfg: DictConfig) -> int:
     """Run one job from a composed config; returns the process exit code."""
     from matrix_hpc.app.run import execute
     from matrix_hpc.cluster.monitoring import MonitoringError
+    from matrix_hpc.runtime.placement import PlacementError
     from matrix_hpc.runtime.progress import FINISHED, INTERRUPTED
     from matrix_hpc.services.llm.deploy import ServeError
     from matrix_hpc.services.sandbox.ray_pool import PoolNotDeployed
@@ -101,7 +102,8 @@ def run_from_config(cfg: DictConfig) -> int:
         return submitted
     try:
         result = execute(cfg)
-    except (ResumeRefused, InputPathError, MonitoringError, ServeError, PoolNotDeployed, SinkPlacementError) as e:
+    except (ResumeRefused, InputPathError, MonitoringError, ServeError, PoolNotDeployed, SinkPlacementError,
+            PlacementError) as e:
         return fail(str(e))
     except OutputLocked as e:  # its message names the holder and what to do
         fail(str(e))

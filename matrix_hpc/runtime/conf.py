@@ -27,6 +27,11 @@ RETRY_CHOICES = ("none", "failed")
 @dataclass
 class RunConf:
     max_concurrent_tasks: int = 1000  # tasks running (then in flight until their rows are committed)
+    # Admitted tasks that wait at their worker and start there the moment a running task ends (no round
+    # trip to the driver between the two); they do not count as running. null: as many as
+    # max_concurrent_tasks, at most 1,024; 0: none. Only when a task ends on the worker it starts on (one
+    # placement group: colocated, or one role).
+    standby_tasks: int | None = None
     max_attempts: int = 3  # executions of one step before its task fails
     backoff_base_s: float = 0.5  # first retry delay of a failed step (doubles each retry)
     backoff_max_s: float = 30.0  # longest retry delay
@@ -57,6 +62,9 @@ class RunConf:
     def __post_init__(self) -> None:
         if self.max_concurrent_tasks < 1:
             raise ValueError("run.max_concurrent_tasks must be >= 1")
+        if self.standby_tasks is not None and self.standby_tasks < 0:
+            raise ValueError(f"run.standby_tasks={self.standby_tasks} must be >= 0 (0: none; null: chosen "
+                             "from run.max_concurrent_tasks)")
         if self.retry not in RETRY_CHOICES:
             raise ValueError(f"run.retry={self.retry!r}; valid choices: {', '.join(RETRY_CHOICES)} "
                              "(failed: re-run the ids whose row is `failed`)")
@@ -71,3 +79,18 @@ class RunConf:
             raise ValueError("run.max_attempts must be >= 1")
         if self.num_workers < 1:
             raise ValueError("run.num_workers must be >= 1")
+
+
+#: ``run.standby_tasks=null``: as many as ``run.max_concurrent_tasks``, at most this many.
+STANDBY_AUTO_MAX = 1024
+
+
+def standby_size(run: RunConf, groups: int) -> int:
+    """Tasks that may wait at their workers (``run.standby_tasks``): none when a
+    task's roles span placement groups, for it would end on another worker
+    than the one holding its successor."""
+    if groups > 1:
+        return 0
+    if run.standby_tasks is not None:
+        return run.standby_tasks
+    return min(run.max_concurrent_tasks, STANDBY_AUTO_MAX)

@@ -3,10 +3,13 @@
 It streams input rows, skips ids the output already holds, and keeps at most
 ``max_concurrent_tasks`` running: a credit returns when a worker reports the
 task ended (its row on the way to its sink), so admission never waits for a
-commit. A task stays in flight until a sink acknowledges its committed row,
-and at most ``max_concurrent_tasks`` + max(``max_concurrent_tasks``,
-``MIN_UNCOMMITTED``) are in flight (a sink that cannot commit stops
-admission). Task state never comes back here: it travels worker to worker
+commit. Up to ``run.standby_tasks`` more wait at their workers and start
+there the moment a task ends there, before the driver hears of it (the
+worker reports the swap; the driver promotes a standby task itself when a
+credit comes back from a worker that had none waiting). A task stays in
+flight until a sink acknowledges its committed row, and at most
+``max_concurrent_tasks`` + max(``max_concurrent_tasks``, ``MIN_UNCOMMITTED``)
+are in flight (a sink that cannot commit stops admission). Task state never comes back here: it travels worker to worker
 and ends in a sink.
 
 It also keeps the run honest: lost peers and failed sends lead to
@@ -31,11 +34,11 @@ from typing import Any
 
 from matrix_hpc import metrics, startup
 from matrix_hpc.background import supervise
-from matrix_hpc.runtime.conf import RunConf
+from matrix_hpc.runtime.conf import RunConf, standby_size
 from matrix_hpc.runtime.message import FAILED, TaskState, pack_tasks
 from matrix_hpc.runtime.outbox import Outbox
 from matrix_hpc.runtime.peers import PeerEvents, PeerWatch, WorkerKey
-from matrix_hpc.runtime.placement import Group, plan_groups, spread_nodes
+from matrix_hpc.runtime.placement import Group, PlacementError, plan_groups, spread_nodes
 from matrix_hpc.runtime.progress import FINISHED, INCOMPLETE, INTERRUPTED, ProgressPrinter, RunStats
 from matrix_hpc.runtime.samples import expand_samples
 from matrix_hpc.runtime.verify import MissingIds, missing_input
@@ -67,6 +70,7 @@ MIN_UNCOMMITTED = 1024
 TAIL_FLUSH_FIRST_GAP_S = 0.02
 TAIL_FLUSH_EVERY_S = 0.25
 TAIL_DRAIN_TIMEOUT_S = 1.0  # longest wait for the workers' rows before the sinks commit anyway
+RUN, STANDBY = "run", "standby"  # how a credit admits a task (Driver._take_credit)
 
 
 @dataclass
@@ -108,7 +112,12 @@ class Driver:
         self.stats = RunStats()
         self.inflight: dict[str, InputItem] = {}
         self.running: set[str] = set()  # dispatched to a worker, its end not yet reported (admission credits)
-        self.max_in_flight = plan.run.max_concurrent_tasks + max(plan.run.max_concurrent_tasks, MIN_UNCOMMITTED)
+        self.standby_limit = 0  # run.standby_tasks, resolved for the placement (_create_actors)
+        self._standby: dict[WorkerKey, dict[str, None]] = {}  # standby ids per worker, not known to have started
+        self._standby_count = 0
+        self._standby_boxes: dict[WorkerKey, Outbox] = {}  # standby tasks to each worker
+        self._promote_boxes: dict[WorkerKey, Outbox] = {}  # ids of its standby tasks to start, to each worker
+        self.max_in_flight = in_flight_cap(plan.run, 0)
         self.problems: list[str] = []
         self._credit_event: asyncio.Event | None = None
         self._stopping = False
@@ -208,7 +217,7 @@ class Driver:
             try:
                 await self._create_actors(attempt)
                 return
-            except SinkPlacementError:  # the configuration, not a lost node: no retry
+            except (SinkPlacementError, PlacementError):  # the configuration, not a lost node: no retry
                 self._kill(self._created)
                 raise
             except Exception as e:
@@ -264,6 +273,17 @@ class Driver:
         self._sink_boxes = [self._outbox(s.write.remote, f"sink {n}") for n, s in enumerate(self.sinks)]
         self._first_boxes = {(g, i): self._outbox(h.deliver.remote, f"worker {g}/{i}")
                              for g, hs in handles.items() for i, h in enumerate(hs)}
+        self.standby_limit = standby_size(run, len(groups))
+        self.max_in_flight = in_flight_cap(run, self.standby_limit)
+        if run.standby_tasks and not self.standby_limit:
+            log.warning("run.standby_tasks=%d is ignored: the roles run in %d placement groups, so a task ends "
+                        "on another worker than the one it starts on", run.standby_tasks, len(groups))
+        self._standby = {key: {} for key in self._first_boxes}
+        self._standby_boxes = {(g, i): self._outbox(h.deliver_standby.remote, f"worker {g}/{i} (standby)")
+                               for g, hs in handles.items() for i, h in enumerate(hs)}
+        self._promote_boxes = {(g, i): Outbox(h.promote.remote, run.batch_size, run.batch_delay_ms / 1000,
+                                              name=f"worker {g}/{i} (promotions)")
+                               for g, hs in handles.items() for i, h in enumerate(hs)}
 
     async def _start_workers(self, groups: list[Group], attempt: int = 1,
                              hosted_sinks: list[tuple[Any, Any, int]] | None = None) -> dict[str, list[Any]]:
@@ -361,9 +381,10 @@ class Driver:
                 continue
             if self._skip_duplicate(item):
                 continue
-            if not await self._take_credit():
+            how = await self._take_credit()
+            if not how:
                 break
-            self._admit(item)
+            self._admit(item, standby=how == STANDBY)
             if self._admitted == 1:
                 startup.phase("first_admitted")
             if n % 512 == 0:
@@ -387,26 +408,36 @@ class Driver:
         self.stats.note_duplicate(item.id, item.where, first)
         return True
 
-    async def _take_credit(self) -> bool:
+    async def _take_credit(self) -> str:
+        """How the next task is admitted: ``RUN`` (a credit is free), ``STANDBY``
+        (to wait at its worker), or "" (the run is stopping)."""
         assert self._credit_event is not None
         limit = self.plan.run.max_concurrent_tasks
-        while (len(self.running) >= limit or len(self.inflight) >= self.max_in_flight) and not self._stopping:
+        while not self._stopping:
+            self._promote_standby()
+            if len(self.inflight) < self.max_in_flight:
+                if len(self.running) < limit:
+                    return RUN
+                if self._standby_count < self.standby_limit:
+                    return STANDBY
             self._flush_boxes(sinks=False)
             self._credit_event.clear()
             await self._credit_event.wait()
-        return not self._stopping
+        return ""
 
-    def _admit(self, item: InputItem) -> None:
+    def _admit(self, item: InputItem, standby: bool = False) -> None:
         self.inflight[item.id] = item
         self._admitted += 1
         self.stats.in_flight = len(self.inflight)
-        self._dispatch(item, attempt=1)
+        self._dispatch(item, attempt=1, standby=standby)
 
-    def _dispatch(self, item: InputItem, attempt: int) -> None:
-        """Send a task on its way: to the first role, or (unreadable or invalid
-        input) straight to its sink as a ``failed`` row."""
+    def _dispatch(self, item: InputItem, attempt: int, standby: bool = False) -> None:
+        """Send a task on its way: to the first role (``standby``: to wait
+        there), or (unreadable or invalid input) straight to its sink as a
+        ``failed`` row."""
         self._admitted_at[item.id] = time.time()
         self.running.discard(item.id)  # running again below, unless it goes straight to its sink
+        self._unstandby(item.id)
         if item.row is None:
             self._sink_box(item.id).put(_failed_input(item, attempt))
             return
@@ -418,11 +449,64 @@ class Driver:
             task.finish(FAILED, error_type="InputError", error=f"{item.where}: {e}")
             self._sink_box(item.id).put(task)
             return
-        self.running.add(item.id)
-        self._first_boxes[self.router.route(first, item.id)].put(task)
+        key = self.router.route(first, item.id)
+        if standby:
+            self._standby[key][item.id] = None
+            self._standby_count += 1
+            self._standby_boxes[key].put(task)
+        else:
+            self.running.add(item.id)
+            self._first_boxes[key].put(task)
+
+    def _unstandby(self, task_id: str) -> bool:
+        """Forget that a task waits at its worker; whether it did."""
+        waiting = self._standby.get(self.router.route(self.workflow.first_role, task_id)) if self._standby else None
+        if waiting is None or task_id not in waiting:
+            return False
+        del waiting[task_id]
+        self._standby_count -= 1
+        return True
+
+    def _promote_standby(self) -> None:
+        """Free credits start standby tasks before any new admission: a worker
+        whose tasks ended with none waiting there returned them."""
+        limit = self.plan.run.max_concurrent_tasks
+        if not self._standby_count or self._stopping:
+            return
+        for key, waiting in self._standby.items():
+            while waiting and len(self.running) < limit:
+                task_id = next(iter(waiting))
+                del waiting[task_id]
+                self._standby_count -= 1
+                self.running.add(task_id)
+                self._promote_boxes[key].put(task_id)
+
+    async def _drop_standby(self) -> None:
+        """Stopping: standby tasks do not start; those still waiting at their
+        workers leave the run (the rerun does them). The sends of standby
+        tasks settle first, so that every one is either waiting there or
+        started (and reported)."""
+        keys = [key for key, waiting in self._standby.items() if waiting]
+        if not keys:
+            return
+        await asyncio.gather(*[self._standby_boxes[key].drain(5.0) for key in keys])
+        dropped = await asyncio.gather(*[self.handles[g][i].drop_standby.remote() for g, i in keys],
+                                       return_exceptions=True)
+        n = 0
+        for ids in dropped:
+            for task_id in ids if isinstance(ids, list) else []:
+                if self._unstandby(task_id):
+                    self.inflight.pop(task_id, None)
+                    self._admitted_at.pop(task_id, None)
+                    n += 1
+        if n:
+            log.info("%d standby task(s) were not started; the rerun does them", n)
+        self.stats.in_flight = len(self.inflight)
 
     def _flush_boxes(self, sinks: bool = True) -> None:
-        for box in [*self._first_boxes.values(), *(self._sink_boxes if sinks else [])]:
+        self._promote_standby()
+        for box in [*self._first_boxes.values(), *self._standby_boxes.values(), *self._promote_boxes.values(),
+                    *(self._sink_boxes if sinks else [])]:
             box.flush()
 
     def _sink_box(self, task_id: str) -> Outbox:
@@ -430,16 +514,22 @@ class Driver:
 
     # -- admission credits and commits ------------------------------------
     async def _poll_finished(self, worker: Any) -> None:
-        """A worker's ended tasks return their admission credits."""
+        """A worker's ended tasks return their admission credits, but those
+        that standby tasks took there."""
         assert self._credit_event is not None
         while True:
             try:
-                ids = await worker.finished.remote(1.0)
+                ended, started = await worker.finished.remote(1.0)
             except Exception:  # restarting: the worker watch re-admits what it held
                 await asyncio.sleep(1.0)
                 continue
-            if ids:
-                self.running.difference_update(ids)
+            self.running.difference_update(ended)
+            now = time.time()
+            for task_id in started:
+                if self._unstandby(task_id) and task_id in self.inflight:
+                    self.running.add(task_id)
+                    self._admitted_at[task_id] = now
+            if ended or started:
                 self._credit_event.set()
 
     async def _poll_commits(self, sink: Any) -> None:
@@ -465,6 +555,7 @@ class Driver:
             return
         self._admitted_at.pop(task_id, None)
         self.running.discard(task_id)  # its end report may still be on the way
+        self._unstandby(task_id)  # a copy of it may wait at its worker
         if status != DUPLICATE:  # a duplicate ack: a copy of a task whose row a sink had already written
             self.stats.record(status, error_type, error, tokens)
 
@@ -473,7 +564,7 @@ class Driver:
         """Re-admit the tasks of failed sends, and tasks past ``run.task_timeout_s``."""
         lost, self._lost_sends = self._lost_sends, set()
         for task_id in lost:
-            self._readmit(task_id, loss=False)
+            self._readmit(task_id, loss=False, gone=True)
         timeout_s = self.plan.run.task_timeout_s
         if timeout_s > 0:
             now = time.time()
@@ -494,9 +585,10 @@ class Driver:
         groups it could be on any worker, so every task goes again, uncounted."""
         colocated = len(self.handles) == 1
         first = self.workflow.first_role
+        waited = set(self._standby.get(key, ()))  # standby tasks, not started: not the cause
         for task_id in list(self.inflight):
             if not colocated or self.router.route(first, task_id) == key:
-                self._readmit(task_id, loss=colocated)
+                self._readmit(task_id, loss=colocated and task_id not in waited, gone=True)
         self._flush_boxes()
 
     def _on_sink_restarted(self, n: int) -> None:
@@ -510,22 +602,29 @@ class Driver:
         if not self._aborting:  # reported once; the run is stopping
             self._fail(f"sink {n} cannot commit: {message}")
 
-    def _readmit(self, task_id: str, loss: bool) -> None:
+    def _readmit(self, task_id: str, loss: bool, gone: bool = False) -> None:
         """Send an in-flight task again. ``loss``: its worker died or it timed
         out (a task that keeps doing that fails after ``run.max_attempts``);
-        a failed send or a lost sink is not the task's doing."""
+        a failed send or a lost sink is not the task's doing. A standby task
+        (not started, so it has no row to lose) is sent again only when its
+        copy is ``gone`` (its worker restarted, its send failed), to wait again."""
         item = self.inflight.get(task_id)
         if item is None:
+            return
+        standby = task_id in self._standby.get(self.router.route(self.workflow.first_role, task_id), ())
+        if standby and not gone:
+            self._admitted_at[task_id] = time.time()  # waiting is not running: no timeout
             return
         n = self._dispatches[task_id] = self._dispatches.get(task_id, 1) + 1
         losses = self._losses[task_id] = self._losses.get(task_id, 0) + int(loss)
         if losses >= self.plan.run.max_attempts or n > MAX_DISPATCHES:
             self._admitted_at[task_id] = time.time()
             self.running.discard(task_id)
+            self._unstandby(task_id)
             self._sink_box(task_id).put(_lost_task(item, n, losses))
             return
         self.stats.readmitted += 1
-        self._dispatch(item, n)
+        self._dispatch(item, n, standby=standby)
 
     async def _wait_in_flight(self) -> None:
         assert self._credit_event is not None
@@ -544,6 +643,8 @@ class Driver:
                     pass
                 continue
             if self._stopping:
+                if deadline is None:
+                    await self._drop_standby()
                 deadline = deadline or time.time() + self.plan.run.drain_timeout_s
                 if time.time() >= deadline:
                     log.warning("drain timeout: %d tasks abandoned (they run again on resume)", len(self.inflight))
@@ -573,9 +674,10 @@ class Driver:
                         ", ".join(missing.examples()))
             self.stats.verify_readmitted += len(missing)
             for item in missing.items:
-                if not await self._take_credit():
+                how = await self._take_credit()
+                if not how:
                     return
-                self._admit(item)
+                self._admit(item, standby=how == STANDBY)
             self._flush_boxes()
             await self._wait_in_flight()
 
@@ -658,6 +760,12 @@ class Driver:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
+
+
+def in_flight_cap(run: RunConf, standby: int) -> int:
+    """Tasks in flight at most: running, waiting at their workers (``standby``),
+    and ended with their rows not committed yet (see ``MIN_UNCOMMITTED``)."""
+    return run.max_concurrent_tasks + standby + max(run.max_concurrent_tasks, MIN_UNCOMMITTED)
 
 
 def _spread_options(count: int) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from matrix_hpc.runtime.conf import Placement
 
 
+class PlacementError(ValueError):
+    """The run's placement settings cannot be honoured (a configuration error: never retried)."""
+
+
 @dataclass(frozen=True)
 class Group:
     name: str  # group name ("all" when co-located, else the role name)
@@ -20,7 +24,7 @@ def plan_groups(roles: tuple[str, ...], placement: Placement, num_workers: int,
     Per role: one group per role, ``role_workers[role]`` instances (default 1)."""
     unknown = sorted(set(role_workers) - set(roles))
     if unknown:
-        raise ValueError(f"run.role_workers names unknown role(s) {unknown}; roles of this workflow: {list(roles)}")
+        raise PlacementError(f"run.role_workers names unknown role(s) {unknown}; roles of this workflow: {list(roles)}")
     if placement is Placement.colocated:
         return [Group("all", roles, num_workers)]
     return [Group(role, (role,), max(1, role_workers.get(role, 1))) for role in roles]

@@ -4,6 +4,12 @@ Tasks arrive in batches (``deliver``). Each task runs as one coroutine that
 keeps stepping while the next role is hosted here (an in-process hop), and
 otherwise hands the message to the outbox of the peer that hosts it. A
 finished task goes to the sink that owns its shard.
+
+Standby tasks (``run.standby_tasks``) arrive the same way but wait here: when
+a task ends here, the oldest of them starts in its place at once, and the
+driver learns of the swap in the next :meth:`Worker.finished` report. A
+task's slot is thus never idle for the report's round trip to the driver
+(at 1,000 calls in flight, about 2% of every call's time).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,6 +77,10 @@ TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
 #: Shortest gap between two answers of :meth:`Worker.finished`: finished ids
 #: gathered this long go to the driver in one call (its admission credits).
 FINISH_REPORT_GAP_S = 0.1
+#: How long a worker remembers a standby task it started (a late ``promote``
+#: of it from the driver is then ignored) or a promotion that came before its
+#: task (which then starts on arrival).
+STANDBY_MEMORY_S = 120.0
 #: Longest wait before a partial batch of finished tasks goes to a sink. Rows
 #: wait for the sink's next commit anyway (``output.flush_interval_s``), and
 #: admission does not wait for them (:meth:`Worker.finished`), so batching
@@ -145,6 +156,13 @@ class Worker:
         self._finished_ready: asyncio.Event | None = None  # created in the actor's event loop
         self._finished_reported_at = 0.0
         self._finished_reports = 0  # answers of finished() that carried ids (Ray calls back to the driver)
+        self._standby: dict[str, TaskState] = {}  # standby tasks waiting here, oldest first
+        self._standby_started: list[str] = []  # ids started from standby since the last report
+        self._standby_closed = False  # the run is stopping: standby tasks no longer start
+        self._started_recently: deque[tuple[float, str]] = deque()  # (when, id) of standby tasks started here
+        self._started_ids: set[str] = set()  # the ids of _started_recently
+        self._early: dict[str, float] = {}  # ids the driver promoted before they arrived here -> when
+        self.standby_starts = 0
         self.steps = 0
         self.local_hops = 0
         self.remote_hops = 0
@@ -199,13 +217,68 @@ class Worker:
 
     async def deliver(self, batch: bytes | list[TaskState]) -> None:
         """Start the tasks of a batch (see :func:`pack_tasks`)."""
+        self._refuse_if_unconnected()
+        for task in unpack_tasks(batch):
+            self._start(task)
+
+    def _start(self, task: TaskState) -> None:
+        t = asyncio.ensure_future(self._drive(task))
+        self._running.add(t)
+        t.add_done_callback(self._running.discard)
+
+    def _refuse_if_unconnected(self) -> None:
         if self.router is None:  # restarted and not yet reconnected: the sender's failed send re-admits these
             raise NotConnected(f"worker {self.spec.group}/{self.spec.index} (incarnation {self.incarnation}) "
                                "restarted and is not connected yet; its tasks are refused")
+
+    async def deliver_standby(self, batch: bytes | list[TaskState]) -> None:
+        """Tasks that wait here until a task ends here (or the driver promotes
+        them): they do not run yet."""
+        self._refuse_if_unconnected()
         for task in unpack_tasks(batch):
-            t = asyncio.ensure_future(self._drive(task))
-            self._running.add(t)
-            t.add_done_callback(self._running.discard)
+            if self._early.pop(task.id, None) is not None:  # the driver's promote() came first
+                self._start(task)
+            elif not self._standby_closed:
+                self._standby[task.id] = task
+
+    async def promote(self, ids: list[str]) -> None:
+        """Start these standby tasks: the driver gave them credits that ended
+        elsewhere. One already started here in place of a task that ended
+        here is left as it is (the driver learns that from its report); one
+        not arrived yet starts when it arrives."""
+        now = time.monotonic()
+        self._forget_standby_before(now - STANDBY_MEMORY_S)
+        for task_id in ids:
+            task = self._standby.pop(task_id, None)
+            if task is not None:
+                self._start(task)
+            elif task_id not in self._started_ids:
+                self._early[task_id] = now
+
+    def _start_standby(self) -> None:
+        """A task that held a slot ended here: the oldest standby task takes it."""
+        if not self._standby or self._standby_closed:
+            return
+        task_id = next(iter(self._standby))
+        task = self._standby.pop(task_id)
+        self._standby_started.append(task_id)
+        self._started_recently.append((time.monotonic(), task_id))
+        self._started_ids.add(task_id)
+        self.standby_starts += 1
+        self._start(task)
+
+    def _forget_standby_before(self, t: float) -> None:
+        while self._started_recently and self._started_recently[0][0] < t:
+            self._started_ids.discard(self._started_recently.popleft()[1])
+        for task_id in [i for i, at in self._early.items() if at < t]:
+            del self._early[task_id]
+
+    async def drop_standby(self) -> list[str]:
+        """The run is stopping: the standby tasks waiting here will not start;
+        their ids (the driver leaves them to the rerun)."""
+        self._standby_closed = True
+        ids, self._standby = list(self._standby), {}
+        return ids
 
     async def _drive(self, task: TaskState) -> None:
         assert self.router is not None
@@ -222,6 +295,7 @@ class Worker:
                 await self._end_task(task)
                 self._to_sink(task)
                 self._note_finished(task.id)
+                self._start_standby()
                 return
             task.role = nxt
             dest = self.router.route(nxt, task.id)
@@ -272,11 +346,13 @@ class Worker:
         if self._finished_ready is not None:
             self._finished_ready.set()
 
-    async def finished(self, timeout_s: float = 1.0) -> list[str]:
-        """Long poll (the driver's admission): ids of the tasks that ended here
-        since the last call, at most one answer per ``FINISH_REPORT_GAP_S`` so
-        that a busy worker answers with batches, not single ids. Their rows
-        are on the way to their sinks; commits are acknowledged by the sinks."""
+    async def finished(self, timeout_s: float = 1.0) -> tuple[list[str], list[str]]:
+        """Long poll (the driver's admission): the ids of the tasks that ended
+        here since the last call, and of the standby tasks that started here
+        in their places; at most one answer per ``FINISH_REPORT_GAP_S`` so
+        that a busy worker answers with batches, not single ids. The ended
+        tasks' rows are on the way to their sinks; commits are acknowledged
+        by the sinks."""
         if self._finished_ready is None:
             self._finished_ready = asyncio.Event()
         if not self._finished:
@@ -286,12 +362,15 @@ class Worker:
                 pass
         wait_s = self._finished_reported_at + FINISH_REPORT_GAP_S - time.monotonic()
         if self._finished and wait_s > 0:
-            await asyncio.sleep(wait_s)
-        ids, self._finished = self._finished, []
-        self._finished_reports += bool(ids)
+            await asyncio.sleep(0)  # the ended tasks leave _running
+            if self._running:  # more may end soon: report them together; idle (the run's tail): at once
+                await asyncio.sleep(wait_s)
+        ended, self._finished = self._finished, []
+        started, self._standby_started = self._standby_started, []
+        self._finished_reports += bool(ended)
         self._finished_ready.clear()
         self._finished_reported_at = time.monotonic()
-        return ids
+        return ended, started
 
     async def drain_sinks(self, timeout_s: float = 2.0) -> None:
         """Send the rows waiting here for their sinks and wait (at most
@@ -306,7 +385,7 @@ class Worker:
                 "steps": self.steps, "local_hops": self.local_hops, "remote_hops": self.remote_hops,
                 "peer_calls": sum(b.batches_sent for b in peers), "sink_calls": sum(b.batches_sent for b in sinks),
                 "sink_messages": sum(b.messages_sent for b in sinks), "finished_reports": self._finished_reports,
-                "incarnation": self.incarnation}
+                "standby_starts": self.standby_starts, "incarnation": self.incarnation}
 
     async def ping(self) -> str:
         return self.incarnation

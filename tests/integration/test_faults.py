@@ -329,6 +329,7 @@ def test_a_drained_run_exits_75_reporting_from_disk_and_the_rerun_completes(tmp_
     stderr = _finish(proc, log)
     assert proc.returncode == EXIT_INTERRUPTED, stderr[-4000:]
     assert "INTERRUPTED (rerun the same command to resume)" in stderr and "verify round" not in stderr
+    assert "standby task(s) were not started; the rerun does them" in stderr  # only running tasks drain
     summary = assert_summary_matches_disk(stderr, out)
     assert 100 <= summary["rows"] < n
     r = run_cli(*args)

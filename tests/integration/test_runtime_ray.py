@@ -34,13 +34,15 @@ def _rows(n: int) -> list[dict]:
 
 
 def test_both_placements_write_identical_rows(tmp_path: Path) -> None:
-    """Colocated, this small machine's one sink runs inside the one worker (output.sink_host=auto);
-    per role, in a sink actor; and with the sinks inside worker processes across roles
+    """Colocated, this small machine's one sink runs inside the one worker (output.sink_host=auto),
+    and standby tasks start where tasks end (two workers: also where credits come back from the
+    other); per role (no standby tasks), the sink is an actor; and with the sinks inside worker processes across roles
     (output.sink_host=workers) a row ending on one role's worker reaches the sink hosted by
     another through that worker."""
     data = write_jsonl(tmp_path / "in.jsonl", _rows(300))
     outs = {}
     cases = {"colocated": ["run.placement=colocated"], "per_role": ["run.placement=per_role"],
+             "two_workers": ["run.placement=colocated", "run.num_workers=2"],
              "sinks_in_workers": ["run.placement=per_role", "output.sink_host=workers", "output.num_sinks=2"]}
     for case, overrides in cases.items():
         out = tmp_path / case
@@ -52,7 +54,7 @@ def test_both_placements_write_identical_rows(tmp_path: Path) -> None:
         assert hosted == (case == "sinks_in_workers" or (case == "colocated" and small)), log_of(r)[-3000:]
         outs[case] = sorted((without_timing(x) for x in read_rows(out)), key=lambda x: x["id"])
     assert len(outs["colocated"]) == 300
-    assert outs["colocated"] == outs["per_role"] == outs["sinks_in_workers"]
+    assert outs["colocated"] == outs["per_role"] == outs["sinks_in_workers"] == outs["two_workers"]
     turns = Counter(len(r["messages"]) for r in outs["colocated"])
     assert len(turns) > 1  # dialogues of different lengths: the comparison is not trivial
 
@@ -168,3 +170,14 @@ def test_more_sinks_than_workers_to_host_them_is_refused_naming_the_settings(tmp
     assert "output.sink_host=workers needs a worker process per sink: 2 sinks, 1 worker(s)" in r.stderr
     assert "Traceback" not in log_of(r)
     assert not list((tmp_path / "out").glob("shard=*"))  # refused before any row
+
+
+def test_an_unknown_role_in_role_workers_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    r = run_cli(f"dataset.path={data}", f"output.dir={tmp_path / 'out'}", "run.placement=per_role",
+                "+run.role_workers.nope=2")
+    assert r.returncode == 2, log_of(r)[-3000:]
+    assert "run.role_workers names unknown role(s) ['nope']" in r.stderr and "roles of this workflow" in r.stderr
+    assert "Traceback" not in log_of(r) and "retrying" not in log_of(r)
+    assert not (tmp_path / "out" / "_matrix" / "lock").exists()  # refused before the output dir is locked
+    assert "Ray" not in log_of(r)  # nor did Ray start

@@ -165,6 +165,23 @@ def test_run_retry_names_its_valid_choices() -> None:
         RunConf(verify_rounds=-1)
 
 
+def test_standby_tasks_follow_the_concurrency_and_need_one_placement_group() -> None:
+    from matrix_hpc.runtime.conf import STANDBY_AUTO_MAX, RunConf, standby_size
+    from matrix_hpc.runtime.driver import in_flight_cap
+
+    assert standby_size(RunConf(max_concurrent_tasks=1), 1) == 1
+    assert standby_size(RunConf(max_concurrent_tasks=64), 1) == 64
+    assert standby_size(RunConf(max_concurrent_tasks=10_000), 1) == STANDBY_AUTO_MAX
+    assert standby_size(RunConf(max_concurrent_tasks=64, standby_tasks=5), 1) == 5
+    assert standby_size(RunConf(max_concurrent_tasks=64, standby_tasks=0), 1) == 0
+    # roles in several groups: a task ends on another worker than it starts on
+    assert standby_size(RunConf(max_concurrent_tasks=64, standby_tasks=5), 2) == 0
+    with pytest.raises(ValueError, match=r"run.standby_tasks=-1 must be >= 0"):
+        RunConf(standby_tasks=-1)
+    # standby tasks are in flight: the cap makes room for them besides the uncommitted rows
+    assert in_flight_cap(RunConf(max_concurrent_tasks=64), 64) == 64 + 64 + 1024
+
+
 def test_resume_identity_holds_resolved_values_and_the_dataclass_defaults() -> None:
     from matrix_hpc.runtime.identity import resume_identity
     from matrix_hpc.store.input import DatasetConf
