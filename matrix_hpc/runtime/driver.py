@@ -9,7 +9,8 @@ worker reports the swap; the driver promotes a standby task itself when a
 credit comes back from a worker that had none waiting). A task stays in
 flight until a sink acknowledges its committed row, and at most
 ``max_concurrent_tasks`` + max(``max_concurrent_tasks``, ``MIN_UNCOMMITTED``)
-are in flight (a sink that cannot commit stops admission). Task state never comes back here: it travels worker to worker
+(plus the standby tasks) are in flight: a sink that cannot commit stops
+admission. Task state never comes back here: it travels worker to worker
 and ends in a sink.
 
 It also keeps the run honest: lost peers and failed sends lead to
@@ -460,7 +461,9 @@ class Driver:
 
     def _unstandby(self, task_id: str) -> bool:
         """Forget that a task waits at its worker; whether it did."""
-        waiting = self._standby.get(self.router.route(self.workflow.first_role, task_id)) if self._standby else None
+        if not self._standby_count:
+            return False
+        waiting = self._standby.get(self.router.route(self.workflow.first_role, task_id))
         if waiting is None or task_id not in waiting:
             return False
         del waiting[task_id]
@@ -523,14 +526,19 @@ class Driver:
             except Exception:  # restarting: the worker watch re-admits what it held
                 await asyncio.sleep(1.0)
                 continue
-            self.running.difference_update(ended)
-            now = time.time()
-            for task_id in started:
-                if self._unstandby(task_id) and task_id in self.inflight:
-                    self.running.add(task_id)
-                    self._admitted_at[task_id] = now
-            if ended or started:
-                self._credit_event.set()
+            self._on_finished(ended, started)
+
+    def _on_finished(self, ended: list[str], started: list[str]) -> None:
+        """A worker's report: tasks that ended there, standby tasks that started there."""
+        assert self._credit_event is not None
+        now = time.time()
+        for task_id in started:  # before the ended: a standby task may have started and ended since the last report
+            if self._unstandby(task_id) and task_id in self.inflight:
+                self.running.add(task_id)
+                self._admitted_at[task_id] = now
+        self.running.difference_update(ended)
+        if ended or started:
+            self._credit_event.set()
 
     async def _poll_commits(self, sink: Any) -> None:
         assert self._credit_event is not None
@@ -611,7 +619,8 @@ class Driver:
         item = self.inflight.get(task_id)
         if item is None:
             return
-        standby = task_id in self._standby.get(self.router.route(self.workflow.first_role, task_id), ())
+        standby = bool(self._standby_count) and task_id in self._standby.get(
+            self.router.route(self.workflow.first_role, task_id), ())
         if standby and not gone:
             self._admitted_at[task_id] = time.time()  # waiting is not running: no timeout
             return

@@ -377,6 +377,55 @@ def test_admission_counts_running_tasks_and_caps_the_uncommitted_ones(tmp_path: 
     assert asyncio.run(scenario()) == [(2, 2, 2), (3, 2, 3), (3, 1, 3), (4, 2, 3)]
 
 
+def test_standby_tasks_swap_credits_at_their_worker_and_take_credits_that_come_back(tmp_path: Any) -> None:
+    """Running tasks stay at max_concurrent_tasks with standby tasks beside them:
+    a report of a standby task that started and ended since the last one
+    leaves it running nowhere; a credit that comes back with no swap starts a
+    standby task (promoted by id) before any new admission."""
+    from matrix_hpc.store.input import InputItem
+
+    d = _driver_with_tasks(tmp_path, 0)
+    d.router = Router({r: "all" for r in ROLES}, {"all": 1})
+    d.plan.run.max_concurrent_tasks, d.standby_limit, d.max_in_flight = 2, 2, 100
+    key = ("all", 0)
+    d._first_boxes, d._standby_boxes, d._promote_boxes = {key: _Box()}, {key: _Box()}, {key: _Box()}
+    d._standby = {key: {}}
+
+    async def scenario() -> list[tuple[list[str], list[str], list[str]]]:
+        d._credit_event = asyncio.Event()
+        d._loop = asyncio.get_running_loop()
+        seen = []
+
+        async def admit_all() -> None:
+            for i in range(8):
+                how = await d._take_credit()
+                if not how:
+                    return
+                d._admit(InputItem(f"t{i}", {"question": "q"}, where=f"in.jsonl:{i + 1}"), standby=how == "standby")
+
+        async def settle() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+            seen.append((sorted(d.running), list(d._standby[key]), list(d._promote_boxes[key].sent)))
+
+        admitting = asyncio.ensure_future(admit_all())
+        await settle()  # t0, t1 running; t2, t3 waiting at the worker; t4 waits for a credit
+        d._on_finished(["t0", "t2"], ["t2", "t3"])  # t2 took t0's slot and ended; t3 took t2's
+        await settle()  # running t1, t3; t4, t5 admitted to wait
+        d._on_finished(["t1"], [])  # t1 ended with nothing waiting there (e.g. t4 not arrived yet)
+        await settle()  # its credit starts t4 (promoted); t6 admitted to wait
+        d._stopping = True
+        d._credit_event.set()
+        await admitting
+        return seen
+
+    assert asyncio.run(scenario()) == [(["t0", "t1"], ["t2", "t3"], []),
+                                       (["t1", "t3"], ["t4", "t5"], []),
+                                       (["t3", "t4"], ["t5", "t6"], ["t4"])]
+    assert [t.id for t in d._first_boxes[key].sent] == ["t0", "t1"]
+    assert [t.id for t in d._standby_boxes[key].sent] == ["t2", "t3", "t4", "t5", "t6"]
+
+
 class _Remote:
     """Stands in for a Ray actor method: ``.remote()`` returns an awaitable."""
 
