@@ -5,8 +5,11 @@ One sim server (fixed capacity and latency) serves every system in turn:
 
 - matrix_hpc: ``matrix-hpc run`` (peer-to-peer agents on a local Ray) with the
   sim as an OpenAI-compatible endpoint;
-- asyncio: the same workflow (same prompts, same step functions) driven by a
-  single-process asyncio orchestrator, the paper's dialogue baseline;
+- asyncio: the same workflow (same prompts, same step functions, the same LLM
+  client settings) driven by a single-process asyncio orchestrator, the
+  paper's dialogue baseline; asyncio_gc: the same with Python's garbage
+  collector tuned as a matrix_hpc worker tunes it (the fair measure of the
+  runtime's own cost: the defaults cost this loop much of its time);
 - ray_data (natural_reasoning only): batch-synchronous Ray Data, one
   ``map_batches`` per stage (filter, score, question), the extraction baseline.
 
@@ -109,6 +112,9 @@ def run_matrix(name: str, data: Path, url: str, key: Any, concurrency: int, work
     cmd = [sys.executable, "-m", "matrix_hpc.cli.main", "run", f"workflow={name}", f"dataset.path={data}",
            f"output.dir={out}", "dataset.id_column=null", "llm=openai", f"llm.openai.base_url={url}",
            "llm.openai.dialect=vllm", f"llm.openai.api_key_env={RUN_KEY_ENV}", f"llm.openai.model={model}",
+           # the client the asyncio orchestrator uses (ClientConf()): no cap on connections; llm=openai's
+           # 256 (for a shared endpoint) held every matrix_hpc run here to 256 calls in flight
+           "llm.client.max_connections=0",
            f"run.max_concurrent_tasks={concurrency}", "run.progress_interval_s=0", "run.summary=false",
            "run.num_cpus=2", *WORKFLOW_OVERRIDES[name], *MATRIX_EXTRA]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, RUN_KEY_ENV: key.get()})
@@ -191,8 +197,26 @@ async def _asyncio_baseline(name: str, rows: list[dict[str, Any]], url: str, key
     return _measure(len(tasks), t0, t1, tokens, [t.status for t in tasks])
 
 
-def run_asyncio(name: str, rows: list[dict[str, Any]], url: str, key: Any, concurrency: int) -> dict[str, Any]:
-    return asyncio.run(_asyncio_baseline(name, rows, url, key, concurrency))
+def run_asyncio(name: str, rows: list[dict[str, Any]], url: str, key: Any, concurrency: int,
+                worker_gc: bool = False) -> dict[str, Any]:
+    """``worker_gc``: with the garbage collector tuned as a matrix_hpc worker tunes
+    it (``runtime.worker._tune_gc``). Python's defaults cost this loop much of its
+    time with thousands of dialogues alive (coral, 4,000 in flight: 13.6-14.5 s
+    against 7.7-7.9 s); the tuned run is the fair measure of the runtime's own
+    cost, the default one the orchestrator as it would usually be written."""
+    import gc
+
+    if not worker_gc:
+        return asyncio.run(_asyncio_baseline(name, rows, url, key, concurrency))
+    from matrix_hpc.runtime.worker import _tune_gc
+
+    thresholds = gc.get_threshold()
+    _tune_gc()
+    try:
+        return asyncio.run(_asyncio_baseline(name, rows, url, key, concurrency))
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 # -- batch-synchronous Ray Data ---------------------------------------------------------
@@ -278,14 +302,14 @@ def run_ray_data(rows: list[dict[str, Any]], url: str, key: Any, batch_size: int
 def bench(name: str, rows: list[dict[str, Any]], concurrency: int, batch_size: int, workdir: Path) -> dict[str, Any]:
     data = write_jsonl(workdir / f"{name}.jsonl", iter(rows))
     results: dict[str, Any] = {}
-    systems = ["matrix_hpc", "asyncio"] + (["ray_data"] if name == "natural_reasoning" else [])
+    systems = ["matrix_hpc", "asyncio", "asyncio_gc"] + (["ray_data"] if name == "natural_reasoning" else [])
     for system in systems:
         sim, url, key = start_sim(workdir)  # a fresh server (and key) per system: same capacity, empty queues
         try:
             if system == "matrix_hpc":
                 results[system] = run_matrix(name, data, url, key, concurrency, workdir)
-            elif system == "asyncio":
-                results[system] = run_asyncio(name, rows, url, key, concurrency)
+            elif system in ("asyncio", "asyncio_gc"):  # asyncio_gc: the GC tuned as in a worker (run_asyncio)
+                results[system] = run_asyncio(name, rows, url, key, concurrency, worker_gc=system == "asyncio_gc")
             else:
                 results[system] = run_ray_data(rows, url, key, batch_size)
         finally:
