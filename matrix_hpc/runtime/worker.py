@@ -79,8 +79,10 @@ TASK_END_HOOKS = ("on_task_end", "release_task", "forget_sticky")
 FINISH_REPORT_GAP_S = 0.1
 #: How long a worker remembers a standby task it started (a late ``promote``
 #: of it from the driver is then ignored) or a promotion that came before its
-#: task (which then starts on arrival).
-STANDBY_MEMORY_S = 120.0
+#: task (which then starts on arrival): far longer than a report's round trip,
+#: and short enough that the ids it keeps stay few (at 2,000 starts a second,
+#: 120,000 ids).
+STANDBY_MEMORY_S = 60.0
 #: Longest wait before a partial batch of finished tasks goes to a sink. Rows
 #: wait for the sink's next commit anyway (``output.flush_interval_s``), and
 #: admission does not wait for them (:meth:`Worker.finished`), so batching
@@ -261,17 +263,22 @@ class Worker:
             return
         task_id = next(iter(self._standby))
         task = self._standby.pop(task_id)
+        now = time.monotonic()
+        self._forget_standby_before(now - STANDBY_MEMORY_S)
         self._standby_started.append(task_id)
-        self._started_recently.append((time.monotonic(), task_id))
+        self._started_recently.append((now, task_id))
         self._started_ids.add(task_id)
         self.standby_starts += 1
         self._start(task)
 
     def _forget_standby_before(self, t: float) -> None:
+        """Forget what ``STANDBY_MEMORY_S`` covers before ``t`` (called at every
+        start from standby and every promotion: the memory stays bounded)."""
         while self._started_recently and self._started_recently[0][0] < t:
             self._started_ids.discard(self._started_recently.popleft()[1])
-        for task_id in [i for i, at in self._early.items() if at < t]:
-            del self._early[task_id]
+        if self._early:
+            for task_id in [i for i, at in self._early.items() if at < t]:
+                del self._early[task_id]
 
     async def drop_standby(self) -> list[str]:
         """The run is stopping: the standby tasks waiting here will not start;

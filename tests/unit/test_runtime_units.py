@@ -426,6 +426,38 @@ def test_standby_tasks_swap_credits_at_their_worker_and_take_credits_that_come_b
     assert [t.id for t in d._standby_boxes[key].sent] == ["t2", "t3", "t4", "t5", "t6"]
 
 
+def test_a_worker_starts_promoted_standby_tasks_once_and_forgets_what_it_started(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promotion that comes before its task starts it on arrival; a late
+    promotion of a task already started here is ignored; what the worker
+    remembers for that stays bounded by STANDBY_MEMORY_S."""
+    from matrix_hpc.runtime import worker as worker_mod
+    from matrix_hpc.runtime.worker import StepPolicy, Worker, WorkerSpec
+    from matrix_hpc.workflows.overhead import OverheadConf
+
+    w = Worker(WorkerSpec("all", 0, ROLES, OverheadConf(), 0, StepPolicy(), 256, 0.002, 4))
+    w.router = Router({r: "all" for r in ROLES}, {"all": 1})
+    started: list[str] = []
+    w._start = lambda task: started.append(task.id)  # type: ignore[method-assign]
+    tasks = [TaskState(f"t{i}", {"question": "q"}, "teacher") for i in range(4)]
+
+    async def scenario() -> None:
+        await w.promote(["t1"])  # its delivery is still on the way
+        await w.deliver_standby(tasks)  # t1 starts at once; t0, t2, t3 wait
+        w._start_standby()  # a task ended here: t0 takes its slot
+        await w.promote(["t0", "t2"])  # t0 already started here: ignored; t2 starts
+        w._start_standby()  # t3
+        w._start_standby()  # nothing left waiting
+
+    asyncio.run(scenario())
+    assert started == ["t1", "t0", "t2", "t3"]
+    assert w._standby_started == ["t0", "t3"] and w.standby_starts == 2 and not w._standby and not w._early
+    monkeypatch.setattr(worker_mod, "STANDBY_MEMORY_S", -1.0)  # everything is old now
+    w._standby = {t.id: t for t in [TaskState("t9", {"question": "q"}, "teacher")]}
+    w._start_standby()
+    assert w._started_ids == {"t9"} and len(w._started_recently) == 1
+
+
 class _Remote:
     """Stands in for a Ray actor method: ``.remote()`` returns an awaitable."""
 
