@@ -459,12 +459,17 @@ class Driver:
             self.running.add(item.id)
             self._first_boxes[key].put(task)
 
+    def _waiting_with(self, task_id: str) -> dict[str, None] | None:
+        """The standby ids of the worker where ``task_id`` waits, or None when it waits nowhere."""
+        if not self._standby_count:
+            return None
+        waiting = self._standby.get(self.router.route(self.workflow.first_role, task_id))
+        return waiting if waiting is not None and task_id in waiting else None
+
     def _unstandby(self, task_id: str) -> bool:
         """Forget that a task waits at its worker; whether it did."""
-        if not self._standby_count:
-            return False
-        waiting = self._standby.get(self.router.route(self.workflow.first_role, task_id))
-        if waiting is None or task_id not in waiting:
+        waiting = self._waiting_with(task_id)
+        if waiting is None:
             return False
         del waiting[task_id]
         self._standby_count -= 1
@@ -619,8 +624,7 @@ class Driver:
         item = self.inflight.get(task_id)
         if item is None:
             return
-        standby = bool(self._standby_count) and task_id in self._standby.get(
-            self.router.route(self.workflow.first_role, task_id), ())
+        standby = self._waiting_with(task_id) is not None
         if standby and not gone:
             self._admitted_at[task_id] = time.time()  # waiting is not running: no timeout
             return
